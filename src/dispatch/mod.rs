@@ -1,0 +1,249 @@
+//! Dispatch: one worker per channel leases due deliveries, sends them within the channel's
+//! concurrency, and records each outcome durably before counting it as done.
+
+pub mod plan;
+pub mod retry;
+
+use crate::channel::{Channel, DeliveryError};
+use crate::domain::{Contact, Incident, Update};
+use crate::render::Composer;
+use crate::store::{BROADCAST_RECIPIENT, DeliveryRecord, DeliveryState, Outcome, Store};
+use chrono::Utc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use ulid::Ulid;
+
+/// A finished delivery, reported to whoever watches progress.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub update: Ulid,
+    pub channel: String,
+    pub state: DeliveryState,
+}
+
+/// Whether workers stop once their queue is empty, or wait for more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Deliver what is queued, wait out its retries, then return (`send`, `dispatch`).
+    UntilDrained,
+    /// Keep serving until shutdown (`serve`).
+    Forever,
+}
+
+pub struct Dispatcher {
+    store: Arc<Store>,
+    channels: Vec<Arc<dyn Channel>>,
+    composer: Composer,
+    lease: Duration,
+    finished: Option<mpsc::UnboundedSender<Finished>>,
+    /// Updates and incidents are read once per run, not once per delivery.
+    cache: Mutex<HashMap<Ulid, Arc<(Update, Incident)>>>,
+}
+
+/// How long an idle worker in `Forever` mode sleeps before looking at its queue again.
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
+impl Dispatcher {
+    pub fn new(
+        store: Arc<Store>,
+        channels: Vec<Arc<dyn Channel>>,
+        composer: Composer,
+        lease: Duration,
+    ) -> Self {
+        Self {
+            store,
+            channels,
+            composer,
+            lease,
+            finished: None,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Reports every finished delivery on `sender`.
+    pub fn report_to(mut self, sender: mpsc::UnboundedSender<Finished>) -> Self {
+        self.finished = Some(sender);
+        self
+    }
+
+    /// Runs every channel's worker until the queue drains (or forever) or `shutdown` turns true.
+    /// In-flight deliveries always finish and are recorded before this returns.
+    pub async fn run(
+        self: Arc<Self>,
+        mode: Mode,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut workers = JoinSet::new();
+        for channel in self.channels.clone() {
+            workers.spawn(self.clone().work(channel, mode, shutdown.clone()));
+        }
+        let mut first_error = None;
+        while let Some(result) = workers.join_next().await {
+            let outcome = result.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(error) = outcome {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn work(
+        self: Arc<Self>,
+        channel: Arc<dyn Channel>,
+        mode: Mode,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut in_flight: JoinSet<anyhow::Result<()>> = JoinSet::new();
+        let concurrency = channel.policy().concurrency;
+        loop {
+            let stopping = *shutdown.borrow();
+            if !stopping {
+                while in_flight.len() < concurrency {
+                    let leased = self
+                        .store
+                        .lease_next(channel.name(), Utc::now(), self.lease)?;
+                    let Some(delivery) = leased else { break };
+                    in_flight.spawn(self.clone().attempt(channel.clone(), delivery));
+                }
+            }
+            let next_due = self.store.next_due(channel.name())?;
+            if in_flight.is_empty()
+                && (stopping || (next_due.is_none() && mode == Mode::UntilDrained))
+            {
+                return Ok(());
+            }
+            // Wake when a slot frees up, when the next retry is due, or on shutdown.
+            let wait = if stopping || in_flight.len() >= concurrency {
+                None
+            } else {
+                match next_due {
+                    Some(due) => Some((due - Utc::now()).to_std().unwrap_or_default()),
+                    None => Some(IDLE_POLL),
+                }
+            };
+            tokio::select! {
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => done??,
+                _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
+                _ = shutdown.changed(), if !stopping => {}
+            }
+        }
+    }
+
+    fn load(&self, update: Ulid) -> anyhow::Result<Arc<(Update, Incident)>> {
+        if let Some(found) = self.cache.lock().expect("cache lock").get(&update) {
+            return Ok(found.clone());
+        }
+        let record = self.store.update(update)?;
+        let incident = self.store.incident(record.incident)?;
+        let loaded = Arc::new((record, incident));
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .insert(update, loaded.clone());
+        Ok(loaded)
+    }
+
+    /// One attempt at one leased delivery, with its outcome on disk before it returns.
+    async fn attempt(
+        self: Arc<Self>,
+        channel: Arc<dyn Channel>,
+        delivery: DeliveryRecord,
+    ) -> anyhow::Result<()> {
+        let now = Utc::now();
+        let outcome = match self.prepare(channel.as_ref(), &delivery)? {
+            Err(skip) => skip,
+            Ok(message) => {
+                let limit = channel.policy().timeout + Duration::from_secs(1);
+                let result =
+                    match tokio::time::timeout(limit, channel.deliver(&message, &delivery)).await {
+                        Ok(result) => result,
+                        Err(_) => Err(DeliveryError::transient(format!(
+                            "no answer within {}",
+                            humantime::format_duration(channel.policy().timeout)
+                        ))),
+                    };
+                match result {
+                    Ok(()) => Outcome::Sent,
+                    Err(error) => {
+                        if let DeliveryError::Gone { reason } = &error {
+                            tracing::warn!(channel = channel.name(), %reason, "endpoint is gone; disabling the channel");
+                            self.store
+                                .disable_channel(channel.name(), reason, Utc::now())?;
+                        }
+                        let outcome = retry::after_failure(
+                            channel.policy(),
+                            &delivery,
+                            &error,
+                            Utc::now(),
+                            &mut rand::rng(),
+                        );
+                        tracing::debug!(delivery = %delivery.key(), %error, ?outcome, "attempt failed");
+                        outcome
+                    }
+                }
+            }
+        };
+        let record = self.store.finish(&delivery, &outcome, now)?;
+        // The outcome must be on disk before anyone counts it: a crash after this point cannot
+        // cause this delivery to be sent again.
+        self.store.commit().await?;
+        if record.state.is_final() {
+            if let Some(finished) = &self.finished {
+                let _ = finished.send(Finished {
+                    update: record.update,
+                    channel: record.channel.clone(),
+                    state: record.state,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the message for one delivery, or says why it should not go out after all.
+    fn prepare(
+        &self,
+        channel: &dyn Channel,
+        delivery: &DeliveryRecord,
+    ) -> anyhow::Result<Result<crate::render::MessageContext, Outcome>> {
+        if let Some(reason) = self.store.channel_disabled(channel.name())? {
+            return Ok(Err(Outcome::Dead {
+                error: format!("channel {} is {reason}", channel.name()),
+            }));
+        }
+        let loaded = self.load(delivery.update)?;
+        let (update, incident) = (&loaded.0, &loaded.1);
+        if delivery.recipient == BROADCAST_RECIPIENT {
+            return Ok(Ok(self.composer.message(
+                update,
+                incident,
+                None,
+                Utc::now(),
+            )));
+        }
+        let contact = Contact::parse(&delivery.recipient)?;
+        let Some(subscriber) = self.store.subscriber(&contact)? else {
+            return Ok(Err(Outcome::Skipped {
+                reason: "the subscriber no longer exists".into(),
+            }));
+        };
+        if !subscriber.receives_updates() {
+            return Ok(Err(Outcome::Skipped {
+                reason: "the subscriber unsubscribed before it went out".into(),
+            }));
+        }
+        let orders: Vec<_> = if delivery.orders.is_empty() {
+            subscriber.orders.iter().cloned().collect()
+        } else {
+            delivery.orders.clone()
+        };
+        Ok(Ok(self.composer.message(
+            update,
+            incident,
+            Some((&contact, &orders)),
+            Utc::now(),
+        )))
+    }
+}

@@ -1,0 +1,37 @@
+//! Domain values of crier: each one is parsed from raw input once, then trusted.
+
+mod contact;
+mod incident;
+mod order;
+mod subscriber;
+pub mod token;
+mod update;
+
+pub use contact::{Contact, ContactKind, EmailAddress, PhoneNumber};
+pub use incident::{Incident, IncidentState};
+pub use order::{OrderNumber, OrderPattern};
+pub use subscriber::{Subscriber, SubscriberState};
+pub use update::{Audience, Body, Headline, Update};
+
+/// Input that does not describe a valid domain value. Each variant is a user error.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DomainError {
+    #[error("'{input}' is not an order number: it must match {pattern}")]
+    InvalidOrderNumber { input: String, pattern: String },
+    #[error("'{input}' is not an email address: {reason}")]
+    InvalidEmail { input: String, reason: String },
+    #[error("'{input}' is not a phone number in E.164 form (like +447700900123): {reason}")]
+    InvalidPhone { input: String, reason: String },
+    #[error("the {field} is empty")]
+    Empty { field: &'static str },
+    #[error("the {field} is {length} characters long; the limit is {limit}")]
+    TooLong {
+        field: &'static str,
+        length: usize,
+        limit: usize,
+    },
+    #[error(
+        "'{0}' is not an incident state: use investigating, identified, monitoring or resolved"
+    )]
+    InvalidIncidentState(String),
+}

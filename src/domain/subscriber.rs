@@ -1,0 +1,53 @@
+//! Subscribers: one contact, its confirmation state and the orders it follows.
+
+use super::{Contact, OrderNumber};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriberState {
+    /// Subscribed but has not confirmed the contact yet: receives nothing.
+    Pending,
+    Confirmed,
+    /// Asked to stop: receives nothing until it subscribes again.
+    Unsubscribed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscriber {
+    pub contact: Contact,
+    pub state: SubscriberState,
+    pub orders: BTreeSet<OrderNumber>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Subscriber {
+    pub fn new(contact: Contact, now: DateTime<Utc>) -> Self {
+        Self {
+            contact,
+            state: SubscriberState::Pending,
+            orders: BTreeSet::new(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    pub fn receives_updates(&self) -> bool {
+        self.state == SubscriberState::Confirmed
+    }
+
+    /// Follows `order`. Someone who unsubscribed and subscribes again starts over as pending,
+    /// unless the caller vouches for the contact.
+    pub fn follow(&mut self, order: OrderNumber, confirmed: bool, now: DateTime<Utc>) {
+        self.orders.insert(order);
+        if confirmed {
+            self.state = SubscriberState::Confirmed;
+        } else if self.state == SubscriberState::Unsubscribed {
+            self.state = SubscriberState::Pending;
+        }
+        self.updated_at = now;
+    }
+}

@@ -1,0 +1,299 @@
+//! Rendering: the handlebars registries (strict mode) and the context every template sees.
+
+use crate::config::Config;
+use crate::domain::token::{TokenPurpose, TokenSigner};
+use crate::domain::{Contact, Incident, OrderNumber, Update};
+use chrono::{DateTime, Utc};
+use handlebars::{Handlebars, handlebars_helper};
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("templates: cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("template {name}: {reason}")]
+    Template { name: String, reason: String },
+    #[error("template {0} is missing from the templates folder")]
+    Missing(String),
+}
+
+/// Every template in the templates folder, in one of two registries: `*.html*` and `pages/*`
+/// templates escape HTML; all the others (subjects, plain text, SMS, posts) are left as typed.
+pub struct Renderer {
+    text: Handlebars<'static>,
+    html: Handlebars<'static>,
+}
+
+handlebars_helper!(paragraphs: |text: str| paragraphs_html(text));
+
+impl Renderer {
+    pub fn load(dir: &Path) -> Result<Self, RenderError> {
+        let mut text = Handlebars::new();
+        text.set_strict_mode(true);
+        text.register_escape_fn(handlebars::no_escape);
+        let mut html = Handlebars::new();
+        html.set_strict_mode(true);
+        html.register_helper("paragraphs", Box::new(paragraphs));
+        let mut renderer = Self { text, html };
+        renderer.load_folder(dir, dir)?;
+        Ok(renderer)
+    }
+
+    fn load_folder(&mut self, root: &Path, dir: &Path) -> Result<(), RenderError> {
+        let read_error = |path: &Path, e: std::io::Error| RenderError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| read_error(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for path in entries {
+            if path.is_dir() {
+                self.load_folder(root, &path)?;
+                continue;
+            }
+            let Some(relative) = path.strip_prefix(root).ok().and_then(|p| p.to_str()) else {
+                continue;
+            };
+            let Some(name) = relative.strip_suffix(".hbs") else {
+                continue;
+            };
+            let name = name.replace('\\', "/");
+            let source = std::fs::read_to_string(&path).map_err(|e| read_error(&path, e))?;
+            let registry = if is_html(&name) {
+                &mut self.html
+            } else {
+                &mut self.text
+            };
+            registry
+                .register_template_string(&name, source)
+                .map_err(|e| RenderError::Template {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
+    fn registry(&self, name: &str) -> &Handlebars<'static> {
+        if is_html(name) {
+            &self.html
+        } else {
+            &self.text
+        }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.registry(name).has_template(name)
+    }
+
+    /// Fails unless every named template is present.
+    pub fn require(&self, names: &[&str]) -> Result<(), RenderError> {
+        match names.iter().find(|name| !self.has(name)) {
+            Some(missing) => Err(RenderError::Missing(format!("{missing}.hbs"))),
+            None => Ok(()),
+        }
+    }
+
+    pub fn render<T: Serialize>(&self, name: &str, context: &T) -> Result<String, RenderError> {
+        self.registry(name)
+            .render(name, context)
+            .map_err(|e| RenderError::Template {
+                name: name.to_owned(),
+                reason: e.to_string(),
+            })
+    }
+}
+
+fn is_html(name: &str) -> bool {
+    name.contains(".html") || name.starts_with("pages/")
+}
+
+/// Escapes `text` for HTML, turns blank-line-separated paragraphs into `<p>`, line breaks into
+/// `<br>` and http(s) URLs into links.
+pub fn paragraphs_html(text: &str) -> String {
+    text.split("\n\n")
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|paragraph| {
+            let lines: Vec<String> = paragraph.lines().map(linkify).collect();
+            format!("<p>{}</p>", lines.join("<br>\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn linkify(line: &str) -> String {
+    line.split(' ')
+        .map(|word| {
+            if word.starts_with("https://") || word.starts_with("http://") {
+                let url = word.trim_end_matches(['.', ',', ')', ';', '!', '?']);
+                let rest = &word[url.len()..];
+                let url = handlebars::html_escape(url);
+                format!(
+                    "<a href=\"{url}\">{url}</a>{}",
+                    handlebars::html_escape(rest)
+                )
+            } else {
+                handlebars::html_escape(word)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The machine-readable form of a time: RFC 3339 in UTC, to the millisecond.
+pub fn rfc3339(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// "16:00 UTC, Mon 23 Nov 2026": how a time is written to customers.
+pub fn human_time(time: DateTime<Utc>) -> String {
+    time.format("%H:%M UTC, %a %-d %b %Y").to_string()
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UpdateView {
+    pub id: String,
+    pub state: String,
+    pub state_label: String,
+    pub headline: String,
+    pub body: String,
+    pub next_update_by: Option<String>,
+    pub next_update_by_text: Option<String>,
+    pub created_at: String,
+    pub created_at_text: String,
+    pub targeted: bool,
+    pub author: String,
+}
+
+impl UpdateView {
+    pub fn new(update: &Update) -> Self {
+        Self {
+            id: update.id.to_string(),
+            state: update.state.as_str().to_owned(),
+            state_label: update.state.label().to_owned(),
+            headline: update.headline.as_str().to_owned(),
+            body: update.body.as_str().to_owned(),
+            next_update_by: update.next_update_by.map(rfc3339),
+            next_update_by_text: update.next_update_by.map(human_time),
+            created_at: rfc3339(update.created_at),
+            created_at_text: human_time(update.created_at),
+            targeted: update.audience.is_targeted(),
+            author: update.author.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IncidentView {
+    pub id: String,
+    pub title: String,
+    pub state: String,
+    pub state_label: String,
+}
+
+impl IncidentView {
+    pub fn new(incident: &Incident) -> Self {
+        Self {
+            id: incident.id.to_string(),
+            title: incident.title.clone(),
+            state: incident.state.as_str().to_owned(),
+            state_label: incident.state.label().to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecipientView {
+    pub contact: String,
+    /// The recipient's orders this update concerns (targeted), or all it follows (everyone).
+    pub orders: Vec<String>,
+    pub unsubscribe_url: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Links {
+    pub status_page: String,
+    pub subscribe: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BrandView {
+    pub name: String,
+    pub public_url: String,
+}
+
+/// What a channel renders one message from.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageContext {
+    pub update: UpdateView,
+    pub incident: IncidentView,
+    pub recipient: Option<RecipientView>,
+    pub links: Links,
+    pub brand: BrandView,
+}
+
+/// Builds message contexts: holds what is the same for every message.
+#[derive(Clone)]
+pub struct Composer {
+    brand: BrandView,
+    links: Links,
+    signer: TokenSigner,
+    unsubscribe_ttl: chrono::Duration,
+}
+
+impl Composer {
+    pub fn new(config: &Config) -> Self {
+        let base = &config.brand.public_url;
+        Self {
+            brand: BrandView {
+                name: config.brand.name.clone(),
+                public_url: base.clone(),
+            },
+            links: Links {
+                status_page: format!("{base}/"),
+                subscribe: format!("{base}/subscribe"),
+            },
+            signer: TokenSigner::new(&config.link_secret),
+            unsubscribe_ttl: chrono::Duration::from_std(config.unsubscribe_ttl)
+                .unwrap_or(chrono::Duration::days(365)),
+        }
+    }
+
+    pub fn signer(&self) -> &TokenSigner {
+        &self.signer
+    }
+
+    pub fn unsubscribe_url(&self, contact: &Contact, now: DateTime<Utc>) -> String {
+        let token = self.signer.issue(
+            TokenPurpose::Unsubscribe,
+            contact.as_str(),
+            now + self.unsubscribe_ttl,
+        );
+        format!("{}/unsubscribe/{token}", self.brand.public_url)
+    }
+
+    pub fn message(
+        &self,
+        update: &Update,
+        incident: &Incident,
+        recipient: Option<(&Contact, &[OrderNumber])>,
+        now: DateTime<Utc>,
+    ) -> MessageContext {
+        MessageContext {
+            update: UpdateView::new(update),
+            incident: IncidentView::new(incident),
+            recipient: recipient.map(|(contact, orders)| RecipientView {
+                contact: contact.to_string(),
+                orders: orders.iter().map(ToString::to_string).collect(),
+                unsubscribe_url: self.unsubscribe_url(contact, now),
+            }),
+            links: self.links.clone(),
+            brand: self.brand.clone(),
+        }
+    }
+}
