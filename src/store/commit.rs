@@ -7,15 +7,15 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 
 /// Hands flush requests to one background thread, which answers every request that arrived
 /// while the previous flush ran with the next single flush.
-#[derive(Clone)]
 pub struct GroupCommit {
-    requests: std_mpsc::Sender<Waiter>,
+    requests: Option<std_mpsc::Sender<Waiter>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl GroupCommit {
     pub fn start(db: sled::Db) -> Self {
         let (requests, incoming) = std_mpsc::channel::<Waiter>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("crier-group-commit".into())
             .spawn(move || {
                 // Ends when every sender is gone, that is when the store is dropped.
@@ -29,7 +29,10 @@ impl GroupCommit {
                 }
             })
             .expect("the group-commit thread starts");
-        Self { requests }
+        Self {
+            requests: Some(requests),
+            thread: Some(thread),
+        }
     }
 
     /// Resolves once everything written before the call is on disk.
@@ -37,10 +40,23 @@ impl GroupCommit {
         let (done, wait) = oneshot::channel();
         let failed = |reason: String| sled::Error::Io(std::io::Error::other(reason));
         self.requests
+            .as_ref()
+            .ok_or_else(|| failed("the store is closing".into()))?
             .send(done)
             .map_err(|_| failed("the group-commit thread has stopped".into()))?;
         wait.await
             .map_err(|_| failed("the group-commit thread has stopped".into()))?
             .map_err(failed)
+    }
+}
+
+impl Drop for GroupCommit {
+    /// Stops the thread and waits for it, so its handle on the database is gone (and sled's
+    /// lock on the folder released) by the time the store is dropped.
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

@@ -1,0 +1,172 @@
+//! Bad input gets a clear one-line error, exit code 1, and nothing is stored.
+
+use crate::support::{Crier, LINK_SECRET, WebhookSink};
+use chrono::{Duration, Utc};
+use crier::config::Config;
+use crier::domain::Contact;
+use crier::domain::token::{TokenPurpose, TokenSigner};
+
+fn assert_no_subscribers(crier: &Crier) {
+    if crier.path("var/store").exists() {
+        assert_eq!(crier.store().subscriber_count(), 0, "nothing was stored");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_order_number_email_or_phone_is_refused_and_nothing_stored() {
+    let crier = Crier::new().status_page();
+    let cases: [(&[&str], &str); 5] = [
+        (&["--order", "12345", "--email", "ann@example.com"], "'12345' is not an order number"),
+        (&["--order", "AB-1001x", "--email", "ann@example.com"], "'AB-1001x' is not an order number"),
+        (&["--order", "AB-1001", "--email", "ann@"], "'ann@' is not an email address"),
+        (&["--order", "AB-1001", "--phone", "07700900123"], "is not a phone number in E.164 form"),
+        (&["--order", "AB-1001", "--phone", "+44123"], "wrong number of digits"),
+    ];
+    for (args, message) in cases {
+        let mut full = vec!["subscribe", "--confirmed"];
+        full.extend_from_slice(args);
+        crier.run(&full).await.assert_user_error(message);
+    }
+    assert_no_subscribers(&crier);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_config_key_is_reported_with_its_file_and_key() {
+    let crier = Crier::new().status_page();
+    let mut main = std::fs::read_to_string(&crier.config).unwrap();
+    main.insert_str(0, "colour = \"red\"\n");
+    std::fs::write(&crier.config, &main).unwrap();
+    crier
+        .run(&["check-config"])
+        .await
+        .assert_user_error("crier.toml:1: unknown field `colour`");
+
+    let crier = Crier::new().status_page().webhook("http://127.0.0.1:9/hooks", "colour = \"red\"\n");
+    let output = crier.run(&["check-config"]).await;
+    output.assert_user_error("unknown field `colour`");
+    assert!(output.stderr.contains("channels/partners.toml"), "{}", output.stderr);
+
+    let crier = Crier::new().webhook("http://127.0.0.1:9/hooks", "[delivery]\nretries = 3\n");
+    crier.run(&["send", "--yes", "--headline", "H", "Body"]).await.assert_user_error("unknown field `retries`");
+    assert!(!crier.path("var/store").exists(), "nothing was stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_secret_variable_or_an_invalid_value_is_named() {
+    let crier = Crier::new()
+        .webhook("http://127.0.0.1:9/hooks", "")
+        .without_env("CRIER_WEBHOOK_SECRET");
+    crier.run(&["check-config"]).await.assert_user_error(
+        "channels/partners.toml: secret_env: the environment variable CRIER_WEBHOOK_SECRET is not set",
+    );
+    let crier = Crier::new().status_page().without_env("CRIER_LINK_SECRET");
+    crier
+        .run(&["subscribe", "--order", "AB-1001", "--email", "ann@example.com"])
+        .await
+        .assert_user_error("tokens.link_secret_env: the environment variable CRIER_LINK_SECRET is not set");
+    assert!(!crier.path("var/store").exists(), "nothing was stored");
+
+    let crier = Crier::new().webhook("not a url", "");
+    crier.run(&["check-config"]).await.assert_user_error("url: 'not a url' is not a URL");
+    let crier = Crier::new().email(25, "[delivery]\ntimeout = \"soon\"\n");
+    crier.run(&["check-config"]).await.assert_user_error("delivery.timeout: 'soon' is not a duration");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_or_over_long_update_is_refused_before_anything_is_stored() {
+    let hooks = WebhookSink::start(&[]).await;
+    let crier = Crier::new().webhook(&hooks.url, "").status_page();
+    crier
+        .run(&["send", "--yes", "--headline", "Activations delayed", "  "])
+        .await
+        .assert_user_error("the body is empty");
+    let long = "x".repeat(5_001);
+    crier
+        .run(&["send", "--yes", "--headline", "Activations delayed", &long])
+        .await
+        .assert_user_error("the body is 5001 characters long; the limit is 5000");
+    crier
+        .run(&["send", "--yes", "We're on it."])
+        .await
+        .assert_user_error("a new incident needs --headline");
+    crier
+        .run(&["send", "--yes", "--headline", "H", "--channel", "pigeon", "We're on it."])
+        .await
+        .assert_user_error("no channel is named 'pigeon'");
+    crier
+        .run(&["send", "--headline", "H", "We're on it."])
+        .await
+        .assert_user_error("add --yes");
+
+    let store = crier.store();
+    assert!(store.recent_updates(10).unwrap().is_empty(), "no update was stored");
+    assert!(store.counts(None).unwrap().is_empty(), "no delivery was planned");
+    assert!(hooks.received().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_expired_or_misused_unsubscribe_token_changes_nothing() {
+    let crier = Crier::new().status_page();
+    crier.subscribe("AB-1001", "ann@example.com").await;
+    let genuine = TokenSigner::new(LINK_SECRET);
+    let forger = TokenSigner::new("a secret the forger made up");
+    let tomorrow = Utc::now() + Duration::days(1);
+    let cases = [
+        (forger.issue(TokenPurpose::Unsubscribe, "ann@example.com", tomorrow), "signature is not valid"),
+        (
+            genuine.issue(TokenPurpose::Unsubscribe, "ann@example.com", Utc::now() - Duration::minutes(1)),
+            "the link expired",
+        ),
+        (genuine.issue(TokenPurpose::Confirm, "ann@example.com", tomorrow), "made for something else"),
+        ("not-a-token".to_owned(), "malformed"),
+    ];
+    for (token, message) in cases {
+        crier.run(&["unsubscribe", "--token", &token]).await.assert_user_error(message);
+    }
+    let ann = crier
+        .store()
+        .subscriber(&Contact::parse("ann@example.com").unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(ann.receives_updates(), "ann is still subscribed");
+
+    let valid = genuine.issue(TokenPurpose::Unsubscribe, "ann@example.com", tomorrow);
+    crier.run(&["unsubscribe", "--token", &valid]).await.assert_ok();
+}
+
+#[test]
+fn the_example_configuration_is_valid() {
+    struct Secrets;
+    impl crier::config::SecretSource for Secrets {
+        fn get(&self, name: &str) -> Option<String> {
+            match name {
+                "CRIER_LINK_SECRET" => Some("an example secret of some length".into()),
+                "CRIER_WEBHOOK_SECRET" => Some(crate::support::webhook_secret()),
+                _ => None,
+            }
+        }
+    }
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let config = Config::load(&file, &Secrets).unwrap();
+    let names: Vec<&str> = config.channels.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["email", "partners", "status"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_explains_itself_with_help() {
+    let crier = Crier::new();
+    for command in [
+        "send",
+        "preview",
+        "subscribe",
+        "unsubscribe",
+        "dispatch",
+        "deliveries",
+        "retry",
+        "check-config",
+    ] {
+        let output = crier.run(&[command, "--help"]).await;
+        output.assert_ok();
+        assert!(output.stdout.contains("Usage: crier"), "{command}: {}", output.stdout);
+    }
+}

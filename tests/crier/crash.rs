@@ -1,0 +1,94 @@
+//! Crash safety: `kill -9` in the middle of a send loses nothing, and duplicates at most what
+//! was in flight; Ctrl-C stops cleanly and `crier dispatch` finishes the job.
+
+use crate::support::{Crier, SmtpSink, wait_until};
+use chrono::Utc;
+use crier::domain::{Contact, OrderNumber, OrderPattern};
+use std::time::Duration;
+
+const SUBSCRIBERS: usize = 2_000;
+const CONCURRENCY: usize = 8;
+
+fn seed_subscribers(crier: &Crier) {
+    let store = crier.store();
+    let pattern = OrderPattern::new("[A-Z]{2}-[0-9]{4,10}").unwrap();
+    for i in 0..SUBSCRIBERS {
+        let contact = Contact::parse(&format!("customer{i}@example.com")).unwrap();
+        let order = OrderNumber::parse(&format!("AB-{}", 100_000 + i), &pattern).unwrap();
+        store.subscribe(&contact, &order, true, Utc::now()).unwrap();
+    }
+}
+
+fn slow_email(crier: Crier, port: u16) -> Crier {
+    crier.email(port, &format!("[delivery]\nconcurrency = {CONCURRENCY}\n"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_killed_mid_way_loses_nothing_and_duplicates_at_most_what_was_in_flight() {
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 15);
+    let crier = slow_email(crier, smtp.port);
+    seed_subscribers(&crier);
+
+    let mut send = crier
+        .command(&["send", "--yes", "--headline", "Activations delayed", "We're working on it."])
+        .spawn()
+        .unwrap();
+    let midway = wait_until(Duration::from_secs(120), || {
+        assert!(send.try_wait().unwrap().is_none(), "send ended before it was stopped");
+        smtp.count() >= SUBSCRIBERS / 4
+    })
+    .await;
+    assert!(midway, "the send got a quarter of the way");
+    send.start_kill().unwrap(); // SIGKILL: no chance to tidy up
+    let status = send.wait().await.unwrap();
+    assert!(!status.success());
+    let at_kill = smtp.count();
+    assert!(at_kill < SUBSCRIBERS, "killed before it finished ({at_kill} sent)");
+
+    let dispatch = crier.run(&["dispatch", "--json"]).await;
+    dispatch.assert_ok();
+    assert_eq!(dispatch.json()["channels"]["email"]["sent"], SUBSCRIBERS as u64);
+
+    let per_recipient = smtp.per_recipient();
+    assert_eq!(per_recipient.len(), SUBSCRIBERS, "every subscriber got the update");
+    let duplicates: usize = per_recipient.values().map(|n| n - 1).sum();
+    println!("killed after {at_kill} emails; {duplicates} duplicate(s) after dispatch");
+    assert!(
+        duplicates <= CONCURRENCY,
+        "{duplicates} duplicates, but at most {CONCURRENCY} were in flight"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_a_send_cleanly_and_dispatch_delivers_the_rest_without_duplicates() {
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 15);
+    let crier = slow_email(crier, smtp.port);
+    seed_subscribers(&crier);
+
+    let mut send = crier
+        .command(&["send", "--yes", "--headline", "Activations delayed", "We're working on it."])
+        .spawn()
+        .unwrap();
+    let midway = wait_until(Duration::from_secs(120), || {
+        assert!(send.try_wait().unwrap().is_none(), "send ended before it was stopped");
+        smtp.count() >= SUBSCRIBERS / 4
+    })
+    .await;
+    assert!(midway, "the send got a quarter of the way");
+    let pid = send.id().unwrap().to_string();
+    let interrupt = std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    assert!(interrupt.success());
+    let status = tokio::time::timeout(Duration::from_secs(60), send.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(130), "Ctrl-C exits with 130");
+    assert!(smtp.count() < SUBSCRIBERS, "it stopped early");
+
+    let counts = crier.run(&["deliveries", "--json"]).await.json();
+    assert_eq!(counts["channels"]["email"]["in_flight"], 0, "in-flight work finished: {counts}");
+
+    crier.run(&["dispatch"]).await.assert_ok();
+    let per_recipient = smtp.per_recipient();
+    assert_eq!(per_recipient.len(), SUBSCRIBERS);
+    assert!(per_recipient.values().all(|n| *n == 1), "a clean stop duplicates nothing");
+}

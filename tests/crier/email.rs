@@ -1,0 +1,130 @@
+//! Email through lettre's SMTP transport to a real SMTP server on 127.0.0.1.
+
+use crate::support::{Crier, FAST_RETRIES, SmtpSink};
+use mail_parser::MessageParser;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_arrives_as_a_multipart_email_with_one_click_unsubscribe() {
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 0);
+    let crier = crier.email(smtp.port, "");
+    crier.subscribe("AB-1001", "ann@example.com").await;
+
+    let summary = crier
+        .send(&["--next-update-in", "2h"], "We're working on it. Sorry. Details: https://example.com/launch")
+        .await;
+    assert_eq!(summary["channels"]["email"]["sent"], 1);
+
+    let mails = smtp.messages();
+    assert_eq!(mails.len(), 1);
+    let mail = &mails[0];
+    assert_eq!(mail.mail_from, "updates@example.com");
+    assert_eq!(mail.rcpt_tos, ["ann@example.com"]);
+
+    let message = MessageParser::default().parse(mail.data.as_bytes()).expect("a parsable email");
+    assert_eq!(message.subject(), Some("Investigating: Activations delayed"));
+    let from = message.from().and_then(|a| a.first()).expect("a From header");
+    assert_eq!(from.address(), Some("updates@example.com"));
+    assert_eq!(from.name(), Some("Example Mobile"));
+
+    let text = message.body_text(0).expect("a text/plain part");
+    assert!(text.contains("We're working on it. Sorry."), "{text}");
+    assert!(text.contains("Next update by"), "{text}");
+    assert!(text.contains("You follow order AB-1001."), "{text}");
+    let html = message.body_html(0).expect("a text/html part");
+    assert!(html.contains("<a href=\"https://example.com/launch\">"), "{html}");
+    assert!(html.contains("We&#x27;re working on it."), "{html}");
+    assert_eq!(message.text_body.len(), 1);
+    assert_eq!(message.html_body.len(), 1);
+
+    // The Message-ID is derived from the delivery key: the update id and the sender's domain.
+    let update = summary["update"].as_str().unwrap();
+    let message_id = message.message_id().expect("a Message-ID");
+    assert!(message_id.starts_with(&format!("{update}.")), "{message_id}");
+    assert!(message_id.ends_with("@example.com"), "{message_id}");
+
+    assert!(message.header("List-Unsubscribe").is_some());
+    let unsubscribe = raw_header(&mail.data, "List-Unsubscribe");
+    let unsubscribe = unsubscribe.trim().trim_start_matches('<').trim_end_matches('>').to_owned();
+    assert!(
+        unsubscribe.starts_with("https://status.example.com/unsubscribe/"),
+        "{unsubscribe}"
+    );
+    assert_eq!(raw_header(&mail.data, "List-Unsubscribe-Post"), "List-Unsubscribe=One-Click");
+    assert!(text.contains(&unsubscribe), "the text part carries the same link");
+}
+
+/// A header's raw value, unfolded, straight from the message.
+fn raw_header(data: &str, name: &str) -> String {
+    let head = data.split("\r\n\r\n").next().unwrap_or(data);
+    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
+    unfolded
+        .lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no {name} header in:\n{head}"))
+}
+
+fn unsubscribe_token(data: &str) -> String {
+    let link = raw_header(data, "List-Unsubscribe");
+    link.trim_matches(['<', '>'])
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unsubscribe_link_of_an_email_stops_the_next_ones() {
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 0);
+    let crier = crier.email(smtp.port, "");
+    crier.subscribe("AB-1001", "ann@example.com").await;
+    crier.subscribe("AB-1002", "bob@example.com").await;
+    crier.send(&[], "First update.").await;
+    let ann = smtp
+        .messages()
+        .into_iter()
+        .find(|m| m.rcpt_tos == ["ann@example.com"])
+        .expect("ann got the first update");
+
+    crier
+        .run(&["unsubscribe", "--token", &unsubscribe_token(&ann.data)])
+        .await
+        .assert_ok();
+    let summary = crier.send(&[], "Second update.").await;
+
+    assert_eq!(summary["channels"]["email"]["sent"], 1, "{summary}");
+    let per_recipient = smtp.per_recipient();
+    assert_eq!(per_recipient["ann@example.com"], 1);
+    assert_eq!(per_recipient["bob@example.com"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_smtp_refusal_is_dead_lettered_and_a_transient_one_retried_until_the_limit() {
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 0);
+    let crier = crier.email(smtp.port, FAST_RETRIES);
+    crier.subscribe("AB-1001", "reject-me@example.com").await;
+    crier.subscribe("AB-1002", "defer-me@example.com").await;
+    crier.subscribe("AB-1003", "ann@example.com").await;
+
+    let summary = crier.send(&[], "We're on it.").await;
+    assert_eq!(summary["channels"]["email"]["sent"], 1, "{summary}");
+    assert_eq!(summary["channels"]["email"]["dead"], 2, "{summary}");
+
+    let failed = crier.run(&["deliveries", "--failed", "--json"]).await;
+    let failures = failed.assert_ok().json()["failures"].as_array().unwrap().clone();
+    let attempts = |who: &str| {
+        failures
+            .iter()
+            .find(|f| f["recipient"] == who)
+            .unwrap_or_else(|| panic!("{who} is among the failures: {failures:?}"))["attempts"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(attempts("reject-me@example.com"), 1, "a 550 is not retried");
+    assert_eq!(attempts("defer-me@example.com"), 4, "a 451 is retried up to max_attempts");
+}

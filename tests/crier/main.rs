@@ -1,0 +1,10 @@
+//! crier's integration tests: the real binary, run against a real SMTP server (aiosmtpd), real
+//! HTTP receivers (axum) and a real status page folder, all on 127.0.0.1.
+
+mod audience;
+mod bad_input;
+mod crash;
+mod email;
+mod status_page;
+mod support;
+mod webhook;

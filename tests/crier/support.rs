@@ -1,0 +1,387 @@
+//! Test fixtures: a crier configuration in a temporary folder, an SMTP sink and a webhook sink,
+//! each stopped when dropped.
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+pub const LINK_SECRET: &str = "integration-link-secret-0123456789";
+/// The raw webhook key; the channel reads it as `whsec_` + base64 of these bytes.
+pub const WEBHOOK_KEY: &[u8] = b"integration-partner-key-0123456789";
+
+pub fn webhook_secret() -> String {
+    use base64::Engine;
+    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(WEBHOOK_KEY))
+}
+
+/// Polls `condition` every 20 ms for at most `limit`.
+pub async fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    condition()
+}
+
+// ---- SMTP ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ReceivedMail {
+    pub mail_from: String,
+    pub rcpt_tos: Vec<String>,
+    pub data: String,
+}
+
+/// aiosmtpd, started from `tests/support/smtp_sink.py`, writing one JSON file per message.
+pub struct SmtpSink {
+    child: std::process::Child,
+    pub port: u16,
+    out_dir: PathBuf,
+}
+
+impl SmtpSink {
+    pub fn start(dir: &Path, delay_ms: u64) -> Self {
+        let out_dir = dir.join("smtp-received");
+        let port_file = dir.join("smtp-port");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/smtp_sink.py");
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .arg("--out-dir")
+            .arg(&out_dir)
+            .arg("--port-file")
+            .arg(&port_file)
+            .arg("--delay-ms")
+            .arg(delay_ms.to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("python3 runs the SMTP sink (is aiosmtpd installed? .ci/run installs it)");
+        let start = Instant::now();
+        let port = loop {
+            if let Ok(text) = std::fs::read_to_string(&port_file) {
+                break text.trim().parse().expect("the sink writes its port");
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the SMTP sink exited at start-up: {status}");
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "the SMTP sink did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Self { child, port, out_dir }
+    }
+
+    pub fn messages(&self) -> Vec<ReceivedMail> {
+        let Ok(entries) = std::fs::read_dir(&self.out_dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|ext| ext == "json"))
+            .map(|p| serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap())
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        std::fs::read_dir(&self.out_dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|ext| ext == "json"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// How many messages each recipient received.
+    pub fn per_recipient(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for mail in self.messages() {
+            for rcpt in mail.rcpt_tos {
+                *counts.entry(rcpt).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- webhooks -----------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct ReceivedHook {
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+    pub answered: u16,
+}
+
+impl ReceivedHook {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(String::as_str).unwrap_or_default()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("the webhook body is JSON")
+    }
+}
+
+/// An answer the sink gives: a status and an optional Retry-After.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer(pub u16, pub Option<u64>);
+
+#[derive(Default)]
+struct HookState {
+    received: Vec<ReceivedHook>,
+    /// Answers to give, in order; once empty, every request gets 204.
+    script: VecDeque<Answer>,
+}
+
+/// An axum server on 127.0.0.1 that records every POST to /hooks.
+pub struct WebhookSink {
+    pub url: String,
+    state: Arc<Mutex<HookState>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl WebhookSink {
+    pub async fn start(script: &[Answer]) -> Self {
+        let state = Arc::new(Mutex::new(HookState {
+            received: Vec::new(),
+            script: script.iter().copied().collect(),
+        }));
+        let handler_state = state.clone();
+        let app = axum::Router::new().route(
+            "/hooks",
+            axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+                let state = handler_state.clone();
+                async move {
+                    let mut state = state.lock().unwrap();
+                    let Answer(status, retry_after) = state.script.pop_front().unwrap_or(Answer(204, None));
+                    state.received.push(ReceivedHook {
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
+                            .collect(),
+                        body: body.to_vec(),
+                        answered: status,
+                    });
+                    let mut response = StatusCode::from_u16(status).unwrap().into_response();
+                    if let Some(seconds) = retry_after {
+                        response
+                            .headers_mut()
+                            .insert("retry-after", seconds.to_string().parse().unwrap());
+                    }
+                    response
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            url,
+            state,
+            stop: Some(stop),
+        }
+    }
+
+    pub fn received(&self) -> Vec<ReceivedHook> {
+        self.state.lock().unwrap().received.clone()
+    }
+}
+
+impl Drop for WebhookSink {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A URL on 127.0.0.1 where nothing listens: a provider that is down.
+pub fn unused_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    format!("http://127.0.0.1:{port}/hooks")
+}
+
+// ---- crier ------------------------------------------------------------------------------------
+
+/// Quick retries, so tests of retrying take a fraction of a second.
+pub const FAST_RETRIES: &str = "[delivery]\nmax_attempts = 4\nbackoff_base = \"50ms\"\nbackoff_max = \"200ms\"\ntimeout = \"5s\"\n";
+
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+
+    #[track_caller]
+    pub fn assert_ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "expected success\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+        self
+    }
+
+    /// A user error: exit code 1 and exactly one line on stderr that mentions `needle`.
+    #[track_caller]
+    pub fn assert_user_error(&self, needle: &str) {
+        assert_eq!(self.code, 1, "expected exit code 1\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one line on stderr, got: {}", self.stderr);
+        assert!(lines[0].contains(needle), "stderr should mention {needle:?}: {}", self.stderr);
+    }
+}
+
+/// One crier installation in a temporary folder.
+pub struct Crier {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Crier {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+        let config = dir.path().join("crier.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"channels_dir = "channels"
+templates_dir = "{}"
+[store]
+path = "var/store"
+cache_capacity_mb = 16
+[orders]
+pattern = "[A-Z]{{2}}-[0-9]{{4,10}}"
+[brand]
+name = "Example Mobile"
+public_url = "https://status.example.com"
+[tokens]
+link_secret_env = "CRIER_LINK_SECRET"
+"#,
+                templates.display()
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("channels")).unwrap();
+        Self {
+            dir,
+            config,
+            env: vec![
+                ("CRIER_LINK_SECRET".into(), LINK_SECRET.into()),
+                ("CRIER_WEBHOOK_SECRET".into(), webhook_secret()),
+            ],
+        }
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    pub fn channel(self, name: &str, toml: &str) -> Self {
+        std::fs::write(self.path(&format!("channels/{name}.toml")), toml).unwrap();
+        self
+    }
+
+    pub fn email(self, smtp_port: u16, extra: &str) -> Self {
+        let toml = format!(
+            "kind = \"email\"\nfrom = \"Example Mobile <updates@example.com>\"\ntransport = \"smtp://127.0.0.1:{smtp_port}\"\n{extra}"
+        );
+        self.channel("email", &toml)
+    }
+
+    pub fn webhook(self, url: &str, extra: &str) -> Self {
+        let toml = format!("kind = \"webhook\"\nurl = \"{url}\"\nsecret_env = \"CRIER_WEBHOOK_SECRET\"\n{extra}");
+        self.channel("partners", &toml)
+    }
+
+    pub fn status_page(self) -> Self {
+        self.channel("status", "kind = \"status_page\"\ndir = \"var/status\"\n")
+    }
+
+    pub fn without_env(mut self, name: &str) -> Self {
+        self.env.retain(|(k, _)| k != name);
+        self
+    }
+
+    pub fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_crier"));
+        command
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("CRIER_LINK_SECRET")
+            .env_remove("CRIER_WEBHOOK_SECRET")
+            .env_remove("CRIER_CONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    pub async fn run(&self, args: &[&str]) -> Output {
+        let output = tokio::time::timeout(Duration::from_secs(120), self.command(args).output())
+            .await
+            .expect("crier finished within 2 minutes")
+            .expect("crier runs");
+        Output {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    pub async fn subscribe(&self, order: &str, contact: &str) {
+        let flag = if contact.starts_with('+') { "--phone" } else { "--email" };
+        self.run(&["subscribe", "--order", order, flag, contact, "--confirmed"]).await.assert_ok();
+    }
+
+    /// Sends an update to everyone with `--json` and returns the parsed summary.
+    pub async fn send(&self, extra: &[&str], body: &str) -> serde_json::Value {
+        let mut args = vec!["send", "--yes", "--json", "--headline", "Activations delayed"];
+        args.extend_from_slice(extra);
+        args.push(body);
+        let output = self.run(&args).await;
+        output.assert_ok();
+        output.json()
+    }
+
+    /// Opens the store through the library: only while no crier process runs.
+    pub fn store(&self) -> crier::store::Store {
+        crier::store::Store::open(&crier::config::StoreSettings {
+            path: self.path("var/store"),
+            cache_capacity_bytes: 16 * 1024 * 1024,
+        })
+        .expect("the store opens")
+    }
+}

@@ -1,0 +1,128 @@
+//! Signed webhooks to a real HTTP receiver, checked to the Standard Webhooks specification.
+
+use crate::support::{Answer, Crier, FAST_RETRIES, WEBHOOK_KEY, WebhookSink, unused_url, webhook_secret};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// The signature recomputed from the specification, independently of crier's code.
+fn expected_signature(id: &str, timestamp: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(WEBHOOK_KEY).unwrap();
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_gets_one_post_signed_to_the_standard_webhooks_spec() {
+    let sink = WebhookSink::start(&[]).await;
+    let crier = Crier::new().webhook(&sink.url, "");
+    let summary = crier.send(&["--next-update-in", "2h"], "We're working on it.").await;
+    assert_eq!(summary["channels"]["partners"]["sent"], 1);
+
+    let received = sink.received();
+    assert_eq!(received.len(), 1);
+    let hook = &received[0];
+    let update = summary["update"].as_str().unwrap();
+    assert_eq!(hook.header("webhook-id"), format!("{update}/partners/-"));
+    assert_eq!(hook.header("content-type"), "application/json");
+    let timestamp: i64 = hook.header("webhook-timestamp").parse().expect("unix seconds");
+    assert!((chrono::Utc::now().timestamp() - timestamp).abs() < 120);
+    assert_eq!(
+        hook.header("webhook-signature"),
+        expected_signature(hook.header("webhook-id"), hook.header("webhook-timestamp"), &hook.body)
+    );
+
+    // The official Standard Webhooks library accepts it too.
+    let verifier = standardwebhooks::Webhook::new(&webhook_secret()).unwrap();
+    let mut headers = http::HeaderMap::new();
+    for name in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
+        headers.insert(name, hook.header(name).parse().unwrap());
+    }
+    verifier.verify(&hook.body, &headers).expect("the official library verifies the signature");
+
+    let body = hook.json();
+    assert_eq!(body["type"], "update.published");
+    assert!(body["timestamp"].as_str().is_some());
+    assert_eq!(body["data"]["update"]["id"], update);
+    assert_eq!(body["data"]["update"]["headline"], "Activations delayed");
+    assert_eq!(body["data"]["update"]["body"], "We're working on it.");
+    assert!(body["data"]["update"]["next_update_by"].as_str().is_some());
+    assert_eq!(body["data"]["incident"]["id"], summary["incident"]);
+    assert_eq!(body["data"]["targeted"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_or_503_is_retried_after_retry_after_with_the_same_webhook_id() {
+    let sink = WebhookSink::start(&[Answer(503, Some(1)), Answer(429, None)]).await;
+    let crier = Crier::new().webhook(&sink.url, FAST_RETRIES);
+    let started = std::time::Instant::now();
+    let summary = crier.send(&[], "We're working on it.").await;
+    assert_eq!(summary["channels"]["partners"]["sent"], 1);
+
+    let received = sink.received();
+    let answers: Vec<u16> = received.iter().map(|h| h.answered).collect();
+    assert_eq!(answers, [503, 429, 204]);
+    let ids: Vec<&str> = received.iter().map(|h| h.header("webhook-id")).collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1), "Retry-After: 1 was honoured");
+    for hook in &received {
+        assert_eq!(
+            hook.header("webhook-signature"),
+            expected_signature(hook.header("webhook-id"), hook.header("webhook-timestamp"), &hook.body)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_disables_the_endpoint_until_retry_enables_it_again() {
+    let sink = WebhookSink::start(&[Answer(410, None)]).await;
+    let crier = Crier::new().webhook(&sink.url, FAST_RETRIES);
+    let first = crier.send(&[], "First.").await;
+    assert_eq!(first["channels"]["partners"]["dead"], 1);
+    let second = crier.send(&[], "Second.").await;
+    assert_eq!(second["channels"]["partners"]["dead"], 1);
+    assert_eq!(sink.received().len(), 1, "nothing is sent to an endpoint that is gone");
+
+    let retried = crier.run(&["retry", "--json"]).await;
+    retried.assert_ok();
+    assert_eq!(retried.json()["requeued"], 2);
+    assert_eq!(sink.received().len(), 3);
+    assert!(retried.stderr.contains("channel partners is enabled again"), "{}", retried.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_is_dead_lettered_at_once_and_retry_delivers_it() {
+    let sink = WebhookSink::start(&[Answer(400, None)]).await;
+    let crier = Crier::new().webhook(&sink.url, FAST_RETRIES);
+    let summary = crier.send(&[], "We're on it.").await;
+    assert_eq!(summary["channels"]["partners"]["dead"], 1);
+    assert_eq!(sink.received().len(), 1);
+
+    let failed = crier.run(&["deliveries", "--failed"]).await;
+    failed.assert_ok();
+    assert!(failed.stdout.contains("400 Bad Request"), "{}", failed.stdout);
+
+    let retried = crier.run(&["retry", "--json"]).await;
+    assert_eq!(retried.json()["channels"]["partners"]["sent"], 1);
+    assert_eq!(sink.received().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_that_is_down_is_retried_then_dead_lettered_without_blocking_other_channels() {
+    let sink = WebhookSink::start(&[]).await;
+    let crier = Crier::new()
+        .webhook(&unused_url(), FAST_RETRIES)
+        .channel(
+            "backup",
+            &format!("kind = \"webhook\"\nurl = \"{}\"\nsecret_env = \"CRIER_WEBHOOK_SECRET\"\n", sink.url),
+        );
+    let summary = crier.send(&[], "We're on it.").await;
+    assert_eq!(summary["channels"]["partners"]["dead"], 1, "{summary}");
+    assert_eq!(summary["channels"]["backup"]["sent"], 1, "{summary}");
+    let failed = crier.run(&["deliveries", "--failed", "--json"]).await.json();
+    let failure = &failed["failures"][0];
+    assert_eq!(failure["attempts"], 4);
+    assert!(failure["last_error"].as_str().unwrap().contains("gave up after 4 attempts"), "{failure}");
+}
