@@ -414,7 +414,6 @@ async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
 
 async fn dispatch(config: Config, args: JsonArgs) -> anyhow::Result<ExitCode> {
     let app = App::open(config)?;
-    app.resume_planning().await?;
     let interrupted = deliver_queued(&app).await?;
     let counts = app.store.counts(None)?;
     if args.json {
@@ -461,6 +460,10 @@ fn exit_after(interrupted: bool) -> ExitCode {
 /// Runs the dispatcher until everything queued is delivered or dead-lettered, with a progress
 /// bar on a terminal. Returns whether Ctrl-C stopped it first.
 async fn deliver_queued(app: &App) -> anyhow::Result<bool> {
+    let resumed = app.resume_planning().await?;
+    if resumed > 0 {
+        eprintln!("finished planning {resumed} deliveries an earlier run left unplanned");
+    }
     let total = app.store.unfinished_deliveries() as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -475,7 +478,7 @@ async fn deliver_queued(app: &App) -> anyhow::Result<bool> {
     let on_ctrl_c = {
         let interrupted = interrupted.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
+            if stop_requested().await {
                 interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
                 let _ = shutdown_tx.send(true);
             }
@@ -502,6 +505,26 @@ async fn deliver_queued(app: &App) -> anyhow::Result<bool> {
     bar.finish_and_clear();
     result?;
     Ok(interrupted.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// Resolves on Ctrl-C (SIGINT) or, on Unix, SIGTERM: both ask for a clean stop.
+async fn stop_requested() -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(mut terminate) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return tokio::signal::ctrl_c().await.is_ok();
+        };
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.is_ok(),
+            _ = terminate.recv() => true,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.is_ok()
+    }
 }
 
 fn report(store: &Store, update: Ulid, json: bool) -> anyhow::Result<()> {

@@ -404,6 +404,21 @@ impl Config {
 
         let channels_dir = base.join(&raw.channels_dir);
         let channels = load_channels(&channels_dir, &base, secrets)?;
+        // A lease shorter than an attempt may take would hand a delivery that is still being
+        // sent to another worker.
+        if let Some(slowest) = channels.iter().max_by_key(|c| c.policy.timeout)
+            && slowest.policy.timeout + Duration::from_secs(1) >= lease
+        {
+            return Err(ConfigError::at(
+                file,
+                "dispatch.lease",
+                format!(
+                    "must be longer than every channel's timeout plus a second; channel {} allows {}",
+                    slowest.name,
+                    humantime::format_duration(slowest.policy.timeout)
+                ),
+            ));
+        }
 
         Ok(Self {
             file: file.to_owned(),

@@ -80,6 +80,7 @@ impl Dispatcher {
         for channel in self.channels.clone() {
             workers.spawn(self.clone().work(channel, mode, shutdown.clone()));
         }
+        let reaper = tokio::spawn(self.clone().reap_expired_leases(shutdown.clone()));
         let mut first_error = None;
         while let Some(result) = workers.join_next().await {
             let outcome = result.map_err(anyhow::Error::from).and_then(|r| r);
@@ -87,7 +88,26 @@ impl Dispatcher {
                 first_error.get_or_insert(error);
             }
         }
+        reaper.abort();
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Puts deliveries whose lease ran out back in the queue, every quarter of a lease. Within
+    /// one process an attempt ends long before its lease (the config enforces it), so this
+    /// only catches a worker that is stuck beyond its own timeout.
+    async fn reap_expired_leases(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let period = (self.lease / 4).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = shutdown.changed() => return,
+            }
+            match self.store.requeue_leases(Utc::now(), false) {
+                Ok(0) => {}
+                Ok(requeued) => tracing::warn!(requeued, "expired leases went back to the queue"),
+                Err(error) => tracing::error!(%error, "cannot requeue expired leases"),
+            }
+        }
     }
 
     async fn work(

@@ -16,11 +16,26 @@ fn assert_no_subscribers(crier: &Crier) {
 async fn a_malformed_order_number_email_or_phone_is_refused_and_nothing_stored() {
     let crier = Crier::new().status_page();
     let cases: [(&[&str], &str); 5] = [
-        (&["--order", "12345", "--email", "ann@example.com"], "'12345' is not an order number"),
-        (&["--order", "AB-1001x", "--email", "ann@example.com"], "'AB-1001x' is not an order number"),
-        (&["--order", "AB-1001", "--email", "ann@"], "'ann@' is not an email address"),
-        (&["--order", "AB-1001", "--phone", "07700900123"], "is not a phone number in E.164 form"),
-        (&["--order", "AB-1001", "--phone", "+44123"], "wrong number of digits"),
+        (
+            &["--order", "12345", "--email", "ann@example.com"],
+            "'12345' is not an order number",
+        ),
+        (
+            &["--order", "AB-1001x", "--email", "ann@example.com"],
+            "'AB-1001x' is not an order number",
+        ),
+        (
+            &["--order", "AB-1001", "--email", "ann@"],
+            "'ann@' is not an email address",
+        ),
+        (
+            &["--order", "AB-1001", "--phone", "07700900123"],
+            "is not a phone number in E.164 form",
+        ),
+        (
+            &["--order", "AB-1001", "--phone", "+44123"],
+            "wrong number of digits",
+        ),
     ];
     for (args, message) in cases {
         let mut full = vec!["subscribe", "--confirmed"];
@@ -41,13 +56,22 @@ async fn an_unknown_config_key_is_reported_with_its_file_and_key() {
         .await
         .assert_user_error("crier.toml:1: unknown field `colour`");
 
-    let crier = Crier::new().status_page().webhook("http://127.0.0.1:9/hooks", "colour = \"red\"\n");
+    let crier = Crier::new()
+        .status_page()
+        .webhook("http://127.0.0.1:9/hooks", "colour = \"red\"\n");
     let output = crier.run(&["check-config"]).await;
     output.assert_user_error("unknown field `colour`");
-    assert!(output.stderr.contains("channels/partners.toml"), "{}", output.stderr);
+    assert!(
+        output.stderr.contains("channels/partners.toml"),
+        "{}",
+        output.stderr
+    );
 
     let crier = Crier::new().webhook("http://127.0.0.1:9/hooks", "[delivery]\nretries = 3\n");
-    crier.run(&["send", "--yes", "--headline", "H", "Body"]).await.assert_user_error("unknown field `retries`");
+    crier
+        .run(&["send", "--yes", "--headline", "H", "Body"])
+        .await
+        .assert_user_error("unknown field `retries`");
     assert!(!crier.path("var/store").exists(), "nothing was stored");
 }
 
@@ -61,15 +85,29 @@ async fn a_missing_secret_variable_or_an_invalid_value_is_named() {
     );
     let crier = Crier::new().status_page().without_env("CRIER_LINK_SECRET");
     crier
-        .run(&["subscribe", "--order", "AB-1001", "--email", "ann@example.com"])
+        .run(&[
+            "subscribe",
+            "--order",
+            "AB-1001",
+            "--email",
+            "ann@example.com",
+        ])
         .await
-        .assert_user_error("tokens.link_secret_env: the environment variable CRIER_LINK_SECRET is not set");
+        .assert_user_error(
+            "tokens.link_secret_env: the environment variable CRIER_LINK_SECRET is not set",
+        );
     assert!(!crier.path("var/store").exists(), "nothing was stored");
 
     let crier = Crier::new().webhook("not a url", "");
-    crier.run(&["check-config"]).await.assert_user_error("url: 'not a url' is not a URL");
+    crier
+        .run(&["check-config"])
+        .await
+        .assert_user_error("url: 'not a url' is not a URL");
     let crier = Crier::new().email(25, "[delivery]\ntimeout = \"soon\"\n");
-    crier.run(&["check-config"]).await.assert_user_error("delivery.timeout: 'soon' is not a duration");
+    crier
+        .run(&["check-config"])
+        .await
+        .assert_user_error("delivery.timeout: 'soon' is not a duration");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,12 +123,26 @@ async fn an_empty_or_over_long_update_is_refused_before_anything_is_stored() {
         .run(&["send", "--yes", "--headline", "Activations delayed", &long])
         .await
         .assert_user_error("the body is 5001 characters long; the limit is 5000");
+    // 5,000 four-byte characters pass the body's own limit but make a webhook body over 20 KB.
+    let wide = "\u{1F4F1}".repeat(5_000);
+    crier
+        .run(&["send", "--yes", "--headline", "Activations delayed", &wide])
+        .await
+        .assert_user_error("channel partners: the JSON body is");
     crier
         .run(&["send", "--yes", "We're on it."])
         .await
         .assert_user_error("a new incident needs --headline");
     crier
-        .run(&["send", "--yes", "--headline", "H", "--channel", "pigeon", "We're on it."])
+        .run(&[
+            "send",
+            "--yes",
+            "--headline",
+            "H",
+            "--channel",
+            "pigeon",
+            "We're on it.",
+        ])
         .await
         .assert_user_error("no channel is named 'pigeon'");
     crier
@@ -99,8 +151,14 @@ async fn an_empty_or_over_long_update_is_refused_before_anything_is_stored() {
         .assert_user_error("add --yes");
 
     let store = crier.store();
-    assert!(store.recent_updates(10).unwrap().is_empty(), "no update was stored");
-    assert!(store.counts(None).unwrap().is_empty(), "no delivery was planned");
+    assert!(
+        store.recent_updates(10).unwrap().is_empty(),
+        "no update was stored"
+    );
+    assert!(
+        store.counts(None).unwrap().is_empty(),
+        "no delivery was planned"
+    );
     assert!(hooks.received().is_empty());
 }
 
@@ -112,16 +170,29 @@ async fn a_forged_expired_or_misused_unsubscribe_token_changes_nothing() {
     let forger = TokenSigner::new("a secret the forger made up");
     let tomorrow = Utc::now() + Duration::days(1);
     let cases = [
-        (forger.issue(TokenPurpose::Unsubscribe, "ann@example.com", tomorrow), "signature is not valid"),
         (
-            genuine.issue(TokenPurpose::Unsubscribe, "ann@example.com", Utc::now() - Duration::minutes(1)),
+            forger.issue(TokenPurpose::Unsubscribe, "ann@example.com", tomorrow),
+            "signature is not valid",
+        ),
+        (
+            genuine.issue(
+                TokenPurpose::Unsubscribe,
+                "ann@example.com",
+                Utc::now() - Duration::minutes(1),
+            ),
             "the link expired",
         ),
-        (genuine.issue(TokenPurpose::Confirm, "ann@example.com", tomorrow), "made for something else"),
+        (
+            genuine.issue(TokenPurpose::Confirm, "ann@example.com", tomorrow),
+            "made for something else",
+        ),
         ("not-a-token".to_owned(), "malformed"),
     ];
     for (token, message) in cases {
-        crier.run(&["unsubscribe", "--token", &token]).await.assert_user_error(message);
+        crier
+            .run(&["unsubscribe", "--token", &token])
+            .await
+            .assert_user_error(message);
     }
     let ann = crier
         .store()
@@ -131,7 +202,10 @@ async fn a_forged_expired_or_misused_unsubscribe_token_changes_nothing() {
     assert!(ann.receives_updates(), "ann is still subscribed");
 
     let valid = genuine.issue(TokenPurpose::Unsubscribe, "ann@example.com", tomorrow);
-    crier.run(&["unsubscribe", "--token", &valid]).await.assert_ok();
+    crier
+        .run(&["unsubscribe", "--token", &valid])
+        .await
+        .assert_ok();
 }
 
 #[test]
@@ -167,6 +241,10 @@ async fn every_command_explains_itself_with_help() {
     ] {
         let output = crier.run(&[command, "--help"]).await;
         output.assert_ok();
-        assert!(output.stdout.contains("Usage: crier"), "{command}: {}", output.stdout);
+        assert!(
+            output.stdout.contains("Usage: crier"),
+            "{command}: {}",
+            output.stdout
+        );
     }
 }

@@ -31,11 +31,20 @@ async fn a_send_killed_mid_way_loses_nothing_and_duplicates_at_most_what_was_in_
     seed_subscribers(&crier);
 
     let mut send = crier
-        .command(&["send", "--yes", "--headline", "Activations delayed", "We're working on it."])
+        .command(&[
+            "send",
+            "--yes",
+            "--headline",
+            "Activations delayed",
+            "We're working on it.",
+        ])
         .spawn()
         .unwrap();
     let midway = wait_until(Duration::from_secs(120), || {
-        assert!(send.try_wait().unwrap().is_none(), "send ended before it was stopped");
+        assert!(
+            send.try_wait().unwrap().is_none(),
+            "send ended before it was stopped"
+        );
         smtp.count() >= SUBSCRIBERS / 4
     })
     .await;
@@ -44,14 +53,24 @@ async fn a_send_killed_mid_way_loses_nothing_and_duplicates_at_most_what_was_in_
     let status = send.wait().await.unwrap();
     assert!(!status.success());
     let at_kill = smtp.count();
-    assert!(at_kill < SUBSCRIBERS, "killed before it finished ({at_kill} sent)");
+    assert!(
+        at_kill < SUBSCRIBERS,
+        "killed before it finished ({at_kill} sent)"
+    );
 
     let dispatch = crier.run(&["dispatch", "--json"]).await;
     dispatch.assert_ok();
-    assert_eq!(dispatch.json()["channels"]["email"]["sent"], SUBSCRIBERS as u64);
+    assert_eq!(
+        dispatch.json()["channels"]["email"]["sent"],
+        SUBSCRIBERS as u64
+    );
 
     let per_recipient = smtp.per_recipient();
-    assert_eq!(per_recipient.len(), SUBSCRIBERS, "every subscriber got the update");
+    assert_eq!(
+        per_recipient.len(),
+        SUBSCRIBERS,
+        "every subscriber got the update"
+    );
     let duplicates: usize = per_recipient.values().map(|n| n - 1).sum();
     println!("killed after {at_kill} emails; {duplicates} duplicate(s) after dispatch");
     assert!(
@@ -68,27 +87,48 @@ async fn ctrl_c_stops_a_send_cleanly_and_dispatch_delivers_the_rest_without_dupl
     seed_subscribers(&crier);
 
     let mut send = crier
-        .command(&["send", "--yes", "--headline", "Activations delayed", "We're working on it."])
+        .command(&[
+            "send",
+            "--yes",
+            "--headline",
+            "Activations delayed",
+            "We're working on it.",
+        ])
         .spawn()
         .unwrap();
     let midway = wait_until(Duration::from_secs(120), || {
-        assert!(send.try_wait().unwrap().is_none(), "send ended before it was stopped");
+        assert!(
+            send.try_wait().unwrap().is_none(),
+            "send ended before it was stopped"
+        );
         smtp.count() >= SUBSCRIBERS / 4
     })
     .await;
     assert!(midway, "the send got a quarter of the way");
     let pid = send.id().unwrap().to_string();
-    let interrupt = std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let interrupt = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
     assert!(interrupt.success());
-    let status = tokio::time::timeout(Duration::from_secs(60), send.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), send.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(130), "Ctrl-C exits with 130");
     assert!(smtp.count() < SUBSCRIBERS, "it stopped early");
 
     let counts = crier.run(&["deliveries", "--json"]).await.json();
-    assert_eq!(counts["channels"]["email"]["in_flight"], 0, "in-flight work finished: {counts}");
+    assert_eq!(
+        counts["channels"]["email"]["in_flight"], 0,
+        "in-flight work finished: {counts}"
+    );
 
     crier.run(&["dispatch"]).await.assert_ok();
     let per_recipient = smtp.per_recipient();
     assert_eq!(per_recipient.len(), SUBSCRIBERS);
-    assert!(per_recipient.values().all(|n| *n == 1), "a clean stop duplicates nothing");
+    assert!(
+        per_recipient.values().all(|n| *n == 1),
+        "a clean stop duplicates nothing"
+    );
 }

@@ -11,7 +11,10 @@ async fn an_update_arrives_as_a_multipart_email_with_one_click_unsubscribe() {
     crier.subscribe("AB-1001", "ann@example.com").await;
 
     let summary = crier
-        .send(&["--next-update-in", "2h"], "We're working on it. Sorry. Details: https://example.com/launch")
+        .send(
+            &["--next-update-in", "2h"],
+            "We're working on it. Sorry. Details: https://example.com/launch",
+        )
         .await;
     assert_eq!(summary["channels"]["email"]["sent"], 1);
 
@@ -21,9 +24,17 @@ async fn an_update_arrives_as_a_multipart_email_with_one_click_unsubscribe() {
     assert_eq!(mail.mail_from, "updates@example.com");
     assert_eq!(mail.rcpt_tos, ["ann@example.com"]);
 
-    let message = MessageParser::default().parse(mail.data.as_bytes()).expect("a parsable email");
-    assert_eq!(message.subject(), Some("Investigating: Activations delayed"));
-    let from = message.from().and_then(|a| a.first()).expect("a From header");
+    let message = MessageParser::default()
+        .parse(mail.data.as_bytes())
+        .expect("a parsable email");
+    assert_eq!(
+        message.subject(),
+        Some("Investigating: Activations delayed")
+    );
+    let from = message
+        .from()
+        .and_then(|a| a.first())
+        .expect("a From header");
     assert_eq!(from.address(), Some("updates@example.com"));
     assert_eq!(from.name(), Some("Example Mobile"));
 
@@ -32,7 +43,10 @@ async fn an_update_arrives_as_a_multipart_email_with_one_click_unsubscribe() {
     assert!(text.contains("Next update by"), "{text}");
     assert!(text.contains("You follow order AB-1001."), "{text}");
     let html = message.body_html(0).expect("a text/html part");
-    assert!(html.contains("<a href=\"https://example.com/launch\">"), "{html}");
+    assert!(
+        html.contains("<a href=\"https://example.com/launch\">"),
+        "{html}"
+    );
     assert!(html.contains("We&#x27;re working on it."), "{html}");
     assert_eq!(message.text_body.len(), 1);
     assert_eq!(message.html_body.len(), 1);
@@ -40,18 +54,31 @@ async fn an_update_arrives_as_a_multipart_email_with_one_click_unsubscribe() {
     // The Message-ID is derived from the delivery key: the update id and the sender's domain.
     let update = summary["update"].as_str().unwrap();
     let message_id = message.message_id().expect("a Message-ID");
-    assert!(message_id.starts_with(&format!("{update}.")), "{message_id}");
+    assert!(
+        message_id.starts_with(&format!("{update}.")),
+        "{message_id}"
+    );
     assert!(message_id.ends_with("@example.com"), "{message_id}");
 
     assert!(message.header("List-Unsubscribe").is_some());
     let unsubscribe = raw_header(&mail.data, "List-Unsubscribe");
-    let unsubscribe = unsubscribe.trim().trim_start_matches('<').trim_end_matches('>').to_owned();
+    let unsubscribe = unsubscribe
+        .trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_owned();
     assert!(
         unsubscribe.starts_with("https://status.example.com/unsubscribe/"),
         "{unsubscribe}"
     );
-    assert_eq!(raw_header(&mail.data, "List-Unsubscribe-Post"), "List-Unsubscribe=One-Click");
-    assert!(text.contains(&unsubscribe), "the text part carries the same link");
+    assert_eq!(
+        raw_header(&mail.data, "List-Unsubscribe-Post"),
+        "List-Unsubscribe=One-Click"
+    );
+    assert!(
+        text.contains(&unsubscribe),
+        "the text part carries the same link"
+    );
 }
 
 /// A header's raw value, unfolded, straight from the message.
@@ -62,7 +89,8 @@ fn raw_header(data: &str, name: &str) -> String {
         .lines()
         .find_map(|line| {
             let (key, value) = line.split_once(':')?;
-            key.eq_ignore_ascii_case(name).then(|| value.trim().to_owned())
+            key.eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_owned())
         })
         .unwrap_or_else(|| panic!("no {name} header in:\n{head}"))
 }
@@ -116,7 +144,10 @@ async fn a_permanent_smtp_refusal_is_dead_lettered_and_a_transient_one_retried_u
     assert_eq!(summary["channels"]["email"]["dead"], 2, "{summary}");
 
     let failed = crier.run(&["deliveries", "--failed", "--json"]).await;
-    let failures = failed.assert_ok().json()["failures"].as_array().unwrap().clone();
+    let failures = failed.assert_ok().json()["failures"]
+        .as_array()
+        .unwrap()
+        .clone();
     let attempts = |who: &str| {
         failures
             .iter()
@@ -126,5 +157,9 @@ async fn a_permanent_smtp_refusal_is_dead_lettered_and_a_transient_one_retried_u
             .unwrap()
     };
     assert_eq!(attempts("reject-me@example.com"), 1, "a 550 is not retried");
-    assert_eq!(attempts("defer-me@example.com"), 4, "a 451 is retried up to max_attempts");
+    assert_eq!(
+        attempts("defer-me@example.com"),
+        4,
+        "a 451 is retried up to max_attempts"
+    );
 }

@@ -5,7 +5,9 @@ use crate::support::Crier;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_the_feed_and_the_json_show_every_update_newest_first_with_its_promise() {
     let crier = Crier::new().status_page();
-    let first = crier.send(&["--next-update-in", "2h"], "We're working on it. Sorry.").await;
+    let first = crier
+        .send(&["--next-update-in", "2h"], "We're working on it. Sorry.")
+        .await;
     let incident = first["incident"].as_str().unwrap();
     let second = crier
         .run(&[
@@ -26,18 +28,43 @@ async fn the_page_the_feed_and_the_json_show_every_update_newest_first_with_its_
 
     let dir = crier.path("var/status");
     let page = std::fs::read_to_string(dir.join("status.html")).unwrap();
-    let newest = page.find("The activation queue was stuck.").expect("the second update");
-    let oldest = page.find("We&#x27;re working on it. Sorry.").expect("the first update");
+    let newest = page
+        .find("The activation queue was stuck.")
+        .expect("the second update");
+    let oldest = page
+        .find("We&#x27;re working on it. Sorry.")
+        .expect("the first update");
     assert!(newest < oldest, "newest first");
     assert!(page.contains("Next update by"), "the promise is shown");
     assert!(page.contains("Identified"), "the incident's state");
 
-    let feed: atom_syndication::Feed = std::fs::read_to_string(dir.join("feed.atom")).unwrap().parse().unwrap();
-    let titles: Vec<String> = feed.entries().iter().map(|e| e.title().value.clone()).collect();
-    assert_eq!(titles, ["[Identified] Cause found", "[Investigating] Activations delayed"]);
-    assert!(feed.entries()[1].content().unwrap().value().unwrap().contains("Next update by"));
+    let feed: atom_syndication::Feed = std::fs::read_to_string(dir.join("feed.atom"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let titles: Vec<String> = feed
+        .entries()
+        .iter()
+        .map(|e| e.title().value.clone())
+        .collect();
+    assert_eq!(
+        titles,
+        [
+            "[Identified] Cause found",
+            "[Investigating] Activations delayed"
+        ]
+    );
+    assert!(
+        feed.entries()[1]
+            .content()
+            .unwrap()
+            .value()
+            .unwrap()
+            .contains("Next update by")
+    );
 
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("status.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("status.json")).unwrap()).unwrap();
     assert_eq!(json["latest"]["id"], second["update"]);
     assert_eq!(json["incidents"][0]["state"], "identified");
     assert_eq!(json["incidents"][0]["updates"][1]["id"], first["update"]);
@@ -48,5 +75,8 @@ async fn the_page_the_feed_and_the_json_show_every_update_newest_first_with_its_
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
         .collect();
-    assert!(leftovers.is_empty(), "atomic writes leave no temporary files");
+    assert!(
+        leftovers.is_empty(),
+        "atomic writes leave no temporary files"
+    );
 }

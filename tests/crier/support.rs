@@ -17,7 +17,10 @@ pub const WEBHOOK_KEY: &[u8] = b"integration-partner-key-0123456789";
 
 pub fn webhook_secret() -> String {
     use base64::Engine;
-    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(WEBHOOK_KEY))
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(WEBHOOK_KEY)
+    )
 }
 
 /// Polls `condition` every 20 ms for at most `limit`.
@@ -72,10 +75,17 @@ impl SmtpSink {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("the SMTP sink exited at start-up: {status}");
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "the SMTP sink did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the SMTP sink did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
-        Self { child, port, out_dir }
+        Self {
+            child,
+            port,
+            out_dir,
+        }
     }
 
     pub fn messages(&self) -> Vec<ReceivedMail> {
@@ -130,7 +140,10 @@ pub struct ReceivedHook {
 
 impl ReceivedHook {
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map(String::as_str).unwrap_or_default()
+        self.headers
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_default()
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -138,9 +151,40 @@ impl ReceivedHook {
     }
 }
 
-/// An answer the sink gives: a status and an optional Retry-After.
+/// An answer the sink gives: a status, perhaps a Retry-After, perhaps after a delay.
 #[derive(Debug, Clone, Copy)]
-pub struct Answer(pub u16, pub Option<u64>);
+pub struct Answer {
+    status: u16,
+    retry_after: Option<u64>,
+    delay: Duration,
+}
+
+impl Answer {
+    pub const fn status(status: u16) -> Self {
+        Self {
+            status,
+            retry_after: None,
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub const fn retry_after(status: u16, seconds: u64) -> Self {
+        Self {
+            status,
+            retry_after: Some(seconds),
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// A 204 that comes only after `delay`: a provider that times out.
+    pub const fn slow(delay: Duration) -> Self {
+        Self {
+            status: 204,
+            retry_after: None,
+            delay,
+        }
+    }
+}
 
 #[derive(Default)]
 struct HookState {
@@ -168,16 +212,30 @@ impl WebhookSink {
             axum::routing::post(move |headers: HeaderMap, body: Bytes| {
                 let state = handler_state.clone();
                 async move {
-                    let mut state = state.lock().unwrap();
-                    let Answer(status, retry_after) = state.script.pop_front().unwrap_or(Answer(204, None));
-                    state.received.push(ReceivedHook {
-                        headers: headers
-                            .iter()
-                            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
-                            .collect(),
-                        body: body.to_vec(),
-                        answered: status,
-                    });
+                    let answer = {
+                        let mut state = state.lock().unwrap();
+                        let answer = state.script.pop_front().unwrap_or(Answer::status(204));
+                        state.received.push(ReceivedHook {
+                            headers: headers
+                                .iter()
+                                .map(|(k, v)| {
+                                    (
+                                        k.as_str().to_owned(),
+                                        v.to_str().unwrap_or_default().to_owned(),
+                                    )
+                                })
+                                .collect(),
+                            body: body.to_vec(),
+                            answered: answer.status,
+                        });
+                        answer
+                    };
+                    tokio::time::sleep(answer.delay).await;
+                    let Answer {
+                        status,
+                        retry_after,
+                        ..
+                    } = answer;
                     let mut response = StatusCode::from_u16(status).unwrap().into_response();
                     if let Some(seconds) = retry_after {
                         response
@@ -240,22 +298,40 @@ pub struct Output {
 
 impl Output {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
     }
 
     #[track_caller]
     pub fn assert_ok(&self) -> &Self {
-        assert_eq!(self.code, 0, "expected success\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "expected success\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
         self
     }
 
     /// A user error: exit code 1 and exactly one line on stderr that mentions `needle`.
     #[track_caller]
     pub fn assert_user_error(&self, needle: &str) {
-        assert_eq!(self.code, 1, "expected exit code 1\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 1,
+            "expected exit code 1\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
         let lines: Vec<&str> = self.stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "expected one line on stderr, got: {}", self.stderr);
-        assert!(lines[0].contains(needle), "stderr should mention {needle:?}: {}", self.stderr);
+        assert_eq!(
+            lines.len(),
+            1,
+            "expected one line on stderr, got: {}",
+            self.stderr
+        );
+        assert!(
+            lines[0].contains(needle),
+            "stderr should mention {needle:?}: {}",
+            self.stderr
+        );
     }
 }
 
@@ -319,7 +395,9 @@ link_secret_env = "CRIER_LINK_SECRET"
     }
 
     pub fn webhook(self, url: &str, extra: &str) -> Self {
-        let toml = format!("kind = \"webhook\"\nurl = \"{url}\"\nsecret_env = \"CRIER_WEBHOOK_SECRET\"\n{extra}");
+        let toml = format!(
+            "kind = \"webhook\"\nurl = \"{url}\"\nsecret_env = \"CRIER_WEBHOOK_SECRET\"\n{extra}"
+        );
         self.channel("partners", &toml)
     }
 
@@ -362,13 +440,25 @@ link_secret_env = "CRIER_LINK_SECRET"
     }
 
     pub async fn subscribe(&self, order: &str, contact: &str) {
-        let flag = if contact.starts_with('+') { "--phone" } else { "--email" };
-        self.run(&["subscribe", "--order", order, flag, contact, "--confirmed"]).await.assert_ok();
+        let flag = if contact.starts_with('+') {
+            "--phone"
+        } else {
+            "--email"
+        };
+        self.run(&["subscribe", "--order", order, flag, contact, "--confirmed"])
+            .await
+            .assert_ok();
     }
 
     /// Sends an update to everyone with `--json` and returns the parsed summary.
     pub async fn send(&self, extra: &[&str], body: &str) -> serde_json::Value {
-        let mut args = vec!["send", "--yes", "--json", "--headline", "Activations delayed"];
+        let mut args = vec![
+            "send",
+            "--yes",
+            "--json",
+            "--headline",
+            "Activations delayed",
+        ];
         args.extend_from_slice(extra);
         args.push(body);
         let output = self.run(&args).await;

@@ -1,6 +1,8 @@
 //! Signed webhooks to a real HTTP receiver, checked to the Standard Webhooks specification.
 
-use crate::support::{Answer, Crier, FAST_RETRIES, WEBHOOK_KEY, WebhookSink, unused_url, webhook_secret};
+use crate::support::{
+    Answer, Crier, FAST_RETRIES, WEBHOOK_KEY, WebhookSink, unused_url, webhook_secret,
+};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
@@ -18,7 +20,9 @@ fn expected_signature(id: &str, timestamp: &str, body: &[u8]) -> String {
 async fn a_partner_gets_one_post_signed_to_the_standard_webhooks_spec() {
     let sink = WebhookSink::start(&[]).await;
     let crier = Crier::new().webhook(&sink.url, "");
-    let summary = crier.send(&["--next-update-in", "2h"], "We're working on it.").await;
+    let summary = crier
+        .send(&["--next-update-in", "2h"], "We're working on it.")
+        .await;
     assert_eq!(summary["channels"]["partners"]["sent"], 1);
 
     let received = sink.received();
@@ -27,11 +31,18 @@ async fn a_partner_gets_one_post_signed_to_the_standard_webhooks_spec() {
     let update = summary["update"].as_str().unwrap();
     assert_eq!(hook.header("webhook-id"), format!("{update}/partners/-"));
     assert_eq!(hook.header("content-type"), "application/json");
-    let timestamp: i64 = hook.header("webhook-timestamp").parse().expect("unix seconds");
+    let timestamp: i64 = hook
+        .header("webhook-timestamp")
+        .parse()
+        .expect("unix seconds");
     assert!((chrono::Utc::now().timestamp() - timestamp).abs() < 120);
     assert_eq!(
         hook.header("webhook-signature"),
-        expected_signature(hook.header("webhook-id"), hook.header("webhook-timestamp"), &hook.body)
+        expected_signature(
+            hook.header("webhook-id"),
+            hook.header("webhook-timestamp"),
+            &hook.body
+        )
     );
 
     // The official Standard Webhooks library accepts it too.
@@ -40,7 +51,9 @@ async fn a_partner_gets_one_post_signed_to_the_standard_webhooks_spec() {
     for name in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
         headers.insert(name, hook.header(name).parse().unwrap());
     }
-    verifier.verify(&hook.body, &headers).expect("the official library verifies the signature");
+    verifier
+        .verify(&hook.body, &headers)
+        .expect("the official library verifies the signature");
 
     let body = hook.json();
     assert_eq!(body["type"], "update.published");
@@ -55,7 +68,7 @@ async fn a_partner_gets_one_post_signed_to_the_standard_webhooks_spec() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_or_503_is_retried_after_retry_after_with_the_same_webhook_id() {
-    let sink = WebhookSink::start(&[Answer(503, Some(1)), Answer(429, None)]).await;
+    let sink = WebhookSink::start(&[Answer::retry_after(503, 1), Answer::status(429)]).await;
     let crier = Crier::new().webhook(&sink.url, FAST_RETRIES);
     let started = std::time::Instant::now();
     let summary = crier.send(&[], "We're working on it.").await;
@@ -66,35 +79,50 @@ async fn a_429_or_503_is_retried_after_retry_after_with_the_same_webhook_id() {
     assert_eq!(answers, [503, 429, 204]);
     let ids: Vec<&str> = received.iter().map(|h| h.header("webhook-id")).collect();
     assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
-    assert!(started.elapsed() >= std::time::Duration::from_secs(1), "Retry-After: 1 was honoured");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "Retry-After: 1 was honoured"
+    );
     for hook in &received {
         assert_eq!(
             hook.header("webhook-signature"),
-            expected_signature(hook.header("webhook-id"), hook.header("webhook-timestamp"), &hook.body)
+            expected_signature(
+                hook.header("webhook-id"),
+                hook.header("webhook-timestamp"),
+                &hook.body
+            )
         );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_410_disables_the_endpoint_until_retry_enables_it_again() {
-    let sink = WebhookSink::start(&[Answer(410, None)]).await;
+    let sink = WebhookSink::start(&[Answer::status(410)]).await;
     let crier = Crier::new().webhook(&sink.url, FAST_RETRIES);
     let first = crier.send(&[], "First.").await;
     assert_eq!(first["channels"]["partners"]["dead"], 1);
     let second = crier.send(&[], "Second.").await;
     assert_eq!(second["channels"]["partners"]["dead"], 1);
-    assert_eq!(sink.received().len(), 1, "nothing is sent to an endpoint that is gone");
+    assert_eq!(
+        sink.received().len(),
+        1,
+        "nothing is sent to an endpoint that is gone"
+    );
 
     let retried = crier.run(&["retry", "--json"]).await;
     retried.assert_ok();
     assert_eq!(retried.json()["requeued"], 2);
     assert_eq!(sink.received().len(), 3);
-    assert!(retried.stderr.contains("channel partners is enabled again"), "{}", retried.stderr);
+    assert!(
+        retried.stderr.contains("channel partners is enabled again"),
+        "{}",
+        retried.stderr
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_400_is_dead_lettered_at_once_and_retry_delivers_it() {
-    let sink = WebhookSink::start(&[Answer(400, None)]).await;
+    let sink = WebhookSink::start(&[Answer::status(400)]).await;
     let crier = Crier::new().webhook(&sink.url, FAST_RETRIES);
     let summary = crier.send(&[], "We're on it.").await;
     assert_eq!(summary["channels"]["partners"]["dead"], 1);
@@ -102,7 +130,11 @@ async fn a_400_is_dead_lettered_at_once_and_retry_delivers_it() {
 
     let failed = crier.run(&["deliveries", "--failed"]).await;
     failed.assert_ok();
-    assert!(failed.stdout.contains("400 Bad Request"), "{}", failed.stdout);
+    assert!(
+        failed.stdout.contains("400 Bad Request"),
+        "{}",
+        failed.stdout
+    );
 
     let retried = crier.run(&["retry", "--json"]).await;
     assert_eq!(retried.json()["channels"]["partners"]["sent"], 1);
@@ -112,17 +144,48 @@ async fn a_400_is_dead_lettered_at_once_and_retry_delivers_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_that_is_down_is_retried_then_dead_lettered_without_blocking_other_channels() {
     let sink = WebhookSink::start(&[]).await;
-    let crier = Crier::new()
-        .webhook(&unused_url(), FAST_RETRIES)
-        .channel(
-            "backup",
-            &format!("kind = \"webhook\"\nurl = \"{}\"\nsecret_env = \"CRIER_WEBHOOK_SECRET\"\n", sink.url),
-        );
+    let crier = Crier::new().webhook(&unused_url(), FAST_RETRIES).channel(
+        "backup",
+        &format!(
+            "kind = \"webhook\"\nurl = \"{}\"\nsecret_env = \"CRIER_WEBHOOK_SECRET\"\n",
+            sink.url
+        ),
+    );
     let summary = crier.send(&[], "We're on it.").await;
     assert_eq!(summary["channels"]["partners"]["dead"], 1, "{summary}");
     assert_eq!(summary["channels"]["backup"]["sent"], 1, "{summary}");
-    let failed = crier.run(&["deliveries", "--failed", "--json"]).await.json();
+    let failed = crier
+        .run(&["deliveries", "--failed", "--json"])
+        .await
+        .json();
     let failure = &failed["failures"][0];
     assert_eq!(failure["attempts"], 4);
-    assert!(failure["last_error"].as_str().unwrap().contains("gave up after 4 attempts"), "{failure}");
+    assert!(
+        failure["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 4 attempts"),
+        "{failure}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_that_times_out_is_retried_with_the_same_webhook_id() {
+    let sink = WebhookSink::start(&[Answer::slow(std::time::Duration::from_secs(3))]).await;
+    let crier = Crier::new().webhook(
+        &sink.url,
+        "[delivery]\ntimeout = \"300ms\"\nbackoff_base = \"50ms\"\nbackoff_max = \"100ms\"\n",
+    );
+    let summary = crier.send(&[], "We're on it.").await;
+    assert_eq!(summary["channels"]["partners"]["sent"], 1, "{summary}");
+    let received = sink.received();
+    assert_eq!(
+        received.len(),
+        2,
+        "one attempt timed out, the retry went through"
+    );
+    assert_eq!(
+        received[0].header("webhook-id"),
+        received[1].header("webhook-id")
+    );
 }
