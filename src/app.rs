@@ -9,7 +9,6 @@ use crate::dispatch::plan::plan_update;
 use crate::domain::{Audience, Body, Headline, Incident, IncidentState, Update};
 use crate::render::{Composer, Renderer};
 use crate::store::Store;
-use anyhow::Context;
 use chrono::Utc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,25 +45,13 @@ pub struct App {
 }
 
 impl App {
-    /// Opens the store and builds every channel. Leases left in the store belong to a process
-    /// that died (sled lets only one process open it), so they go back to the queue.
+    /// Opens the store and builds every channel. sled creates the store's folders.
     pub fn open(config: Config) -> anyhow::Result<Self> {
         let renderer = Arc::new(Renderer::load(&config.templates_dir)?);
         check_templates(&config, &renderer)?;
-        if let Some(parent) = config.store.path.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
-        }
         let store = Arc::new(Store::open(&config.store)?);
-        let requeued = store.requeue_leases(Utc::now(), true)?;
-        if requeued > 0 {
-            tracing::info!(
-                requeued,
-                "deliveries leased by an earlier run went back to the queue"
-            );
-        }
-        let channels = build_channels(&config, &renderer, &store)?;
         let composer = Composer::new(&config);
+        let channels = build_channels(&config, &renderer, &store, &composer)?;
         Ok(Self {
             config,
             store,
@@ -185,6 +172,14 @@ impl App {
         .await??;
         self.store.commit().await?;
         Ok(added)
+    }
+
+    /// Gets the store ready to dispatch: leases left in it belong to a process that died (sled
+    /// lets only one process open it), so they go back to the queue, and planning that a crash
+    /// interrupted is finished. Returns how many deliveries that put in the queue.
+    pub async fn recover(&self) -> anyhow::Result<usize> {
+        let requeued = self.store.requeue_leases(Utc::now(), true)?;
+        Ok(requeued + self.resume_planning().await?)
     }
 
     /// Finishes planning every update whose planning a crash interrupted.

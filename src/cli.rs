@@ -211,12 +211,9 @@ fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Only the store is needed to manage subscribers, so no channel is built.
+/// Only the store is needed to manage subscribers, so no channel is built. sled creates the
+/// store's folders.
 fn open_store(config: &Config) -> anyhow::Result<Store> {
-    if let Some(parent) = config.store.path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
     Ok(Store::open(&config.store)?)
 }
 
@@ -460,9 +457,9 @@ fn exit_after(interrupted: bool) -> ExitCode {
 /// Runs the dispatcher until everything queued is delivered or dead-lettered, with a progress
 /// bar on a terminal. Returns whether Ctrl-C stopped it first.
 async fn deliver_queued(app: &App) -> anyhow::Result<bool> {
-    let resumed = app.resume_planning().await?;
-    if resumed > 0 {
-        eprintln!("finished planning {resumed} deliveries an earlier run left unplanned");
+    let recovered = app.recover().await?;
+    if recovered > 0 {
+        eprintln!("{recovered} deliveries left by an earlier run are queued again");
     }
     let total = app.store.unfinished_deliveries() as u64;
     let bar = ProgressBar::new(total);

@@ -22,8 +22,18 @@ pub mod store;
 #[error("{0}")]
 pub struct UserError(pub String);
 
+/// A failure of crier itself, whatever caused it further down: exit code 2. It hides its
+/// causes from [`is_user_error`], which would otherwise find, say, a parse error deep inside a
+/// delivery and blame the user for it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct InternalError(pub anyhow::Error);
+
 /// Whether `error` was caused by the user's input or configuration rather than by crier.
 pub fn is_user_error(error: &anyhow::Error) -> bool {
+    if error.chain().any(|cause| cause.is::<InternalError>()) {
+        return false;
+    }
     error.chain().any(|cause| {
         cause.is::<UserError>()
             || cause.is::<config::ConfigError>()

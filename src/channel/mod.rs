@@ -11,7 +11,7 @@ pub use webhook::{WebhookChannel, WebhookPayload, sign_webhook};
 
 use crate::config::{ChannelKind, Config, DeliveryPolicy};
 use crate::domain::ContactKind;
-use crate::render::{MessageContext, RenderError, Renderer};
+use crate::render::{Composer, MessageContext, RenderError, Renderer};
 use crate::store::{DeliveryRecord, Store};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,6 +111,7 @@ pub fn build_channels(
     config: &Config,
     renderer: &Arc<Renderer>,
     store: &Arc<Store>,
+    composer: &Composer,
 ) -> anyhow::Result<Vec<Arc<dyn Channel>>> {
     config
         .channels
@@ -134,7 +135,7 @@ pub fn build_channels(
                     channel.policy.clone(),
                     renderer.clone(),
                     store.clone(),
-                    config,
+                    composer,
                 )?),
             })
         })

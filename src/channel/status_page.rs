@@ -2,9 +2,10 @@
 //! atomically, from every public update in the store.
 
 use super::{Channel, DeliveryError, Reach, RejectError, RenderedPart};
-use crate::config::{Config, DeliveryPolicy, StatusPageSettings};
+use crate::config::{DeliveryPolicy, StatusPageSettings};
 use crate::render::{
-    BrandView, IncidentView, Links, MessageContext, Renderer, UpdateView, human_time, rfc3339,
+    BrandView, Composer, IncidentView, Links, MessageContext, Renderer, UpdateView, human_time,
+    rfc3339,
 };
 use crate::store::{DeliveryRecord, Store};
 use atom_syndication::{Content, Entry, Feed, FixedDateTime, Link, Person, Text};
@@ -44,6 +45,8 @@ pub struct StatusPageChannel {
     store: Arc<Store>,
     brand: BrandView,
     links: Links,
+    /// One rewrite at a time, so a slower, older rewrite never lands after a newer one.
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl StatusPageChannel {
@@ -53,7 +56,7 @@ impl StatusPageChannel {
         policy: DeliveryPolicy,
         renderer: Arc<Renderer>,
         store: Arc<Store>,
-        config: &Config,
+        composer: &Composer,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&settings.dir).map_err(|e| {
             anyhow::anyhow!(
@@ -61,7 +64,6 @@ impl StatusPageChannel {
                 settings.dir.display()
             )
         })?;
-        let base = &config.brand.public_url;
         Ok(Self {
             name: name.to_owned(),
             dir: settings.dir.clone(),
@@ -69,14 +71,9 @@ impl StatusPageChannel {
             policy,
             renderer,
             store,
-            brand: BrandView {
-                name: config.brand.name.clone(),
-                public_url: base.clone(),
-            },
-            links: Links {
-                status_page: format!("{base}/"),
-                subscribe: format!("{base}/subscribe"),
-            },
+            brand: composer.brand().clone(),
+            links: composer.links().clone(),
+            writing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -89,8 +86,10 @@ impl StatusPageChannel {
             let mut updates = Vec::new();
             for id in incident.updates.iter().rev() {
                 let update = self.store.update(*id)?;
-                // Targeted updates concern a few customers and never appear in public.
-                if !update.audience.is_targeted() {
+                // Targeted updates concern a few customers and never appear in public, and an
+                // update sent through other channels only was not meant for this page.
+                let sent_here = update.channels.contains(&self.name);
+                if sent_here && !update.audience.is_targeted() {
                     updates.push(UpdateView::new(&update));
                 }
             }
@@ -195,16 +194,16 @@ impl StatusPageChannel {
     }
 }
 
-/// Writes to a temporary file beside `path`, syncs it, then renames it over `path`, so a
-/// reader sees the old file or the new one, never half of one.
+/// Writes to a fresh temporary file beside `path`, syncs it, then renames it over `path`, so
+/// a reader sees the old file or the new one, never half of one.
 fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let temporary = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
-    let mut file = std::fs::File::create(&temporary)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
     file.write_all(contents)?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -248,6 +247,7 @@ impl Channel for StatusPageChannel {
     ) -> Result<(), DeliveryError> {
         // The page is rebuilt from the store, so a retry or a late delivery always writes the
         // newest state, never an older one.
+        let _one_writer = self.writing.lock().await;
         let view = self
             .view()
             .map_err(|e| DeliveryError::transient(e.to_string()))?;

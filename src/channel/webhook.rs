@@ -31,7 +31,7 @@ pub struct WebhookData<'a> {
     pub incident: &'a crate::render::IncidentView,
     pub targeted: bool,
     /// The orders a targeted update concerns; empty for everyone.
-    pub orders: Vec<String>,
+    pub orders: &'a [String],
     pub status_page: &'a str,
 }
 
@@ -73,7 +73,7 @@ impl WebhookChannel {
         })
     }
 
-    fn body(&self, message: &MessageContext, orders: Vec<String>) -> Vec<u8> {
+    fn body(&self, message: &MessageContext) -> Vec<u8> {
         let payload = WebhookPayload {
             event_type: if message.update.targeted {
                 "update.targeted"
@@ -85,7 +85,7 @@ impl WebhookChannel {
                 update: &message.update,
                 incident: &message.incident,
                 targeted: message.update.targeted,
-                orders,
+                orders: &message.update.orders,
                 status_page: &message.links.status_page,
             },
         };
@@ -104,6 +104,18 @@ impl WebhookChannel {
         }
         Ok(())
     }
+}
+
+/// An error and its causes on one line: reqwest's own message leaves out the useful part
+/// ("connection refused").
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(&format!(": {inner}"));
+        cause = inner.source();
+    }
+    text
 }
 
 /// Reads `Retry-After` as seconds or as an HTTP date.
@@ -136,7 +148,7 @@ impl Channel for WebhookChannel {
     }
 
     fn render(&self, message: &MessageContext) -> Result<Vec<RenderedPart>, RejectError> {
-        let body = self.body(message, Vec::new());
+        let body = self.body(message);
         self.check(&body)?;
         Ok(vec![RenderedPart {
             part: "body".into(),
@@ -149,8 +161,7 @@ impl Channel for WebhookChannel {
         message: &MessageContext,
         delivery: &DeliveryRecord,
     ) -> Result<(), DeliveryError> {
-        let orders = delivery.orders.iter().map(ToString::to_string).collect();
-        let body = self.body(message, orders);
+        let body = self.body(message);
         self.check(&body)
             .map_err(|e| DeliveryError::permanent(e.to_string()))?;
         let id = delivery.key();
@@ -167,14 +178,12 @@ impl Channel for WebhookChannel {
             .send()
             .await
             .map_err(|e| {
-                DeliveryError::transient(format!(
-                    "{}: {e}",
-                    if e.is_timeout() {
-                        "timed out"
-                    } else {
-                        "request failed"
-                    }
-                ))
+                let what = if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "request failed"
+                };
+                DeliveryError::transient(format!("{what}: {}", with_causes(&e)))
             })?;
         let status = response.status();
         if status.is_success() {

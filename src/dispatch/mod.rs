@@ -89,7 +89,7 @@ impl Dispatcher {
             }
         }
         reaper.abort();
-        first_error.map_or(Ok(()), Err)
+        first_error.map_or(Ok(()), |error| Err(crate::InternalError(error).into()))
     }
 
     /// Puts deliveries whose lease ran out back in the queue, every quarter of a lease. Within
@@ -118,38 +118,76 @@ impl Dispatcher {
     ) -> anyhow::Result<()> {
         let mut in_flight: JoinSet<anyhow::Result<()>> = JoinSet::new();
         let concurrency = channel.policy().concurrency;
+        // The store failing stops the leasing, never the attempts already under way: they
+        // finish and are recorded, or their leases come back at the next start.
+        let mut failure: Option<anyhow::Error> = None;
         loop {
-            let stopping = *shutdown.borrow();
+            let stopping = *shutdown.borrow() || failure.is_some();
+            let mut next_due = None;
             if !stopping {
-                while in_flight.len() < concurrency {
-                    let leased = self
-                        .store
-                        .lease_next(channel.name(), Utc::now(), self.lease)?;
-                    let Some(delivery) = leased else { break };
-                    in_flight.spawn(self.clone().attempt(channel.clone(), delivery));
+                if let Err(error) = self.fill(&channel, &mut in_flight, concurrency) {
+                    failure = Some(error);
+                    continue;
+                }
+                match self.store.next_due(channel.name()) {
+                    Ok(due) => next_due = due,
+                    Err(error) => {
+                        failure = Some(error.into());
+                        continue;
+                    }
                 }
             }
-            let next_due = self.store.next_due(channel.name())?;
             if in_flight.is_empty()
                 && (stopping || (next_due.is_none() && mode == Mode::UntilDrained))
             {
-                return Ok(());
+                return failure.map_or(Ok(()), Err);
             }
-            // Wake when a slot frees up, when the next retry is due, or on shutdown.
+            // Wake when a slot frees up, when the next retry is due, or on shutdown. In
+            // `Forever` mode new work may arrive at any time, so never sleep past IDLE_POLL.
             let wait = if stopping || in_flight.len() >= concurrency {
                 None
             } else {
-                match next_due {
-                    Some(due) => Some((due - Utc::now()).to_std().unwrap_or_default()),
-                    None => Some(IDLE_POLL),
+                let until_due = next_due.map(|due| (due - Utc::now()).to_std().unwrap_or_default());
+                match (until_due, mode) {
+                    (Some(wait), Mode::UntilDrained) => Some(wait),
+                    (Some(wait), Mode::Forever) => Some(wait.min(IDLE_POLL)),
+                    (None, _) => Some(IDLE_POLL),
                 }
             };
             tokio::select! {
-                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => done??,
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    let outcome = done.map_err(anyhow::Error::from).and_then(|result| result);
+                    if let Err(error) = outcome {
+                        failure.get_or_insert(error);
+                    }
+                }
                 _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
                 _ = shutdown.changed(), if !stopping => {}
             }
         }
+    }
+
+    /// Leases due deliveries until the channel's concurrency is used up or none is due.
+    ///
+    /// sled serves these reads and transactions from its page cache in microseconds, so they
+    /// run on the worker's own thread; the one blocking call, the flush, runs on the
+    /// group-commit thread.
+    fn fill(
+        self: &Arc<Self>,
+        channel: &Arc<dyn Channel>,
+        in_flight: &mut JoinSet<anyhow::Result<()>>,
+        concurrency: usize,
+    ) -> anyhow::Result<()> {
+        while in_flight.len() < concurrency {
+            let Some(delivery) = self
+                .store
+                .lease_next(channel.name(), Utc::now(), self.lease)?
+            else {
+                break;
+            };
+            in_flight.spawn(self.clone().attempt(channel.clone(), delivery));
+        }
+        Ok(())
     }
 
     fn load(&self, update: Ulid) -> anyhow::Result<Arc<(Update, Incident)>> {
@@ -166,51 +204,29 @@ impl Dispatcher {
         Ok(loaded)
     }
 
-    /// One attempt at one leased delivery, with its outcome on disk before it returns.
+    /// One attempt at one leased delivery, with its outcome on disk before it returns. Only
+    /// the store failing is an error; everything wrong with the delivery itself is an outcome.
     async fn attempt(
         self: Arc<Self>,
         channel: Arc<dyn Channel>,
         delivery: DeliveryRecord,
     ) -> anyhow::Result<()> {
         let now = Utc::now();
-        let outcome = match self.prepare(channel.as_ref(), &delivery)? {
-            Err(skip) => skip,
-            Ok(message) => {
-                let limit = channel.policy().timeout + Duration::from_secs(1);
-                let result =
-                    match tokio::time::timeout(limit, channel.deliver(&message, &delivery)).await {
-                        Ok(result) => result,
-                        Err(_) => Err(DeliveryError::transient(format!(
-                            "no answer within {}",
-                            humantime::format_duration(channel.policy().timeout)
-                        ))),
-                    };
-                match result {
-                    Ok(()) => Outcome::Sent,
-                    Err(error) => {
-                        if let DeliveryError::Gone { reason } = &error {
-                            tracing::warn!(channel = channel.name(), %reason, "endpoint is gone; disabling the channel");
-                            self.store
-                                .disable_channel(channel.name(), reason, Utc::now())?;
-                        }
-                        let outcome = retry::after_failure(
-                            channel.policy(),
-                            &delivery,
-                            &error,
-                            Utc::now(),
-                            &mut rand::rng(),
-                        );
-                        tracing::debug!(delivery = %delivery.key(), %error, ?outcome, "attempt failed");
-                        outcome
-                    }
+        let outcome = match self.prepare(channel.as_ref(), &delivery) {
+            Err(error) => {
+                tracing::error!(delivery = %delivery.key(), %error, "cannot prepare the message");
+                Outcome::Dead {
+                    error: format!("cannot prepare the message: {error:#}"),
                 }
             }
+            Ok(Err(skip)) => skip,
+            Ok(Ok(message)) => self.send(channel.as_ref(), &delivery, &message).await?,
         };
-        let record = self.store.finish(&delivery, &outcome, now)?;
+        let (record, applied) = self.store.finish(&delivery, &outcome, now)?;
         // The outcome must be on disk before anyone counts it: a crash after this point cannot
         // cause this delivery to be sent again.
         self.store.commit().await?;
-        if record.state.is_final() {
+        if applied && record.state.is_final() {
             if let Some(finished) = &self.finished {
                 let _ = finished.send(Finished {
                     update: record.update,
@@ -220,6 +236,40 @@ impl Dispatcher {
             }
         }
         Ok(())
+    }
+
+    /// Sends within the channel's timeout and decides what the result means.
+    async fn send(
+        &self,
+        channel: &dyn Channel,
+        delivery: &DeliveryRecord,
+        message: &crate::render::MessageContext,
+    ) -> anyhow::Result<Outcome> {
+        let limit = channel.policy().timeout + Duration::from_secs(1);
+        let result = match tokio::time::timeout(limit, channel.deliver(message, delivery)).await {
+            Ok(result) => result,
+            Err(_) => Err(DeliveryError::transient(format!(
+                "no answer within {}",
+                humantime::format_duration(channel.policy().timeout)
+            ))),
+        };
+        let Err(error) = result else {
+            return Ok(Outcome::Sent);
+        };
+        if let DeliveryError::Gone { reason } = &error {
+            tracing::warn!(channel = channel.name(), %reason, "endpoint is gone; disabling the channel");
+            self.store
+                .disable_channel(channel.name(), reason, Utc::now())?;
+        }
+        let outcome = retry::after_failure(
+            channel.policy(),
+            delivery,
+            &error,
+            Utc::now(),
+            &mut rand::rng(),
+        );
+        tracing::debug!(delivery = %delivery.key(), %error, ?outcome, "attempt failed");
+        Ok(outcome)
     }
 
     /// Builds the message for one delivery, or says why it should not go out after all.

@@ -4,6 +4,7 @@ use crate::channel::{Channel, Reach};
 use crate::domain::{Audience, OrderNumber, Subscriber, Update};
 use crate::store::{DeliveryRecord, Store, StoreError};
 use chrono::{DateTime, Utc};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// Plans `update` to completion, one store transaction per batch of subscribers, and returns
@@ -48,9 +49,9 @@ pub fn plan_update(
         added += store.enqueue_planned(update.id, &broadcasts, &state)?;
     }
 
-    let targets: Option<Vec<OrderNumber>> = match &update.audience {
+    let targets: Option<&BTreeSet<OrderNumber>> = match &update.audience {
         Audience::Everyone => None,
-        Audience::Orders(orders) => Some(orders.iter().cloned().collect()),
+        Audience::Orders(orders) => Some(orders),
     };
     while !state.done {
         let page = match &targets {
@@ -59,13 +60,7 @@ pub fn plan_update(
         };
         let mut records = Vec::new();
         for (_, subscriber) in &page {
-            records.extend(deliveries_for(
-                update,
-                subscriber,
-                &selected,
-                targets.as_deref(),
-                now,
-            ));
+            records.extend(deliveries_for(update, subscriber, &selected, targets, now));
         }
         state.cursor = page.last().map(|(key, _)| key.clone()).or(state.cursor);
         state.done = page.len() < batch;
@@ -80,7 +75,7 @@ fn deliveries_for(
     update: &Update,
     subscriber: &Subscriber,
     channels: &[&Arc<dyn Channel>],
-    targets: Option<&[OrderNumber]>,
+    targets: Option<&BTreeSet<OrderNumber>>,
     now: DateTime<Utc>,
 ) -> Vec<DeliveryRecord> {
     if !subscriber.receives_updates() {
@@ -123,7 +118,6 @@ mod tests {
     };
     use crate::render::MessageContext;
     use crate::store::PlanState;
-    use std::collections::BTreeSet;
     use ulid::Ulid;
 
     /// A channel that only exists to be planned for.

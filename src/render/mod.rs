@@ -167,6 +167,8 @@ pub struct UpdateView {
     pub created_at: String,
     pub created_at_text: String,
     pub targeted: bool,
+    /// The orders a targeted update concerns; empty for everyone.
+    pub orders: Vec<String>,
     pub author: String,
 }
 
@@ -183,6 +185,12 @@ impl UpdateView {
             created_at: rfc3339(update.created_at),
             created_at_text: human_time(update.created_at),
             targeted: update.audience.is_targeted(),
+            orders: match &update.audience {
+                crate::domain::Audience::Everyone => Vec::new(),
+                crate::domain::Audience::Orders(orders) => {
+                    orders.iter().map(ToString::to_string).collect()
+                }
+            },
             author: update.author.clone(),
         }
     }
@@ -262,6 +270,14 @@ impl Composer {
             unsubscribe_ttl: chrono::Duration::from_std(config.unsubscribe_ttl)
                 .unwrap_or(chrono::Duration::days(365)),
         }
+    }
+
+    pub fn brand(&self) -> &BrandView {
+        &self.brand
+    }
+
+    pub fn links(&self) -> &Links {
+        &self.links
     }
 
     pub fn signer(&self) -> &TokenSigner {

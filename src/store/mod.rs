@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use ulid::Ulid;
 
@@ -203,7 +204,14 @@ impl Store {
                             subscriber.state = SubscriberState::Unsubscribed;
                         }
                     }
-                    None => subscriber.state = SubscriberState::Unsubscribed,
+                    None => {
+                        // Leaving means leaving every order: subscribing again later to one
+                        // order must not bring the others back.
+                        for followed in std::mem::take(&mut subscriber.orders) {
+                            index.remove(order_index_key(&followed, contact))?;
+                        }
+                        subscriber.state = SubscriberState::Unsubscribed;
+                    }
                 }
                 subscriber.updated_at = now;
                 subscribers.insert(contact.as_str(), encode(&subscriber))?;
@@ -236,20 +244,27 @@ impl Store {
     }
 
     /// Up to `limit` followers of `orders` after `cursor`, walking the order index order by
-    /// order. The cursor is the last index key returned.
+    /// order. The cursor is the last index key returned; each call starts right after it.
     pub fn followers_after(
         &self,
-        orders: &[OrderNumber],
+        orders: &BTreeSet<OrderNumber>,
         cursor: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Subscriber)>, StoreError> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
         let mut found = Vec::new();
         for order in orders {
             let prefix = order_index_prefix(order);
-            for entry in self.order_index.scan_prefix(&prefix) {
+            // Index keys sort as (order, contact) because the separator is the lowest byte.
+            let start = match cursor {
+                Some(cursor) if cursor.starts_with(&prefix) => Excluded(cursor.to_vec()),
+                Some(cursor) if cursor > prefix.as_slice() => continue,
+                _ => Included(prefix.clone()),
+            };
+            for entry in self.order_index.range::<Vec<u8>, _>((start, Unbounded)) {
                 let (key, _) = entry?;
-                if cursor.is_some_and(|cursor| key.as_ref() <= cursor) {
-                    continue;
+                if !key.starts_with(&prefix) {
+                    break;
                 }
                 let contact = &key[prefix.len()..];
                 if let Some(bytes) = self.subscribers.get(contact)? {
@@ -269,7 +284,7 @@ impl Store {
 
     /// The contacts that follow `order`.
     pub fn followers(&self, order: &OrderNumber) -> Result<Vec<Subscriber>, StoreError> {
-        let orders = [order.clone()];
+        let orders = BTreeSet::from([order.clone()]);
         self.followers_after(&orders, None, usize::MAX)
             .map(|found| found.into_iter().map(|(_, s)| s).collect())
     }

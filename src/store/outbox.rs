@@ -57,7 +57,11 @@ pub struct DeliveryRecord {
     /// For a targeted update: which of the recipient's orders it concerns.
     pub orders: Vec<OrderNumber>,
     pub state: DeliveryState,
+    /// Attempts since it was last queued afresh (by planning or `crier retry`).
     pub attempts: u32,
+    /// Leases ever granted; never reset, so it tells a superseded attempt from the latest.
+    #[serde(default)]
+    pub leases: u32,
     pub queued_at: DateTime<Utc>,
     pub due_at: DateTime<Utc>,
     pub lease_until: Option<DateTime<Utc>>,
@@ -82,6 +86,7 @@ impl DeliveryRecord {
             orders,
             state: DeliveryState::Queued,
             attempts: 0,
+            leases: 0,
             queued_at: now,
             due_at: now,
             lease_until: None,
@@ -287,6 +292,7 @@ impl Store {
                 };
                 record.state = DeliveryState::InFlight;
                 record.attempts += 1;
+                record.leases += 1;
                 record.lease_until = Some(lease_until);
                 leases.insert(record.lease_key().expect("just leased"), &[])?;
                 deliveries.insert(delivery_key.as_slice(), encode(&record))?;
@@ -296,24 +302,35 @@ impl Store {
         Ok(leased)
     }
 
-    /// Records the outcome of an attempt on a leased delivery.
+    /// Records the outcome of an attempt on a leased delivery. Returns the record and whether
+    /// the outcome was applied: an attempt whose lease was taken over by a later one only gets
+    /// its say if it succeeded, and nothing reopens a delivery that was sent.
     pub fn finish(
         &self,
         leased: &DeliveryRecord,
         outcome: &Outcome,
         now: DateTime<Utc>,
-    ) -> Result<DeliveryRecord, StoreError> {
+    ) -> Result<(DeliveryRecord, bool), StoreError> {
         let key = leased.key();
-        let record = (&self.deliveries, &self.outbox, &self.leases, &self.dead).transaction(
+        let finished = (&self.deliveries, &self.outbox, &self.leases, &self.dead).transaction(
             |(deliveries, outbox, leases, dead)| {
-                // Read afresh: if the lease expired meanwhile the record went back to the queue,
-                // and that entry must go too, or it would be sent again.
+                // Read afresh: if the lease expired meanwhile, the record went back to the queue
+                // (or to another attempt), and that must be undone on success, or it would be
+                // sent again.
                 let Some(mut record) = read_record(deliveries, key.as_bytes())? else {
                     return Err(abort(StoreError::Corrupt(format!(
                         "delivery {key} vanished"
                     ))));
                 };
+                let superseded = record.leases != leased.leases || record.state.is_final();
+                let sent_already = record.state == DeliveryState::Sent;
+                if sent_already || (superseded && *outcome != Outcome::Sent) {
+                    return Ok((record, false));
+                }
                 unlink(outbox, leases, &record)?;
+                if record.state == DeliveryState::Dead {
+                    dead.remove(key.as_bytes())?;
+                }
                 record.lease_until = None;
                 match outcome {
                     Outcome::Sent => {
@@ -340,10 +357,10 @@ impl Store {
                     }
                 }
                 deliveries.insert(key.as_bytes(), encode(&record))?;
-                Ok(record)
+                Ok((record, true))
             },
         )?;
-        Ok(record)
+        Ok(finished)
     }
 
     /// Puts leases back in the queue: those expired by `now`, or all of them when `all` is set
@@ -477,5 +494,166 @@ impl Store {
 
     pub fn enable_channel(&self, channel: &str) -> Result<bool, StoreError> {
         Ok(self.channel_state.remove(channel)?.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StoreSettings;
+
+    const LEASE: Duration = Duration::from_secs(60);
+
+    fn store(dir: &std::path::Path) -> Store {
+        Store::open(&StoreSettings {
+            path: dir.join("store"),
+            cache_capacity_bytes: 8 << 20,
+        })
+        .unwrap()
+    }
+
+    fn queue_one(store: &Store, now: DateTime<Utc>) -> DeliveryRecord {
+        let update = Ulid::new();
+        let record = DeliveryRecord::new(update, "partners", BROADCAST_RECIPIENT, vec![], now);
+        store
+            .enqueue_planned(update, std::slice::from_ref(&record), &PlanState::default())
+            .unwrap();
+        record
+    }
+
+    #[test]
+    fn a_lease_left_by_a_dead_process_goes_back_to_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let now = Utc::now();
+        let queued = queue_one(&store, now);
+        let leased = store.lease_next("partners", now, LEASE).unwrap().unwrap();
+        assert_eq!(leased.key(), queued.key());
+        assert_eq!(leased.attempts, 1);
+        assert!(
+            store.lease_next("partners", now, LEASE).unwrap().is_none(),
+            "leased once only"
+        );
+
+        assert_eq!(
+            store.requeue_leases(now, false).unwrap(),
+            0,
+            "not expired yet"
+        );
+        assert_eq!(
+            store.requeue_leases(now, true).unwrap(),
+            1,
+            "start-up takes every lease back"
+        );
+        let again = store.lease_next("partners", now, LEASE).unwrap().unwrap();
+        assert_eq!(again.attempts, 2);
+    }
+
+    #[test]
+    fn an_expired_lease_is_requeued_by_the_reaper() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let now = Utc::now();
+        queue_one(&store, now);
+        store.lease_next("partners", now, LEASE).unwrap().unwrap();
+        let later = now + chrono::Duration::seconds(61);
+        assert_eq!(store.requeue_leases(later, false).unwrap(), 1);
+        assert_eq!(store.counts(None).unwrap()["partners"].queued, 1);
+    }
+
+    #[test]
+    fn a_retry_waits_in_the_queue_until_it_is_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let now = Utc::now();
+        queue_one(&store, now);
+        let leased = store.lease_next("partners", now, LEASE).unwrap().unwrap();
+        let at = now + chrono::Duration::seconds(30);
+        let error = "503".to_owned();
+        let (record, applied) = store
+            .finish(&leased, &Outcome::Retry { at, error }, now)
+            .unwrap();
+        assert!(applied);
+        assert_eq!(record.state, DeliveryState::Retrying);
+        assert_eq!(
+            store
+                .next_due("partners")
+                .unwrap()
+                .map(|d| d.timestamp_millis()),
+            Some(at.timestamp_millis())
+        );
+        assert!(store.lease_next("partners", now, LEASE).unwrap().is_none());
+        assert!(store.lease_next("partners", at, LEASE).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_late_outcome_does_not_reopen_a_delivery_that_was_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let now = Utc::now();
+        queue_one(&store, now);
+        let first = store.lease_next("partners", now, LEASE).unwrap().unwrap();
+        // The first attempt hangs past its lease; a second attempt takes over and succeeds.
+        let later = now + chrono::Duration::seconds(61);
+        store.requeue_leases(later, false).unwrap();
+        let second = store.lease_next("partners", later, LEASE).unwrap().unwrap();
+        store.finish(&second, &Outcome::Sent, later).unwrap();
+
+        let retry = Outcome::Retry {
+            at: later,
+            error: "timed out".into(),
+        };
+        let (record, applied) = store.finish(&first, &retry, later).unwrap();
+        assert!(!applied, "a superseded failure changes nothing");
+        assert_eq!(record.state, DeliveryState::Sent);
+        assert!(
+            store.next_due("partners").unwrap().is_none(),
+            "nothing is queued again"
+        );
+        assert_eq!(store.unfinished_deliveries(), 0);
+    }
+
+    #[test]
+    fn a_late_success_overrides_a_dead_letter_so_retry_does_not_send_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let now = Utc::now();
+        queue_one(&store, now);
+        let first = store.lease_next("partners", now, LEASE).unwrap().unwrap();
+        let later = now + chrono::Duration::seconds(61);
+        store.requeue_leases(later, false).unwrap();
+        let second = store.lease_next("partners", later, LEASE).unwrap().unwrap();
+        let dead = Outcome::Dead {
+            error: "400".into(),
+        };
+        store.finish(&second, &dead, later).unwrap();
+
+        let (record, applied) = store.finish(&first, &Outcome::Sent, later).unwrap();
+        assert!(applied);
+        assert_eq!(record.state, DeliveryState::Sent);
+        assert!(store.requeue_dead(None, later).unwrap().is_empty());
+    }
+
+    #[test]
+    fn dead_letters_are_requeued_with_a_fresh_attempt_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let now = Utc::now();
+        let queued = queue_one(&store, now);
+        let leased = store.lease_next("partners", now, LEASE).unwrap().unwrap();
+        let dead = Outcome::Dead {
+            error: "400".into(),
+        };
+        store.finish(&leased, &dead, now).unwrap();
+        assert_eq!(store.counts(None).unwrap()["partners"].dead, 1);
+
+        let requeued = store.requeue_dead(Some(queued.update), now).unwrap();
+        assert_eq!(requeued.len(), 1);
+        assert_eq!(requeued[0].attempts, 0);
+        assert!(
+            store.requeue_dead(None, now).unwrap().is_empty(),
+            "requeued once only"
+        );
+        assert!(store.lease_next("partners", now, LEASE).unwrap().is_some());
     }
 }

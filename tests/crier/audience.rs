@@ -156,3 +156,24 @@ async fn a_targeted_update_reaches_only_the_named_orders_and_never_the_status_pa
         "a targeted update does not rewrite the status page"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribing_from_everything_forgets_every_order() {
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 0);
+    let crier = crier.email(smtp.port, "");
+    crier.subscribe("AB-1001", "ann@example.com").await;
+    crier.subscribe("AB-1002", "ann@example.com").await;
+    crier
+        .run(&["unsubscribe", "--email", "ann@example.com"])
+        .await
+        .assert_ok();
+    crier.subscribe("AB-1003", "ann@example.com").await;
+
+    let summary = crier
+        .send(&["--orders", "AB-1001,AB-1002"], "Old orders.")
+        .await;
+    assert!(summary["channels"].get("email").is_none(), "{summary}");
+    crier.send(&["--orders", "AB-1003"], "The new order.").await;
+    assert_eq!(smtp.count(), 1);
+}

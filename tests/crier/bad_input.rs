@@ -248,3 +248,58 @@ async fn every_command_explains_itself_with_help() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_flag_is_a_one_line_user_error() {
+    let crier = Crier::new().status_page();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["send", "--yes", "--incident", "nope", "Body"],
+            "invalid value 'nope' for '--incident",
+        ),
+        (
+            &["send", "--yes", "--next-update-in", "soonish", "Body"],
+            "invalid value 'soonish' for '--next-update-in",
+        ),
+        (
+            &["send", "--yes", "--state", "panicking", "Body"],
+            "invalid value 'panicking' for '--state",
+        ),
+        (
+            &["subscribe", "--order", "AB-1001"],
+            "--email <EMAIL>|--phone <PHONE>",
+        ),
+        (
+            &["send", "--colour", "red", "Body"],
+            "unexpected argument '--colour'",
+        ),
+    ];
+    for (args, message) in cases {
+        crier.run(args).await.assert_user_error(message);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_targeted_update_whose_webhook_body_would_be_too_big_is_refused_at_compose() {
+    let hooks = WebhookSink::start(&[]).await;
+    let crier = Crier::new().webhook(&hooks.url, "");
+    let orders: Vec<String> = (0..1_000)
+        .map(|i| format!("AB-{}", 1_000_000_000 + i))
+        .collect();
+    let file = crier.path("orders.txt");
+    std::fs::write(&file, orders.join("\n")).unwrap();
+    crier
+        .run(&[
+            "send",
+            "--yes",
+            "--headline",
+            "H",
+            "--orders-file",
+            file.to_str().unwrap(),
+            "Body",
+        ])
+        .await
+        .assert_user_error("channel partners: the JSON body is");
+    assert!(crier.store().recent_updates(1).unwrap().is_empty());
+    assert!(hooks.received().is_empty());
+}

@@ -163,3 +163,40 @@ async fn a_permanent_smtp_refusal_is_dead_lettered_and_a_transient_one_retried_u
         "a 451 is retried up to max_attempts"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_writes_each_email_as_an_eml_file_in_the_outbox_folder() {
+    let crier = Crier::new().channel(
+        "email",
+        "kind = \"email\"\nfrom = \"Example Mobile <updates@example.com>\"\ntransport = \"file://var/outbox\"\n",
+    );
+    crier.subscribe("AB-1001", "ann@example.com").await;
+    crier.subscribe("AB-1002", "ann@example.com").await;
+    crier.subscribe("AB-1003", "bob@example.com").await;
+    let summary = crier
+        .send(&["--next-update-in", "2h"], "We're working on it.")
+        .await;
+    assert_eq!(summary["channels"]["email"]["sent"], 2);
+
+    let files: Vec<_> = std::fs::read_dir(crier.path("var/outbox"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 2, "one file per recipient: {files:?}");
+    assert!(
+        files
+            .iter()
+            .all(|f| f.extension().is_some_and(|e| e == "eml"))
+    );
+    let ann = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .find(|m| m.contains("To: ann@example.com"))
+        .expect("ann's email");
+    let message = MessageParser::default().parse(ann.as_bytes()).unwrap();
+    assert_eq!(
+        message.subject(),
+        Some("Investigating: Activations delayed")
+    );
+    assert!(message.body_text(0).unwrap().contains("Next update by"));
+}
