@@ -32,7 +32,7 @@ const INTERRUPTED: u8 = 130;
     long_about = "One customer update, typed once, delivered to every channel: subscribers by \
                   email, partners by signed webhook, and the public status page.\n\n\
                   Exit codes: 0 success, 1 a mistake in the input or configuration (the message \
-                  says which), 2 an internal error, 130 stopped by Ctrl-C (run `crier dispatch` \
+                  says which), 2 an internal error, 130 stopped by Ctrl-C or SIGTERM (run `crier dispatch` \
                   to deliver the rest)."
 )]
 pub struct Cli {
@@ -398,20 +398,23 @@ async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
         }
         confirm_send(&composed)?;
     }
+    // From here on a stop request waits for a clean point instead of killing the process.
+    let stop = StopSignal::install()?;
     app.accept(&composed).await?;
     let update = &composed.update;
     eprintln!(
         "accepted update {} (incident {})",
         update.id, update.incident
     );
-    let interrupted = deliver_queued(&app).await?;
+    let interrupted = deliver_queued(&app, &stop).await?;
     report(&app.store, update.id, args.json)?;
     Ok(exit_after(interrupted))
 }
 
 async fn dispatch(config: Config, args: JsonArgs) -> anyhow::Result<ExitCode> {
     let app = App::open(config)?;
-    let interrupted = deliver_queued(&app).await?;
+    let stop = StopSignal::install()?;
+    let interrupted = deliver_queued(&app, &stop).await?;
     let counts = app.store.counts(None)?;
     if args.json {
         println!("{}", serde_json::json!({ "channels": counts }));
@@ -423,6 +426,7 @@ async fn dispatch(config: Config, args: JsonArgs) -> anyhow::Result<ExitCode> {
 
 async fn retry(config: Config, args: RetryArgs) -> anyhow::Result<ExitCode> {
     let app = App::open(config)?;
+    let stop = StopSignal::install()?;
     let requeued = app.store.requeue_dead(args.update, Utc::now())?;
     let channels: BTreeSet<&str> = requeued.iter().map(|r| r.channel.as_str()).collect();
     for channel in channels {
@@ -432,7 +436,7 @@ async fn retry(config: Config, args: RetryArgs) -> anyhow::Result<ExitCode> {
     }
     app.store.commit().await?;
     eprintln!("{} dead letter(s) queued again", requeued.len());
-    let interrupted = deliver_queued(&app).await?;
+    let interrupted = deliver_queued(&app, &stop).await?;
     let counts = app.store.counts(args.update)?;
     if args.json {
         println!(
@@ -447,7 +451,9 @@ async fn retry(config: Config, args: RetryArgs) -> anyhow::Result<ExitCode> {
 
 fn exit_after(interrupted: bool) -> ExitCode {
     if interrupted {
-        eprintln!("stopped by Ctrl-C; the rest stays queued: run `crier dispatch` to deliver it");
+        eprintln!(
+            "stopped by Ctrl-C or SIGTERM; the rest stays queued: run `crier dispatch` to deliver it"
+        );
         ExitCode::from(INTERRUPTED)
     } else {
         ExitCode::SUCCESS
@@ -455,8 +461,8 @@ fn exit_after(interrupted: bool) -> ExitCode {
 }
 
 /// Runs the dispatcher until everything queued is delivered or dead-lettered, with a progress
-/// bar on a terminal. Returns whether Ctrl-C stopped it first.
-async fn deliver_queued(app: &App) -> anyhow::Result<bool> {
+/// bar on a terminal. Returns whether a stop request ended it first.
+async fn deliver_queued(app: &App, stop: &StopSignal) -> anyhow::Result<bool> {
     let recovered = app.recover().await?;
     if recovered > 0 {
         eprintln!("{recovered} deliveries left by an earlier run are queued again");
@@ -470,17 +476,6 @@ async fn deliver_queued(app: &App) -> anyhow::Result<bool> {
     );
     let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<Finished>();
     let dispatcher: Arc<Dispatcher> = Arc::new(app.dispatcher().report_to(finished_tx));
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let on_ctrl_c = {
-        let interrupted = interrupted.clone();
-        tokio::spawn(async move {
-            if stop_requested().await {
-                interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
-                let _ = shutdown_tx.send(true);
-            }
-        })
-    };
     let progress = {
         let bar = bar.clone();
         tokio::spawn(async move {
@@ -491,36 +486,67 @@ async fn deliver_queued(app: &App) -> anyhow::Result<bool> {
                     DeliveryState::Dead => dead += 1,
                     _ => skipped += 1,
                 }
-                bar.inc(1);
                 bar.set_message(format!("sent {sent} · dead {dead} · skipped {skipped}"));
+                bar.inc(1);
             }
         })
     };
-    let result = dispatcher.run(Mode::UntilDrained, shutdown_rx).await;
-    on_ctrl_c.abort();
+    let result = dispatcher.run(Mode::UntilDrained, stop.receiver()).await;
     progress.await.ok();
     bar.finish_and_clear();
     result?;
-    Ok(interrupted.load(std::sync::atomic::Ordering::SeqCst))
+    Ok(stop.was_requested())
 }
 
-/// Resolves on Ctrl-C (SIGINT) or, on Unix, SIGTERM: both ask for a clean stop.
-async fn stop_requested() -> bool {
-    #[cfg(unix)]
-    {
-        let Ok(mut terminate) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            return tokio::signal::ctrl_c().await.is_ok();
+/// Listens for Ctrl-C (SIGINT) and, on Unix, SIGTERM from the moment it is installed, so a
+/// stop asked for while the update is being stored or planned is honoured at the next clean
+/// point instead of killing the process.
+struct StopSignal {
+    requested: watch::Receiver<bool>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl StopSignal {
+    fn install() -> anyhow::Result<Self> {
+        let (request, requested) = watch::channel(false);
+        #[cfg(unix)]
+        let listener = {
+            use tokio::signal::unix::{SignalKind, signal};
+            // Registered here, synchronously: from now on the signals are ours.
+            let mut interrupt = signal(SignalKind::interrupt())?;
+            let mut terminate = signal(SignalKind::terminate())?;
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+                let _ = request.send(true);
+            })
         };
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result.is_ok(),
-            _ = terminate.recv() => true,
-        }
+        #[cfg(not(unix))]
+        let listener = tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                let _ = request.send(true);
+            }
+        });
+        Ok(Self {
+            requested,
+            listener,
+        })
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await.is_ok()
+
+    fn receiver(&self) -> watch::Receiver<bool> {
+        self.requested.clone()
+    }
+
+    fn was_requested(&self) -> bool {
+        *self.requested.borrow()
+    }
+}
+
+impl Drop for StopSignal {
+    fn drop(&mut self) {
+        self.listener.abort();
     }
 }
 

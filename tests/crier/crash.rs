@@ -9,10 +9,10 @@ use std::time::Duration;
 const SUBSCRIBERS: usize = 2_000;
 const CONCURRENCY: usize = 8;
 
-fn seed_subscribers(crier: &Crier) {
+fn seed_subscribers(crier: &Crier, count: usize) {
     let store = crier.store();
     let pattern = OrderPattern::new("[A-Z]{2}-[0-9]{4,10}").unwrap();
-    for i in 0..SUBSCRIBERS {
+    for i in 0..count {
         let contact = Contact::parse(&format!("customer{i}@example.com")).unwrap();
         let order = OrderNumber::parse(&format!("AB-{}", 100_000 + i), &pattern).unwrap();
         store.subscribe(&contact, &order, true, Utc::now()).unwrap();
@@ -28,7 +28,7 @@ async fn a_send_killed_mid_way_loses_nothing_and_duplicates_at_most_what_was_in_
     let crier = Crier::new();
     let smtp = SmtpSink::start(crier.dir.path(), 15);
     let crier = slow_email(crier, smtp.port);
-    seed_subscribers(&crier);
+    seed_subscribers(&crier, SUBSCRIBERS);
 
     let mut send = crier
         .command(&[
@@ -79,12 +79,13 @@ async fn a_send_killed_mid_way_loses_nothing_and_duplicates_at_most_what_was_in_
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ctrl_c_stops_a_send_cleanly_and_dispatch_delivers_the_rest_without_duplicates() {
+/// Starts a send to `count` subscribers, sends it `signal` a quarter of the way through, and
+/// checks that it stops cleanly and that `crier dispatch` delivers the rest exactly once.
+async fn stop_midway_then_dispatch(signal: &str, count: usize) {
     let crier = Crier::new();
     let smtp = SmtpSink::start(crier.dir.path(), 15);
     let crier = slow_email(crier, smtp.port);
-    seed_subscribers(&crier);
+    seed_subscribers(&crier, count);
 
     let mut send = crier
         .command(&[
@@ -101,22 +102,22 @@ async fn ctrl_c_stops_a_send_cleanly_and_dispatch_delivers_the_rest_without_dupl
             send.try_wait().unwrap().is_none(),
             "send ended before it was stopped"
         );
-        smtp.count() >= SUBSCRIBERS / 4
+        smtp.count() >= count / 4
     })
     .await;
     assert!(midway, "the send got a quarter of the way");
     let pid = send.id().unwrap().to_string();
-    let interrupt = std::process::Command::new("kill")
-        .args(["-INT", &pid])
+    let signalled = std::process::Command::new("kill")
+        .args([signal, &pid])
         .status()
         .unwrap();
-    assert!(interrupt.success());
+    assert!(signalled.success());
     let status = tokio::time::timeout(Duration::from_secs(60), send.wait())
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(status.code(), Some(130), "Ctrl-C exits with 130");
-    assert!(smtp.count() < SUBSCRIBERS, "it stopped early");
+    assert_eq!(status.code(), Some(130), "a clean stop exits with 130");
+    assert!(smtp.count() < count, "it stopped early");
 
     let counts = crier.run(&["deliveries", "--json"]).await.json();
     assert_eq!(
@@ -126,9 +127,19 @@ async fn ctrl_c_stops_a_send_cleanly_and_dispatch_delivers_the_rest_without_dupl
 
     crier.run(&["dispatch"]).await.assert_ok();
     let per_recipient = smtp.per_recipient();
-    assert_eq!(per_recipient.len(), SUBSCRIBERS);
+    assert_eq!(per_recipient.len(), count);
     assert!(
         per_recipient.values().all(|n| *n == 1),
         "a clean stop duplicates nothing"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_a_send_cleanly_and_dispatch_delivers_the_rest_without_duplicates() {
+    stop_midway_then_dispatch("-INT", SUBSCRIBERS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_send_as_cleanly_as_ctrl_c() {
+    stop_midway_then_dispatch("-TERM", 400).await;
 }
