@@ -1,17 +1,11 @@
 //! The audience rules: one message per contact, nothing for pending or unsubscribed
 //! contacts, and targeted updates only to the named orders.
 
-use crate::support::{Crier, SmtpSink, WebhookSink};
+use crate::support::{Crier, SmtpSink};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_following_two_orders_gets_one_email_and_the_partner_one_post() {
-    let crier = Crier::new();
-    let smtp = SmtpSink::start(crier.dir.path(), 0);
-    let hooks = WebhookSink::start(&[]).await;
-    let crier = crier
-        .email(smtp.port, "")
-        .webhook(&hooks.url, "")
-        .status_page();
+    let (crier, smtp, hooks) = Crier::with_every_channel().await;
     crier.subscribe("AB-1001", "ann@example.com").await;
     crier.subscribe("AB-1002", "Ann@Example.com").await;
     crier.subscribe("AB-1003", "+447700900123").await;
@@ -90,13 +84,7 @@ async fn pending_and_unsubscribed_contacts_get_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_targeted_update_reaches_only_the_named_orders_and_never_the_status_page() {
-    let crier = Crier::new();
-    let smtp = SmtpSink::start(crier.dir.path(), 0);
-    let hooks = WebhookSink::start(&[]).await;
-    let crier = crier
-        .email(smtp.port, "")
-        .webhook(&hooks.url, "")
-        .status_page();
+    let (crier, smtp, hooks) = Crier::with_every_channel().await;
     crier.subscribe("AB-1001", "ann@example.com").await;
     crier.subscribe("AB-1002", "ann@example.com").await;
     crier.subscribe("AB-1003", "bob@example.com").await;

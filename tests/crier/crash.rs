@@ -23,12 +23,13 @@ fn slow_email(crier: Crier, port: u16) -> Crier {
     crier.email(port, &format!("[delivery]\nconcurrency = {CONCURRENCY}\n"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_send_killed_mid_way_loses_nothing_and_duplicates_at_most_what_was_in_flight() {
+/// Starts `crier send` to `count` seeded subscribers against a slow SMTP sink, and returns
+/// once a quarter of them have their email, with the send still running.
+async fn send_until_a_quarter_is_out(count: usize) -> (Crier, SmtpSink, tokio::process::Child) {
     let crier = Crier::new();
     let smtp = SmtpSink::start(crier.dir.path(), 15);
     let crier = slow_email(crier, smtp.port);
-    seed_subscribers(&crier, SUBSCRIBERS);
+    seed_subscribers(&crier, count);
 
     let mut send = crier
         .command(&[
@@ -45,10 +46,16 @@ async fn a_send_killed_mid_way_loses_nothing_and_duplicates_at_most_what_was_in_
             send.try_wait().unwrap().is_none(),
             "send ended before it was stopped"
         );
-        smtp.count() >= SUBSCRIBERS / 4
+        smtp.count() >= count / 4
     })
     .await;
     assert!(midway, "the send got a quarter of the way");
+    (crier, smtp, send)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_killed_mid_way_loses_nothing_and_duplicates_at_most_what_was_in_flight() {
+    let (crier, smtp, mut send) = send_until_a_quarter_is_out(SUBSCRIBERS).await;
     send.start_kill().unwrap(); // SIGKILL: no chance to tidy up
     let status = send.wait().await.unwrap();
     assert!(!status.success());
@@ -82,30 +89,7 @@ async fn a_send_killed_mid_way_loses_nothing_and_duplicates_at_most_what_was_in_
 /// Starts a send to `count` subscribers, sends it `signal` a quarter of the way through, and
 /// checks that it stops cleanly and that `crier dispatch` delivers the rest exactly once.
 async fn stop_midway_then_dispatch(signal: &str, count: usize) {
-    let crier = Crier::new();
-    let smtp = SmtpSink::start(crier.dir.path(), 15);
-    let crier = slow_email(crier, smtp.port);
-    seed_subscribers(&crier, count);
-
-    let mut send = crier
-        .command(&[
-            "send",
-            "--yes",
-            "--headline",
-            "Activations delayed",
-            "We're working on it.",
-        ])
-        .spawn()
-        .unwrap();
-    let midway = wait_until(Duration::from_secs(120), || {
-        assert!(
-            send.try_wait().unwrap().is_none(),
-            "send ended before it was stopped"
-        );
-        smtp.count() >= count / 4
-    })
-    .await;
-    assert!(midway, "the send got a quarter of the way");
+    let (crier, smtp, mut send) = send_until_a_quarter_is_out(count).await;
     let pid = send.id().unwrap().to_string();
     let signalled = std::process::Command::new("kill")
         .args([signal, &pid])

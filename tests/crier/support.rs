@@ -405,6 +405,19 @@ link_secret_env = "CRIER_LINK_SECRET"
         self.channel("status", "kind = \"status_page\"\ndir = \"var/status\"\n")
     }
 
+    /// Every channel: email to a fresh SMTP sink, webhooks to a fresh receiver, and the status
+    /// page.
+    pub async fn with_every_channel() -> (Self, SmtpSink, WebhookSink) {
+        let crier = Self::new();
+        let smtp = SmtpSink::start(crier.dir.path(), 0);
+        let hooks = WebhookSink::start(&[]).await;
+        let crier = crier
+            .email(smtp.port, "")
+            .webhook(&hooks.url, "")
+            .status_page();
+        (crier, smtp, hooks)
+    }
+
     pub fn without_env(mut self, name: &str) -> Self {
         self.env.retain(|(k, _)| k != name);
         self
