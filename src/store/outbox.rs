@@ -586,17 +586,22 @@ mod tests {
         assert!(store.lease_next("partners", at, LEASE).unwrap().is_some());
     }
 
+    /// A delivery whose first attempt outlived its lease, and the second lease that took over.
+    fn superseded(store: &Store) -> (DeliveryRecord, DeliveryRecord, DateTime<Utc>) {
+        let now = Utc::now();
+        queue_one(store, now);
+        let first = store.lease_next("partners", now, LEASE).unwrap().unwrap();
+        let later = now + chrono::Duration::seconds(61);
+        store.requeue_leases(later, false).unwrap();
+        let second = store.lease_next("partners", later, LEASE).unwrap().unwrap();
+        (first, second, later)
+    }
+
     #[test]
     fn a_late_outcome_does_not_reopen_a_delivery_that_was_sent() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
-        let now = Utc::now();
-        queue_one(&store, now);
-        let first = store.lease_next("partners", now, LEASE).unwrap().unwrap();
-        // The first attempt hangs past its lease; a second attempt takes over and succeeds.
-        let later = now + chrono::Duration::seconds(61);
-        store.requeue_leases(later, false).unwrap();
-        let second = store.lease_next("partners", later, LEASE).unwrap().unwrap();
+        let (first, second, later) = superseded(&store);
         store.finish(&second, &Outcome::Sent, later).unwrap();
 
         let retry = Outcome::Retry {
@@ -617,12 +622,7 @@ mod tests {
     fn a_late_success_overrides_a_dead_letter_so_retry_does_not_send_it_again() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
-        let now = Utc::now();
-        queue_one(&store, now);
-        let first = store.lease_next("partners", now, LEASE).unwrap().unwrap();
-        let later = now + chrono::Duration::seconds(61);
-        store.requeue_leases(later, false).unwrap();
-        let second = store.lease_next("partners", later, LEASE).unwrap().unwrap();
+        let (first, second, later) = superseded(&store);
         let dead = Outcome::Dead {
             error: "400".into(),
         };
