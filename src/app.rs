@@ -39,7 +39,6 @@ pub struct Composed {
 pub struct App {
     pub config: Config,
     pub store: Arc<Store>,
-    pub renderer: Arc<Renderer>,
     pub channels: Vec<Arc<dyn Channel>>,
     pub composer: Composer,
 }
@@ -55,7 +54,6 @@ impl App {
         Ok(Self {
             config,
             store,
-            renderer,
             channels,
             composer,
         })

@@ -439,10 +439,6 @@ impl Config {
             channels,
         })
     }
-
-    pub fn channel(&self, name: &str) -> Option<&ChannelConfig> {
-        self.channels.iter().find(|c| c.name == name)
-    }
 }
 
 fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {

@@ -7,7 +7,7 @@ mod webhook;
 
 pub use email::EmailChannel;
 pub use status_page::StatusPageChannel;
-pub use webhook::{WebhookChannel, WebhookPayload, sign_webhook};
+pub use webhook::WebhookChannel;
 
 use crate::config::{ChannelKind, Config, DeliveryPolicy};
 use crate::domain::ContactKind;
@@ -72,10 +72,6 @@ impl DeliveryError {
         Self::Permanent {
             reason: reason.into(),
         }
-    }
-
-    pub fn is_transient(&self) -> bool {
-        matches!(self, DeliveryError::Transient { .. })
     }
 }
 

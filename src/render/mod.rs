@@ -280,10 +280,6 @@ impl Composer {
         &self.links
     }
 
-    pub fn signer(&self) -> &TokenSigner {
-        &self.signer
-    }
-
     pub fn unsubscribe_url(&self, contact: &Contact, now: DateTime<Utc>) -> String {
         let token = self.signer.issue(
             TokenPurpose::Unsubscribe,

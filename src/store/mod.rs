@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use ulid::Ulid;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +89,6 @@ fn order_index_prefix(order: &OrderNumber) -> Vec<u8> {
 
 pub struct Store {
     db: sled::Db,
-    path: PathBuf,
     subscribers: sled::Tree,
     order_index: sled::Tree,
     incidents: sled::Tree,
@@ -131,13 +130,8 @@ impl Store {
             dead: tree("dead")?,
             channel_state: tree("channel_state")?,
             group_commit: GroupCommit::start(db.clone()),
-            path: settings.path.clone(),
             db,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Waits until every write made so far is on disk, sharing the flush with concurrent callers.
@@ -280,13 +274,6 @@ impl Store {
 
     pub fn subscriber_count(&self) -> usize {
         self.subscribers.len()
-    }
-
-    /// The contacts that follow `order`.
-    pub fn followers(&self, order: &OrderNumber) -> Result<Vec<Subscriber>, StoreError> {
-        let orders = BTreeSet::from([order.clone()]);
-        self.followers_after(&orders, None, usize::MAX)
-            .map(|found| found.into_iter().map(|(_, s)| s).collect())
     }
 
     // ---- incidents and updates ---------------------------------------------------------------
