@@ -1,13 +1,16 @@
 //! Start-up and composing: opens the store, builds the channels, and turns a draft into an
 //! accepted, planned update.
 
-use crate::UserError;
-use crate::channel::{Channel, RenderedPart, build_channels, check_templates};
+use crate::channel::{
+    BuildContext, ConfiguredChannel, Reach, RenderedPart, build_channels, check_templates,
+};
+use crate::clock;
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::dispatch::plan::plan_update;
-use crate::domain::{Audience, Body, Headline, Incident, IncidentState, Update};
-use crate::render::{Composer, Renderer};
+use crate::domain::{Audience, Body, Contact, Headline, Incident, IncidentState, Update};
+use crate::render::{Composer, MessageSource, Renderer};
+use crate::status_view::StatusProjection;
 use crate::store::Store;
 use chrono::Utc;
 use std::sync::Arc;
@@ -23,7 +26,7 @@ pub struct Draft {
     pub incident: Option<Ulid>,
     pub next_update_in: Option<Duration>,
     pub audience: Audience,
-    /// Channel names; empty means every configured channel.
+    /// Channel ids; empty means every configured channel.
     pub channels: Vec<String>,
     pub author: String,
 }
@@ -36,26 +39,49 @@ pub struct Composed {
     pub previews: Vec<(String, Vec<RenderedPart>)>,
 }
 
+/// What a start-up recovery put back in the queue.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Recovered {
+    /// Deliveries a process that died left leased.
+    pub orphaned: usize,
+    /// Deliveries planned for updates whose planning a crash interrupted.
+    pub planned: usize,
+}
+
 pub struct App {
     pub config: Config,
-    pub store: Arc<Store>,
-    pub channels: Vec<Arc<dyn Channel>>,
+    pub store: Arc<dyn Store>,
+    pub channels: Vec<ConfiguredChannel>,
     pub composer: Composer,
+    /// This process, as recorded on the leases it takes.
+    pub owner: String,
 }
 
 impl App {
-    /// Opens the store and builds every channel. sled creates the store's folders.
-    pub fn open(config: Config) -> anyhow::Result<Self> {
+    /// Opens the store and builds every channel.
+    pub async fn open(config: Config) -> crate::Result<Self> {
         let renderer = Arc::new(Renderer::load(&config.templates_dir)?);
         check_templates(&config, &renderer)?;
-        let store = Arc::new(Store::open(&config.store)?);
+        let store = crate::store::open(&config.store).await?;
         let composer = Composer::new(&config);
-        let channels = build_channels(&config, &renderer, &store, &composer)?;
+        let status = Arc::new(StatusProjection::new(
+            store.clone(),
+            renderer.clone(),
+            composer.brand().clone(),
+            composer.links().clone(),
+        ));
+        let context = BuildContext {
+            renderer,
+            composer: composer.clone(),
+            status,
+        };
+        let channels = build_channels(&config, &context)?;
         Ok(Self {
             config,
             store,
             channels,
             composer,
+            owner: format!("crier-{}-{}", std::process::id(), Ulid::new()),
         })
     }
 
@@ -65,21 +91,21 @@ impl App {
             self.channels.clone(),
             self.composer.clone(),
             self.config.lease,
+            self.owner.clone(),
         )
     }
 
     /// Parses the draft and renders it for every selected channel. Nothing is stored: a
     /// channel that rejects the update stops it here.
-    pub fn compose(&self, draft: Draft) -> anyhow::Result<Composed> {
+    pub async fn compose(&self, draft: Draft) -> crate::Result<Composed> {
         let now = Utc::now();
         let body = Body::parse(&draft.body)?;
         let (incident, new_incident) = match draft.incident {
-            Some(id) => (self.store.incident(id)?, false),
+            Some(id) => (self.store.incident(id).await?, false),
             None => {
                 let headline = draft.headline.as_deref().ok_or_else(|| {
-                    UserError(
-                        "a new incident needs --headline (or continue one with --incident ID)"
-                            .into(),
+                    crate::Error::user(
+                        "a new incident needs --headline (or continue one with --incident ID)",
                     )
                 })?;
                 let title = Headline::parse(headline)?;
@@ -95,28 +121,29 @@ impl App {
             state: draft.state.unwrap_or(incident.state),
             headline,
             body,
-            next_update_by: draft.next_update_in.map(|wait| {
-                now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX)
-            }),
+            next_update_by: draft.next_update_in.map(|wait| clock::after(now, wait)),
             audience: draft.audience,
             author: draft.author,
             created_at: now,
-            channels: channels.iter().map(|c| c.name().to_owned()).collect(),
+            channels: channels.iter().map(|c| c.id.clone()).collect(),
+        };
+        let source = Arc::new(MessageSource {
+            update: update.clone(),
+            incident: incident.clone(),
+        });
+        let sample = Contact::parse("customer@example.com")?;
+        let orders: Vec<_> = match &update.audience {
+            Audience::Orders(orders) => orders.iter().cloned().collect(),
+            Audience::Everyone => Vec::new(),
         };
         let mut previews = Vec::new();
         for channel in &channels {
-            let sample =
-                crate::domain::Contact::parse("customer@example.com").expect("a valid sample");
-            let orders: Vec<_> = match &update.audience {
-                Audience::Orders(orders) => orders.iter().cloned().collect(),
-                Audience::Everyone => Vec::new(),
-            };
             let recipient = match channel.reach() {
-                crate::channel::Reach::Subscribers(_) => Some((&sample, orders.as_slice())),
-                crate::channel::Reach::Broadcast { .. } => None,
+                Reach::Subscribers(_) => Some((&sample, orders.as_slice())),
+                Reach::Broadcast { .. } => None,
             };
-            let message = self.composer.message(&update, &incident, recipient, now);
-            previews.push((channel.name().to_owned(), channel.render(&message)?));
+            let message = self.composer.message(&source, recipient, now);
+            previews.push((channel.id.clone(), channel.render(&message)?));
         }
         Ok(Composed {
             update,
@@ -126,31 +153,30 @@ impl App {
         })
     }
 
-    fn select_channels(&self, names: &[String]) -> anyhow::Result<Vec<Arc<dyn Channel>>> {
-        if names.is_empty() {
+    fn select_channels(&self, ids: &[String]) -> crate::Result<Vec<ConfiguredChannel>> {
+        if ids.is_empty() {
             return Ok(self.channels.clone());
         }
-        names
-            .iter()
-            .map(|name| {
+        ids.iter()
+            .map(|id| {
                 self.channels
                     .iter()
-                    .find(|c| c.name() == name)
+                    .find(|c| c.id == *id)
                     .cloned()
                     .ok_or_else(|| {
-                        let known: Vec<&str> = self.channels.iter().map(|c| c.name()).collect();
-                        UserError(format!(
-                            "no channel is named '{name}'; configured: {}",
+                        let known: Vec<&str> =
+                            self.channels.iter().map(|c| c.id.as_str()).collect();
+                        crate::Error::user(format!(
+                            "no channel is named '{id}'; configured: {}",
                             known.join(", ")
                         ))
-                        .into()
                     })
             })
             .collect()
     }
 
     /// Stores the update durably, then plans its deliveries.
-    pub async fn accept(&self, composed: &Composed) -> anyhow::Result<usize> {
+    pub async fn accept(&self, composed: &Composed) -> crate::Result<usize> {
         let new_incident = composed.new_incident.then_some(&composed.incident);
         self.store
             .accept_update(&composed.update, new_incident)
@@ -159,34 +185,26 @@ impl App {
     }
 
     /// Plans an accepted update (again, after a crash: planning resumes where it stopped).
-    pub async fn plan(&self, update: &Update) -> anyhow::Result<usize> {
-        let store = self.store.clone();
-        let channels = self.channels.clone();
-        let update = update.clone();
-        let batch = self.config.plan_batch;
-        let added = tokio::task::spawn_blocking(move || {
-            plan_update(&store, &update, &channels, batch, Utc::now())
-        })
-        .await??;
-        self.store.commit().await?;
-        Ok(added)
+    pub async fn plan(&self, update: &Update) -> crate::Result<usize> {
+        Ok(plan_update(
+            self.store.as_ref(),
+            update,
+            &self.channels,
+            self.config.plan_batch,
+            Utc::now(),
+        )
+        .await?)
     }
 
-    /// Gets the store ready to dispatch: leases left in it belong to a process that died (sled
-    /// lets only one process open it), so they go back to the queue, and planning that a crash
-    /// interrupted is finished. Returns how many deliveries that put in the queue.
-    pub async fn recover(&self) -> anyhow::Result<usize> {
-        let requeued = self.store.requeue_leases(Utc::now(), true)?;
-        Ok(requeued + self.resume_planning().await?)
-    }
-
-    /// Finishes planning every update whose planning a crash interrupted.
-    pub async fn resume_planning(&self) -> anyhow::Result<usize> {
-        let mut added = 0;
-        for id in self.store.unfinished_plans()? {
-            let update = self.store.update(id)?;
-            added += self.plan(&update).await?;
+    /// Gets the store ready to dispatch: leases a dead process left go back to the queue, and
+    /// planning that a crash interrupted is finished.
+    pub async fn recover(&self) -> crate::Result<Recovered> {
+        let orphaned = self.store.recover_orphaned(&self.owner, Utc::now()).await?;
+        let mut planned = 0;
+        for id in self.store.unfinished_plans().await? {
+            let update = self.store.update(id).await?;
+            planned += self.plan(&update).await?;
         }
-        Ok(added)
+        Ok(Recovered { orphaned, planned })
     }
 }

@@ -1,28 +1,36 @@
 //! The command line: clap definitions and one function per command.
 
-use crate::UserError;
 use crate::app::{App, Composed, Draft};
 use crate::config::{Config, ProcessEnv};
-use crate::dispatch::{Dispatcher, Finished, Mode};
+use crate::delivery::{Counts, DeliveryRecord};
 use crate::domain::token::TokenPurpose;
 use crate::domain::{Audience, Contact, EmailAddress, IncidentState, OrderNumber, PhoneNumber};
-use crate::render::Renderer;
-use crate::store::{Counts, DeliveryState, Store};
-use anyhow::Context;
+use crate::error::{Error, Result};
+use crate::render::{Renderer, human_time};
+use crate::runtime::{Delivered, StopSignal, deliver_queued};
+use crate::store::{DeliveryFilter, Store};
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
 use ulid::Ulid;
+
+/// Writes one line to standard output; a closed pipe is reported as an error the caller
+/// ends quietly on, never a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*)?
+    };
+}
 
 /// Exit code after Ctrl-C: the usual 128 + SIGINT.
 const INTERRUPTED: u8 = 130;
+/// Exit code when an update reached nobody: every delivery went to dead letters.
+const NOTHING_DELIVERED: u8 = 3;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,8 +40,9 @@ const INTERRUPTED: u8 = 130;
     long_about = "One customer update, typed once, delivered to every channel: subscribers by \
                   email, partners by signed webhook, and the public status page.\n\n\
                   Exit codes: 0 success, 1 a mistake in the input or configuration (the message \
-                  says which), 2 an internal error, 130 stopped by Ctrl-C or SIGTERM (run `crier dispatch` \
-                  to deliver the rest)."
+                  says which), 2 an internal error or an unavailable store, 3 nothing was \
+                  delivered (every delivery failed: see `crier deliveries --failed`), 130 stopped \
+                  by Ctrl-C or SIGTERM (run `crier dispatch` to deliver the rest)."
 )]
 pub struct Cli {
     /// The main configuration file; relative paths in it are relative to its folder.
@@ -59,7 +68,7 @@ pub enum Command {
     /// Stop updates for a contact (all of them, or one order's), or redeem an unsubscribe token.
     Unsubscribe(UnsubscribeArgs),
     /// Deliver whatever is queued (after a crash or Ctrl-C), then exit.
-    Dispatch(JsonArgs),
+    Dispatch(DispatchArgs),
     /// Show delivery counts per channel, and the failures.
     Deliveries(DeliveriesArgs),
     /// Queue dead letters again and deliver them.
@@ -74,13 +83,13 @@ pub struct ComposeArgs {
     #[arg(long)]
     pub headline: Option<String>,
     /// The incident's state after this update [default: investigating, or the incident's current state].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = parse_state)]
     pub state: Option<IncidentState>,
     /// Continue this incident (its id, as printed by an earlier send) instead of opening a new one.
     #[arg(long)]
     pub incident: Option<Ulid>,
-    /// Promise the next update within this long, like 2h or 30m.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Promise the next update within this long, like 2h or 30m (at most 30 days).
+    #[arg(long, value_parser = parse_next_update_in)]
     pub next_update_in: Option<Duration>,
     /// Send only to the subscribers of these orders (comma-separated). Of the broadcast
     /// channels only webhooks get it, marked as targeted.
@@ -89,7 +98,7 @@ pub struct ComposeArgs {
     /// Like --orders, with one order number per line of this file (- for standard input).
     #[arg(long)]
     pub orders_file: Option<PathBuf>,
-    /// Send through only this channel; repeat for several [default: every channel].
+    /// Send through only this channel (its id); repeat for several [default: every channel].
     #[arg(long = "channel")]
     pub channels: Vec<String>,
     /// Who is sending it [default: $USER].
@@ -143,7 +152,7 @@ pub struct UnsubscribeArgs {
     pub email: Option<String>,
     #[arg(long)]
     pub phone: Option<String>,
-    /// An unsubscribe token, as found in a message's List-Unsubscribe link.
+    /// An unsubscribe token, or the whole link from a message's List-Unsubscribe header.
     #[arg(long)]
     pub token: Option<String>,
     /// Stop only this order's updates.
@@ -152,7 +161,7 @@ pub struct UnsubscribeArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct JsonArgs {
+pub struct DispatchArgs {
     /// Print one JSON object with the counts per channel.
     #[arg(long)]
     pub json: bool,
@@ -179,59 +188,91 @@ pub struct RetryArgs {
     pub json: bool,
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn parse_state(text: &str) -> std::result::Result<IncidentState, String> {
+    text.parse()
+        .map_err(|e: crate::domain::DomainError| e.to_string())
+}
+
+/// The longest promise `--next-update-in` may make.
+const LONGEST_PROMISE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn parse_next_update_in(text: &str) -> std::result::Result<Duration, String> {
+    let wait = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if wait.is_zero() {
+        return Err("a promise of the next update must be later than now".into());
+    }
+    if wait > LONGEST_PROMISE {
+        return Err("promise the next update within 30 days at most".into());
+    }
+    Ok(wait)
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
     let config = Config::load(&cli.config, &ProcessEnv)?;
     match cli.command {
         Command::CheckConfig => check_config(&config),
-        Command::Subscribe(args) => subscribe(config, args),
-        Command::Unsubscribe(args) => unsubscribe(config, args),
-        Command::Preview(args) => preview(config, args),
+        Command::Subscribe(args) => subscribe(config, args).await,
+        Command::Unsubscribe(args) => unsubscribe(config, args).await,
+        Command::Preview(args) => preview(config, args).await,
         Command::Send(args) => send(config, args).await,
         Command::Dispatch(args) => dispatch(config, args).await,
-        Command::Deliveries(args) => deliveries(config, args),
+        Command::Deliveries(args) => deliveries(config, args).await,
         Command::Retry(args) => retry(config, args).await,
     }
 }
 
-fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
+fn check_config(config: &Config) -> Result<ExitCode> {
     let renderer = Renderer::load(&config.templates_dir)?;
     crate::channel::check_templates(config, &renderer)?;
-    println!("{}: OK", config.file.display());
     for channel in &config.channels {
-        println!(
+        channel
+            .settings
+            .check()
+            .map_err(|reason| Error::user(format!("{}: {reason}", channel.file.display())))?;
+    }
+    if let Err(reason) = crate::files::can_create_dir(&config.store.path) {
+        return Err(Error::user(format!(
+            "{}: store.path: {reason}",
+            config.file.display()
+        )));
+    }
+    say!("{}: OK", config.file.display());
+    for channel in &config.channels {
+        say!(
             "  channel {} ({}) from {}",
-            channel.name,
-            channel.kind.name(),
+            channel.id,
+            channel.kind.name,
             channel.file.display()
         );
     }
     if config.channels.is_empty() {
-        println!("  no channels are configured: updates would reach nobody");
+        say!("  no channels are configured: updates would reach nobody");
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Only the store is needed to manage subscribers, so no channel is built. sled creates the
-/// store's folders.
-fn open_store(config: &Config) -> anyhow::Result<Store> {
-    Ok(Store::open(&config.store)?)
+/// Only the store is needed to manage subscribers, so no channel is built.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
+    Ok(crate::store::open(&config.store).await?)
 }
 
-fn contact_from(email: Option<&str>, phone: Option<&str>) -> anyhow::Result<Contact> {
+fn contact_from(email: Option<&str>, phone: Option<&str>) -> Result<Contact> {
     Ok(match (email, phone) {
         (Some(email), _) => Contact::Email(EmailAddress::parse(email)?),
         (None, Some(phone)) => Contact::Phone(PhoneNumber::parse(phone)?),
-        (None, None) => return Err(UserError("give --email or --phone".into()).into()),
+        (None, None) => return Err(Error::user("give --email or --phone")),
     })
 }
 
-fn subscribe(config: Config, args: SubscribeArgs) -> anyhow::Result<ExitCode> {
+async fn subscribe(config: Config, args: SubscribeArgs) -> Result<ExitCode> {
     let order = OrderNumber::parse(&args.order, &config.orders)?;
     let contact = contact_from(args.email.as_deref(), args.phone.as_deref())?;
-    let store = open_store(&config)?;
-    let subscriber = store.subscribe(&contact, &order, args.confirmed, Utc::now())?;
+    let store = open_store(&config).await?;
+    let subscriber = store
+        .subscribe(&contact, &order, args.confirmed, Utc::now())
+        .await?;
     let orders: Vec<String> = subscriber.orders.iter().map(ToString::to_string).collect();
-    println!(
+    say!(
         "{} follows {} ({})",
         subscriber.contact,
         orders.join(", "),
@@ -242,7 +283,7 @@ fn subscribe(config: Config, args: SubscribeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn unsubscribe(config: Config, args: UnsubscribeArgs) -> anyhow::Result<ExitCode> {
+async fn unsubscribe(config: Config, args: UnsubscribeArgs) -> Result<ExitCode> {
     let order = args
         .order
         .as_deref()
@@ -250,34 +291,42 @@ fn unsubscribe(config: Config, args: UnsubscribeArgs) -> anyhow::Result<ExitCode
         .transpose()?;
     let contact = match &args.token {
         Some(token) => {
-            let signer = crate::domain::token::TokenSigner::new(&config.link_secret);
+            use secrecy::ExposeSecret;
+            let signer = crate::domain::token::TokenSigner::new(config.link_secret.expose_secret());
             let subject = signer.verify(TokenPurpose::Unsubscribe, token, Utc::now())?;
             Contact::parse(&subject)?
         }
         None => contact_from(args.email.as_deref(), args.phone.as_deref())?,
     };
-    let store = open_store(&config)?;
-    let subscriber = store.unsubscribe(&contact, order.as_ref(), Utc::now())?;
+    let store = open_store(&config).await?;
+    let subscriber = store
+        .unsubscribe(&contact, order.as_ref(), Utc::now())
+        .await?;
     match order {
-        Some(order) => println!("{} no longer follows {order}", subscriber.contact),
-        None => println!("{} is unsubscribed from every update", subscriber.contact),
+        Some(order) => say!("{} no longer follows {order}", subscriber.contact),
+        None => say!("{} is unsubscribed from every update", subscriber.contact),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn read_stdin() -> anyhow::Result<String> {
-    let mut text = String::new();
+fn read_stdin() -> Result<String> {
+    let mut bytes = Vec::new();
     std::io::stdin()
-        .read_to_string(&mut text)
-        .context("cannot read standard input")?;
-    Ok(text)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::user(format!("cannot read standard input: {e}")))?;
+    String::from_utf8(bytes)
+        .map_err(|e| Error::user(format!("standard input is not UTF-8 text: {e}")))
 }
 
-fn draft(config: &Config, args: ComposeArgs) -> anyhow::Result<Draft> {
+fn draft(config: &Config, args: ComposeArgs) -> Result<Draft> {
     let body = match args.body.as_deref() {
         Some("-") => read_stdin()?,
         Some(body) => body.to_owned(),
-        None => return Err(UserError("the update's text is missing: give it as the last argument, or - to read it from standard input".into()).into()),
+        None => {
+            return Err(Error::user(
+                "the update's text is missing: give it as the last argument, or - to read it from standard input",
+            ));
+        }
     };
     let raw_orders: Vec<String> = match &args.orders_file {
         Some(path) => {
@@ -285,7 +334,7 @@ fn draft(config: &Config, args: ComposeArgs) -> anyhow::Result<Draft> {
                 read_stdin()?
             } else {
                 std::fs::read_to_string(path)
-                    .map_err(|e| UserError(format!("cannot read {}: {e}", path.display())))?
+                    .map_err(|e| Error::user(format!("cannot read {}: {e}", path.display())))?
             };
             text.lines()
                 .map(str::trim)
@@ -297,14 +346,14 @@ fn draft(config: &Config, args: ComposeArgs) -> anyhow::Result<Draft> {
     };
     let audience = if raw_orders.is_empty() {
         if args.orders_file.is_some() {
-            return Err(UserError("the orders file lists no order numbers".into()).into());
+            return Err(Error::user("the orders file lists no order numbers"));
         }
         Audience::Everyone
     } else {
         let orders = raw_orders
             .iter()
             .map(|o| OrderNumber::parse(o, &config.orders))
-            .collect::<Result<BTreeSet<_>, _>>()?;
+            .collect::<std::result::Result<BTreeSet<_>, _>>()?;
         Audience::Orders(orders)
     };
     Ok(Draft {
@@ -322,55 +371,81 @@ fn draft(config: &Config, args: ComposeArgs) -> anyhow::Result<Draft> {
     })
 }
 
-fn print_previews(composed: &Composed) {
+/// Control characters (ESC above all) are never written to a terminal raw: they could
+/// rewrite what the comms lead sees. Compose refuses them in the update itself; templates
+/// could still hold some.
+fn terminal_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                char::REPLACEMENT_CHARACTER
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+fn print_previews(composed: &Composed) -> Result<()> {
     let update = &composed.update;
-    println!("incident {} · {}", composed.incident.title, update.state);
+    say!(
+        "incident {} · {}",
+        terminal_safe(&composed.incident.title),
+        update.state
+    );
     if let Some(next) = update.next_update_by {
-        println!("next update by {}", crate::render::human_time(next));
+        say!("next update by {}", human_time(next));
     }
     match &update.audience {
-        Audience::Everyone => println!("audience: everyone"),
+        Audience::Everyone => say!("audience: everyone"),
         Audience::Orders(orders) => {
             let orders: Vec<&str> = orders.iter().map(|o| o.as_str()).collect();
-            println!(
+            say!(
                 "audience: the subscribers of {} (targeted)",
                 orders.join(", ")
             );
         }
     }
     for (channel, parts) in &composed.previews {
-        println!("\n=== {channel} ===");
+        say!("\n=== {channel} ===");
         for part in parts {
-            println!("--- {} ---\n{}", part.part, part.text.trim_end());
+            say!(
+                "--- {} ---\n{}",
+                part.part,
+                terminal_safe(part.text.trim_end())
+            );
         }
     }
+    Ok(())
 }
 
-fn preview(config: Config, args: PreviewArgs) -> anyhow::Result<ExitCode> {
+async fn preview(config: Config, args: PreviewArgs) -> Result<ExitCode> {
     let draft = draft(&config, args.compose)?;
-    let app = App::open(config)?;
-    let composed = app.compose(draft)?;
+    let app = App::open(config).await?;
+    let composed = app.compose(draft).await?;
     if args.json {
         let channels: BTreeMap<&str, _> = composed
             .previews
             .iter()
             .map(|(name, parts)| (name.as_str(), parts))
             .collect();
-        println!(
+        say!(
             "{}",
             serde_json::json!({ "update": &composed.update, "channels": channels })
         );
     } else {
-        print_previews(&composed);
+        print_previews(&composed)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn confirm_send(composed: &Composed) -> anyhow::Result<()> {
+fn confirm_send(composed: &Composed) -> Result<()> {
     if !std::io::stdin().is_terminal() {
-        return Err(UserError("not sending without confirmation: add --yes (standard input is not a terminal to ask on)".into()).into());
+        return Err(Error::user(
+            "not sending without confirmation: add --yes (standard input is not a terminal to ask on)",
+        ));
     }
-    print_previews(composed);
+    print_previews(composed)?;
     print!(
         "\nSend this update through {} channel(s)? [y/N] ",
         composed.previews.len()
@@ -379,22 +454,21 @@ fn confirm_send(composed: &Composed) -> anyhow::Result<()> {
     let mut answer = String::new();
     std::io::stdin().read_line(&mut answer)?;
     if !matches!(answer.trim(), "y" | "Y" | "yes") {
-        return Err(UserError("not sent".into()).into());
+        return Err(Error::user("not sent"));
     }
     Ok(())
 }
 
-async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
+async fn send(config: Config, args: SendArgs) -> Result<ExitCode> {
     let reads_stdin = args.compose.body.as_deref() == Some("-");
     let draft = draft(&config, args.compose)?;
-    let app = App::open(config)?;
-    let composed = app.compose(draft)?;
+    let app = App::open(config).await?;
+    let composed = app.compose(draft).await?;
     if !args.yes {
         if reads_stdin {
-            return Err(UserError(
-                "the text came from standard input, so add --yes to send it".into(),
-            )
-            .into());
+            return Err(Error::user(
+                "the text came from standard input, so add --yes to send it",
+            ));
         }
         confirm_send(&composed)?;
     }
@@ -406,211 +480,144 @@ async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
         "accepted update {} (incident {})",
         update.id, update.incident
     );
-    let interrupted = deliver_queued(&app, &stop).await?;
-    report(&app.store, update.id, args.json)?;
-    Ok(exit_after(interrupted))
+    let delivered = deliver_queued(&app, &stop).await?;
+    report(app.store.as_ref(), update.id, args.json).await?;
+    Ok(exit_after(&delivered))
 }
 
-async fn dispatch(config: Config, args: JsonArgs) -> anyhow::Result<ExitCode> {
-    let app = App::open(config)?;
+async fn dispatch(config: Config, args: DispatchArgs) -> Result<ExitCode> {
+    let app = App::open(config).await?;
     let stop = StopSignal::install()?;
-    let interrupted = deliver_queued(&app, &stop).await?;
-    let counts = app.store.counts(None)?;
+    let delivered = deliver_queued(&app, &stop).await?;
+    let counts = app.store.counts(None).await?;
     if args.json {
-        println!("{}", serde_json::json!({ "channels": counts }));
+        say!("{}", serde_json::json!({ "channels": counts }));
     } else {
-        print_counts(&counts);
+        print_counts(&counts)?;
     }
-    Ok(exit_after(interrupted))
+    Ok(exit_after(&delivered))
 }
 
-async fn retry(config: Config, args: RetryArgs) -> anyhow::Result<ExitCode> {
-    let app = App::open(config)?;
+async fn retry(config: Config, args: RetryArgs) -> Result<ExitCode> {
+    let app = App::open(config).await?;
     let stop = StopSignal::install()?;
-    let requeued = app.store.requeue_dead(args.update, Utc::now())?;
+    let requeued = app.store.requeue_dead(args.update, Utc::now()).await?;
     let channels: BTreeSet<&str> = requeued.iter().map(|r| r.channel.as_str()).collect();
     for channel in channels {
-        if app.store.enable_channel(channel)? {
+        if app.store.enable_channel(channel).await? {
             eprintln!("channel {channel} is enabled again");
         }
     }
-    app.store.commit().await?;
     eprintln!("{} dead letter(s) queued again", requeued.len());
-    let interrupted = deliver_queued(&app, &stop).await?;
-    let counts = app.store.counts(args.update)?;
+    let delivered = deliver_queued(&app, &stop).await?;
+    let counts = app.store.counts(args.update).await?;
     if args.json {
-        println!(
+        say!(
             "{}",
             serde_json::json!({ "requeued": requeued.len(), "channels": counts })
         );
     } else {
-        print_counts(&counts);
+        print_counts(&counts)?;
     }
-    Ok(exit_after(interrupted))
+    Ok(exit_after(&delivered))
 }
 
-fn exit_after(interrupted: bool) -> ExitCode {
-    if interrupted {
+fn exit_after(delivered: &Delivered) -> ExitCode {
+    if let Some(due) = delivered.left_for_later {
+        eprintln!(
+            "some deliveries wait for a retry due at {}: run `crier dispatch` then to deliver them",
+            human_time(due)
+        );
+    }
+    if delivered.interrupted {
         eprintln!(
             "stopped by Ctrl-C or SIGTERM; the rest stays queued: run `crier dispatch` to deliver it"
         );
-        ExitCode::from(INTERRUPTED)
-    } else {
-        ExitCode::SUCCESS
+        return ExitCode::from(INTERRUPTED);
     }
+    if delivered.sent == 0 && delivered.dead > 0 && delivered.left_for_later.is_none() {
+        eprintln!(
+            "nothing was delivered: {} deliveries went to dead letters; see `crier deliveries --failed`",
+            delivered.dead
+        );
+        return ExitCode::from(NOTHING_DELIVERED);
+    }
+    ExitCode::SUCCESS
 }
 
-/// Runs the dispatcher until everything queued is delivered or dead-lettered, with a progress
-/// bar on a terminal. Returns whether a stop request ended it first.
-async fn deliver_queued(app: &App, stop: &StopSignal) -> anyhow::Result<bool> {
-    let recovered = app.recover().await?;
-    if recovered > 0 {
-        eprintln!("{recovered} deliveries left by an earlier run are queued again");
-    }
-    let total = app.store.unfinished_deliveries() as u64;
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{bar:30}] {pos}/{len} {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<Finished>();
-    let dispatcher: Arc<Dispatcher> = Arc::new(app.dispatcher().report_to(finished_tx));
-    let progress = {
-        let bar = bar.clone();
-        tokio::spawn(async move {
-            let (mut sent, mut dead, mut skipped) = (0u64, 0u64, 0u64);
-            while let Some(finished) = finished_rx.recv().await {
-                match finished.state {
-                    DeliveryState::Sent => sent += 1,
-                    DeliveryState::Dead => dead += 1,
-                    _ => skipped += 1,
-                }
-                bar.set_message(format!("sent {sent} · dead {dead} · skipped {skipped}"));
-                bar.inc(1);
-            }
-        })
-    };
-    let result = dispatcher.run(Mode::UntilDrained, stop.receiver()).await;
-    progress.await.ok();
-    bar.finish_and_clear();
-    result?;
-    Ok(stop.was_requested())
-}
-
-/// Listens for Ctrl-C (SIGINT) and, on Unix, SIGTERM from the moment it is installed, so a
-/// stop asked for while the update is being stored or planned is honoured at the next clean
-/// point instead of killing the process.
-struct StopSignal {
-    requested: watch::Receiver<bool>,
-    listener: tokio::task::JoinHandle<()>,
-}
-
-impl StopSignal {
-    fn install() -> anyhow::Result<Self> {
-        let (request, requested) = watch::channel(false);
-        #[cfg(unix)]
-        let listener = {
-            use tokio::signal::unix::{SignalKind, signal};
-            // Registered here, synchronously: from now on the signals are ours.
-            let mut interrupt = signal(SignalKind::interrupt())?;
-            let mut terminate = signal(SignalKind::terminate())?;
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = interrupt.recv() => {}
-                    _ = terminate.recv() => {}
-                }
-                let _ = request.send(true);
-            })
-        };
-        #[cfg(not(unix))]
-        let listener = tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                let _ = request.send(true);
-            }
-        });
-        Ok(Self {
-            requested,
-            listener,
-        })
-    }
-
-    fn receiver(&self) -> watch::Receiver<bool> {
-        self.requested.clone()
-    }
-
-    fn was_requested(&self) -> bool {
-        *self.requested.borrow()
-    }
-}
-
-impl Drop for StopSignal {
-    fn drop(&mut self) {
-        self.listener.abort();
-    }
-}
-
-fn report(store: &Store, update: Ulid, json: bool) -> anyhow::Result<()> {
-    let record = store.update(update)?;
-    let counts = store.counts(Some(update))?;
+async fn report(store: &dyn Store, update: Ulid, json: bool) -> Result<()> {
+    let record = store.update(update).await?;
+    let counts = store.counts(Some(update)).await?;
     if json {
-        println!(
+        say!(
             "{}",
             serde_json::json!({ "update": update.to_string(), "incident": record.incident.to_string(), "channels": counts })
         );
     } else {
-        print_counts(&counts);
-        println!("update {update}");
-        println!("incident {}", record.incident);
+        print_counts(&counts)?;
+        say!("update {update}");
+        say!("incident {}", record.incident);
     }
     Ok(())
 }
 
-fn print_counts(counts: &BTreeMap<String, Counts>) {
-    println!(
+fn print_counts(counts: &BTreeMap<String, Counts>) -> Result<()> {
+    say!(
         "{:<16} {:>7} {:>9} {:>7} {:>8} {:>6} {:>7}",
-        "channel", "queued", "in_flight", "sent", "retrying", "dead", "skipped"
+        "channel",
+        "queued",
+        "in_flight",
+        "sent",
+        "retrying",
+        "dead",
+        "skipped"
     );
     for (channel, c) in counts {
-        println!(
+        say!(
             "{:<16} {:>7} {:>9} {:>7} {:>8} {:>6} {:>7}",
-            channel, c.queued, c.in_flight, c.sent, c.retrying, c.dead, c.skipped
+            channel,
+            c.queued,
+            c.in_flight,
+            c.sent,
+            c.retrying,
+            c.dead,
+            c.skipped
         );
     }
     if counts.is_empty() {
-        println!("(no deliveries)");
+        say!("(no deliveries)");
     }
+    Ok(())
 }
 
-fn deliveries(config: Config, args: DeliveriesArgs) -> anyhow::Result<ExitCode> {
-    let store = open_store(&config)?;
+/// How many failures `deliveries --failed` lists at most.
+const FAILURES_SHOWN: usize = 1000;
+
+async fn deliveries(config: Config, args: DeliveriesArgs) -> Result<ExitCode> {
+    let store = open_store(&config).await?;
     let update = match args.update {
-        Some(id) => store.update(id)?,
-        None => match store.recent_updates(1)?.into_iter().next() {
+        Some(id) => store.update(id).await?,
+        None => match store.recent_updates(1).await?.into_iter().next() {
             Some(latest) => latest,
             None => {
                 if args.json {
-                    println!(
+                    say!(
                         "{}",
                         serde_json::json!({ "update": null, "incident": null, "channels": {} })
                     );
                 } else {
-                    println!("no update has been sent yet");
+                    say!("no update has been sent yet");
                 }
                 return Ok(ExitCode::SUCCESS);
             }
         },
     };
-    let counts = store.counts(Some(update.id))?;
-    let failures: Vec<_> = if args.failed {
+    let counts = store.counts(Some(update.id)).await?;
+    let failures: Vec<DeliveryRecord> = if args.failed {
         store
-            .deliveries(Some(update.id))
-            .filter(|r| {
-                r.as_ref()
-                    .map(|r| matches!(r.state, DeliveryState::Dead | DeliveryState::Retrying))
-                    .unwrap_or(true)
-            })
-            .collect::<Result<_, _>>()?
+            .deliveries(update.id, DeliveryFilter::Failed, None, FAILURES_SHOWN)
+            .await?
+            .items
     } else {
         Vec::new()
     };
@@ -623,29 +630,29 @@ fn deliveries(config: Config, args: DeliveriesArgs) -> anyhow::Result<ExitCode> 
         if args.failed {
             object["failures"] = serde_json::to_value(&failures)?;
         }
-        println!("{object}");
+        say!("{object}");
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    say!(
         "update {} · {} · {}",
         update.id,
-        update.headline.as_str(),
-        crate::render::human_time(update.created_at)
+        terminal_safe(update.headline.as_str()),
+        human_time(update.created_at)
     );
-    print_counts(&counts);
+    print_counts(&counts)?;
     if args.failed {
         if failures.is_empty() {
-            println!("\nno failures");
+            say!("\nno failures");
         } else {
-            println!("\nfailures:");
+            say!("\nfailures:");
         }
         for failure in &failures {
-            println!(
+            say!(
                 "  {} {:?} after {} attempt(s): {}",
                 failure.key(),
                 failure.state,
                 failure.attempts,
-                failure.last_error.as_deref().unwrap_or("-")
+                terminal_safe(failure.last_error.as_deref().unwrap_or("-"))
             );
         }
     }

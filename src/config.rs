@@ -3,13 +3,13 @@
 //! Loading reads the files and the environment variables that hold secrets, and nothing else:
 //! `crier check-config` runs exactly this, with no network and no store.
 
+use crate::channel::registry::{self, ChannelKind, ChannelSettings, SettingsInput};
 use crate::domain::OrderPattern;
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use lettre::message::Mailbox;
 use reqwest::Url;
+use secrecy::SecretString;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A configuration problem, always naming the file, and the key when there is one.
@@ -22,7 +22,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(file: &Path, key: impl Into<Option<String>>, reason: impl Into<String>) -> Self {
+    pub fn new(file: &Path, key: impl Into<Option<String>>, reason: impl Into<String>) -> Self {
         Self {
             file: file.to_owned(),
             key: key.into(),
@@ -30,7 +30,7 @@ impl ConfigError {
         }
     }
 
-    fn at(file: &Path, key: &str, reason: impl Into<String>) -> Self {
+    pub fn at(file: &Path, key: &str, reason: impl Into<String>) -> Self {
         Self::new(file, Some(key.to_owned()), reason)
     }
 }
@@ -166,46 +166,6 @@ struct DeliveryFile {
     backoff_max: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EmailFile {
-    /// The sender, as `Name <address>`.
-    from: String,
-    /// `file://DIR`, `smtp://[user@]host:port` (STARTTLS when offered) or `smtps://[user@]host:port`.
-    transport: String,
-    /// The environment variable holding the SMTP password, when the URL names a user.
-    password_env: Option<String>,
-    #[serde(default)]
-    delivery: DeliveryFile,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WebhookFile {
-    /// The partner's endpoint.
-    url: String,
-    /// The environment variable holding the Standard Webhooks secret (`whsec_<base64>`).
-    secret_env: String,
-    #[serde(default)]
-    delivery: DeliveryFile,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StatusPageFile {
-    /// The folder `status.html`, `feed.atom` and `status.json` are written into.
-    dir: PathBuf,
-    /// How many incidents the page shows, newest first.
-    #[serde(default = "default_status_incidents")]
-    incidents: usize,
-    #[serde(default)]
-    delivery: DeliveryFile,
-}
-
-fn default_status_incidents() -> usize {
-    20
-}
-
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -214,7 +174,7 @@ pub struct Config {
     pub templates_dir: PathBuf,
     pub orders: OrderPattern,
     pub brand: Brand,
-    pub link_secret: Vec<u8>,
+    pub link_secret: SecretString,
     pub unsubscribe_ttl: Duration,
     pub lease: Duration,
     pub plan_batch: usize,
@@ -236,70 +196,17 @@ pub struct Brand {
 
 #[derive(Debug, Clone)]
 pub struct ChannelConfig {
-    /// The file stem: `channels/partners.toml` is the channel `partners`.
-    pub name: String,
+    /// The channel's stable id: the file's `id`, or else the file's name
+    /// (`channels/partners.toml` is the channel `partners`).
+    pub id: String,
     pub file: PathBuf,
-    pub kind: ChannelKind,
+    pub kind: &'static ChannelKind,
+    pub settings: Arc<dyn ChannelSettings>,
     pub policy: DeliveryPolicy,
 }
 
-#[derive(Debug, Clone)]
-pub enum ChannelKind {
-    Email(EmailSettings),
-    Webhook(WebhookSettings),
-    StatusPage(StatusPageSettings),
-}
-
-impl ChannelKind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            ChannelKind::Email(_) => "email",
-            ChannelKind::Webhook(_) => "webhook",
-            ChannelKind::StatusPage(_) => "status_page",
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct EmailSettings {
-    pub from: Mailbox,
-    pub transport: EmailTransport,
-}
-
-#[derive(Debug, Clone)]
-pub enum EmailTransport {
-    /// lettre's file transport: one `.eml` per message, no outside service needed.
-    File(PathBuf),
-    Smtp {
-        host: String,
-        port: u16,
-        implicit_tls: bool,
-        credentials: Option<(String, String)>,
-    },
-}
-
-#[derive(Clone)]
-pub struct WebhookSettings {
-    pub url: Url,
-    /// The decoded `whsec_` secret.
-    pub secret: Vec<u8>,
-}
-
-impl std::fmt::Debug for WebhookSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WebhookSettings")
-            .field("url", &self.url.as_str())
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct StatusPageSettings {
-    pub dir: PathBuf,
-    pub incidents: usize,
-}
-
-/// How one channel retries and how much it does at once.
+/// How one channel retries and how much it does at once. The dispatcher applies it; the
+/// kind only supplies its defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeliveryPolicy {
     pub concurrency: usize,
@@ -311,12 +218,8 @@ pub struct DeliveryPolicy {
 }
 
 impl DeliveryPolicy {
-    fn defaults_for(kind: &str) -> Self {
-        let concurrency = match kind {
-            "email" => 8,
-            "status_page" => 1,
-            _ => 4,
-        };
+    /// The defaults a kind starts from, with its own concurrency.
+    pub const fn with_concurrency(concurrency: usize) -> Self {
         Self {
             concurrency,
             max_attempts: 8,
@@ -328,6 +231,14 @@ impl DeliveryPolicy {
     }
 }
 
+/// The longest any configured duration may be: beyond it a value is a typo, and time
+/// arithmetic on it would overflow.
+const LONGEST: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The longest a delivery may keep being retried.
+const LONGEST_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The longest one attempt may take.
+const LONGEST_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Where secrets come from. Tests pass a map; the binary passes the process environment.
 pub trait SecretSource {
     fn get(&self, name: &str) -> Option<String>;
@@ -337,7 +248,7 @@ pub struct ProcessEnv;
 
 impl SecretSource for ProcessEnv {
     fn get(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|v| !v.is_empty())
+        std::env::var(name).ok()
     }
 }
 
@@ -368,37 +279,26 @@ impl Config {
         if raw.brand.name.trim().is_empty() {
             return Err(ConfigError::at(file, "brand.name", "must not be empty"));
         }
-        let link_secret = secret(
+        let link_secret = link_secret(file, &raw.tokens.link_secret_env, secrets)?;
+        let unsubscribe_ttl = duration(
             file,
-            "tokens.link_secret_env",
-            &raw.tokens.link_secret_env,
-            secrets,
+            "tokens.unsubscribe_ttl",
+            &raw.tokens.unsubscribe_ttl,
+            LONGEST,
         )?;
-        if link_secret.len() < 16 {
-            return Err(ConfigError::at(
-                file,
-                "tokens.link_secret_env",
-                format!(
-                    "the secret in {} must be at least 16 characters",
-                    raw.tokens.link_secret_env
-                ),
-            ));
-        }
-        let unsubscribe_ttl =
-            duration(file, "tokens.unsubscribe_ttl", &raw.tokens.unsubscribe_ttl)?;
-        let lease = duration(file, "dispatch.lease", &raw.dispatch.lease)?;
-        if raw.dispatch.plan_batch == 0 {
+        let lease = duration(file, "dispatch.lease", &raw.dispatch.lease, LONGEST)?;
+        if raw.dispatch.plan_batch == 0 || raw.dispatch.plan_batch > 100_000 {
             return Err(ConfigError::at(
                 file,
                 "dispatch.plan_batch",
-                "must be at least 1",
+                "must be between 1 and 100000",
             ));
         }
-        if raw.store.cache_capacity_mb == 0 {
+        if raw.store.cache_capacity_mb == 0 || raw.store.cache_capacity_mb > 1 << 20 {
             return Err(ConfigError::at(
                 file,
                 "store.cache_capacity_mb",
-                "must be at least 1",
+                "must be between 1 and 1048576",
             ));
         }
 
@@ -414,7 +314,7 @@ impl Config {
                 "dispatch.lease",
                 format!(
                     "must be longer than every channel's timeout plus a second; channel {} allows {}",
-                    slowest.name,
+                    slowest.id,
                     humantime::format_duration(slowest.policy.timeout)
                 ),
             ));
@@ -432,7 +332,7 @@ impl Config {
                 name: raw.brand.name.trim().to_owned(),
                 public_url: public_url.as_str().trim_end_matches('/').to_owned(),
             },
-            link_secret: link_secret.into_bytes(),
+            link_secret,
             unsubscribe_ttl,
             lease,
             plan_batch: raw.dispatch.plan_batch,
@@ -454,12 +354,13 @@ fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result
     })
 }
 
-fn secret(
+/// The secret held by the environment variable that `key` names.
+pub fn secret(
     file: &Path,
     key: &str,
     variable: &str,
     secrets: &dyn SecretSource,
-) -> Result<String, ConfigError> {
+) -> Result<SecretString, ConfigError> {
     if variable.trim().is_empty() {
         return Err(ConfigError::at(
             file,
@@ -467,16 +368,66 @@ fn secret(
             "must name an environment variable",
         ));
     }
-    secrets.get(variable).ok_or_else(|| {
-        ConfigError::at(
+    match secrets.get(variable) {
+        None => Err(ConfigError::at(
             file,
             key,
             format!("the environment variable {variable} is not set"),
-        )
-    })
+        )),
+        Some(value) if value.is_empty() => Err(ConfigError::at(
+            file,
+            key,
+            format!("the environment variable {variable} is set but empty"),
+        )),
+        Some(value) => Ok(SecretString::from(value)),
+    }
 }
 
-fn duration(file: &Path, key: &str, text: &str) -> Result<Duration, ConfigError> {
+/// The link secret: at least 16 characters of real text, not padding.
+fn link_secret(
+    file: &Path,
+    variable: &str,
+    secrets: &dyn SecretSource,
+) -> Result<SecretString, ConfigError> {
+    use secrecy::ExposeSecret;
+    let key = "tokens.link_secret_env";
+    let secret = secret(file, key, variable, secrets)?;
+    let text = secret.expose_secret();
+    let problem = if text.trim() != text {
+        Some("starts or ends with whitespace (a stray newline?)".to_owned())
+    } else if text.chars().count() < 16 {
+        Some(format!(
+            "has {} characters; it needs at least 16",
+            text.chars().count()
+        ))
+    } else if distinct_chars(text) < 8 {
+        Some("repeats too few characters to be a secret; use a random string".to_owned())
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(ConfigError::at(
+            file,
+            key,
+            format!("the secret in {variable} {problem}"),
+        )),
+        None => Ok(secret),
+    }
+}
+
+pub fn distinct_chars(text: &str) -> usize {
+    text.chars()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+/// A humantime duration, more than zero and at most `longest`.
+pub fn duration(
+    file: &Path,
+    key: &str,
+    text: &str,
+    longest: Duration,
+) -> Result<Duration, ConfigError> {
     let parsed = humantime::parse_duration(text).map_err(|e| {
         ConfigError::at(
             file,
@@ -486,6 +437,16 @@ fn duration(file: &Path, key: &str, text: &str) -> Result<Duration, ConfigError>
     })?;
     if parsed.is_zero() {
         return Err(ConfigError::at(file, key, "must be longer than zero"));
+    }
+    if parsed > longest {
+        return Err(ConfigError::at(
+            file,
+            key,
+            format!(
+                "'{text}' is longer than the most allowed, {}",
+                humantime::format_duration(longest)
+            ),
+        ));
     }
     Ok(parsed)
 }
@@ -503,10 +464,36 @@ fn load_channels(
         .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
         .collect();
     files.sort();
-    files
+    let channels = files
         .iter()
         .map(|file| load_channel(file, base, secrets))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, channel) in channels.iter().enumerate() {
+        if let Some(earlier) = channels[..i].iter().find(|c| c.id == channel.id) {
+            return Err(ConfigError::at(
+                &channel.file,
+                "id",
+                format!(
+                    "'{}' is already the id of {}",
+                    channel.id,
+                    earlier.file.display()
+                ),
+            ));
+        }
+    }
+    Ok(channels)
+}
+
+/// Lower-case letters, digits, - and _, starting with a letter or digit.
+fn valid_channel_id(id: &str) -> bool {
+    id.len() <= 64
+        && id
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
 fn load_channel(
@@ -514,128 +501,87 @@ fn load_channel(
     base: &Path,
     secrets: &dyn SecretSource,
 ) -> Result<ChannelConfig, ConfigError> {
-    let name = file
+    let stem = file
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or_default()
         .to_owned();
-    let valid_name = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-    if !valid_name {
-        return Err(ConfigError::new(
-            file,
-            None,
-            "a channel file's name is the channel's name: use lower-case letters, digits, - and _",
-        ));
-    }
     let text = std::fs::read_to_string(file)
         .map_err(|e| ConfigError::new(file, None, format!("cannot read it: {e}")))?;
     let mut table: toml::Table = parse_toml(file, &text)?;
-    let kind = match table.remove("kind") {
+    // `kind`, `id` and `[delivery]` are taken out before the kind's own strict parse: serde's
+    // internally tagged enums would silently accept unknown keys.
+    let kind_name = match table.remove("kind") {
         Some(toml::Value::String(kind)) => kind,
         Some(_) => return Err(ConfigError::at(file, "kind", "must be a string")),
         None => {
             return Err(ConfigError::at(
                 file,
                 "kind",
-                "missing: use email, webhook or status_page",
+                format!("missing: use {}", registry::kind_names()),
             ));
         }
     };
-    let body = toml::Value::Table(table);
-    let deserialize_error =
-        |e: toml::de::Error| ConfigError::new(file, None, e.message().trim().to_owned());
-    let (kind, delivery) = match kind.as_str() {
-        "email" => {
-            let raw: EmailFile = body.try_into().map_err(deserialize_error)?;
-            let from: Mailbox = raw.from.parse().map_err(|e| {
-                ConfigError::at(
+    let id = match table.remove("id") {
+        Some(toml::Value::String(id)) => {
+            if !valid_channel_id(&id) {
+                return Err(ConfigError::at(
                     file,
-                    "from",
-                    format!("'{}' is not a mailbox: {e}", raw.from),
-                )
-            })?;
-            let transport = email_transport(
-                file,
-                base,
-                &raw.transport,
-                raw.password_env.as_deref(),
-                secrets,
-            )?;
-            (
-                ChannelKind::Email(EmailSettings { from, transport }),
-                raw.delivery,
-            )
-        }
-        "webhook" => {
-            let raw: WebhookFile = body.try_into().map_err(deserialize_error)?;
-            let url = Url::parse(&raw.url).map_err(|e| {
-                ConfigError::at(file, "url", format!("'{}' is not a URL: {e}", raw.url))
-            })?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err(ConfigError::at(file, "url", "must be an http or https URL"));
+                    "id",
+                    "use lower-case letters, digits, - and _ (at most 64)",
+                ));
             }
-            let encoded = secret(file, "secret_env", &raw.secret_env, secrets)?;
-            let secret = encoded
-                .strip_prefix("whsec_")
-                .and_then(|b64| STANDARD.decode(b64).ok())
-                .filter(|key| !key.is_empty())
-                .ok_or_else(|| {
-                    ConfigError::at(
-                        file,
-                        "secret_env",
-                        format!(
-                            "the secret in {} must be whsec_ followed by base64",
-                            raw.secret_env
-                        ),
-                    )
-                })?;
-            (
-                ChannelKind::Webhook(WebhookSettings { url, secret }),
-                raw.delivery,
-            )
+            id
         }
-        "status_page" => {
-            let raw: StatusPageFile = body.try_into().map_err(deserialize_error)?;
-            if raw.incidents == 0 {
-                return Err(ConfigError::at(file, "incidents", "must be at least 1"));
+        Some(_) => return Err(ConfigError::at(file, "id", "must be a string")),
+        None => {
+            if !valid_channel_id(&stem) {
+                return Err(ConfigError::new(
+                    file,
+                    None,
+                    "a channel file's name is the channel's id unless it sets `id`: use lower-case letters, digits, - and _",
+                ));
             }
-            (
-                ChannelKind::StatusPage(StatusPageSettings {
-                    dir: base.join(raw.dir),
-                    incidents: raw.incidents,
-                }),
-                raw.delivery,
-            )
-        }
-        other => {
-            return Err(ConfigError::at(
-                file,
-                "kind",
-                format!("'{other}' is not a channel kind: use email, webhook or status_page"),
-            ));
+            stem
         }
     };
-    let policy = delivery_policy(file, kind.name(), delivery)?;
+    let delivery: DeliveryFile = match table.remove("delivery") {
+        Some(value) => value.try_into().map_err(|e: toml::de::Error| {
+            ConfigError::at(file, "delivery", e.message().trim().to_owned())
+        })?,
+        None => DeliveryFile::default(),
+    };
+    let kind = registry::kind(&kind_name).ok_or_else(|| {
+        ConfigError::at(
+            file,
+            "kind",
+            format!(
+                "'{kind_name}' is not a channel kind: use {}",
+                registry::kind_names()
+            ),
+        )
+    })?;
+    let settings = (kind.parse)(&SettingsInput {
+        file,
+        base,
+        table: toml::Value::Table(table),
+        secrets,
+    })?;
+    let policy = delivery_policy(file, kind.default_policy.clone(), delivery)?;
     Ok(ChannelConfig {
-        name,
+        id,
         file: file.to_owned(),
         kind,
+        settings,
         policy,
     })
 }
 
 fn delivery_policy(
     file: &Path,
-    kind: &str,
+    mut policy: DeliveryPolicy,
     raw: DeliveryFile,
 ) -> Result<DeliveryPolicy, ConfigError> {
-    let mut policy = DeliveryPolicy::defaults_for(kind);
     if let Some(concurrency) = raw.concurrency {
         if concurrency == 0 || concurrency > 1024 {
             return Err(ConfigError::at(
@@ -647,110 +593,68 @@ fn delivery_policy(
         policy.concurrency = concurrency;
     }
     if let Some(max_attempts) = raw.max_attempts {
-        if max_attempts == 0 {
+        if max_attempts == 0 || max_attempts > 1000 {
             return Err(ConfigError::at(
                 file,
                 "delivery.max_attempts",
-                "must be at least 1",
+                "must be between 1 and 1000",
             ));
         }
         policy.max_attempts = max_attempts;
     }
     let durations = [
-        ("delivery.max_age", raw.max_age, &mut policy.max_age),
-        ("delivery.timeout", raw.timeout, &mut policy.timeout),
+        (
+            "delivery.max_age",
+            raw.max_age,
+            &mut policy.max_age,
+            LONGEST_MAX_AGE,
+        ),
+        (
+            "delivery.timeout",
+            raw.timeout,
+            &mut policy.timeout,
+            LONGEST_TIMEOUT,
+        ),
         (
             "delivery.backoff_base",
             raw.backoff_base,
             &mut policy.backoff_base,
+            LONGEST_MAX_AGE,
         ),
         (
             "delivery.backoff_max",
             raw.backoff_max,
             &mut policy.backoff_max,
+            LONGEST_MAX_AGE,
         ),
     ];
-    for (key, text, target) in durations {
+    for (key, text, target, longest) in durations {
         if let Some(text) = text {
-            *target = duration(file, key, &text)?;
+            *target = duration(file, key, &text, longest)?;
         }
+    }
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    if policy.backoff_base > policy.backoff_max {
+        return Err(ConfigError::at(
+            file,
+            "delivery.backoff_base",
+            format!(
+                "{} is longer than delivery.backoff_max ({})",
+                show(policy.backoff_base),
+                show(policy.backoff_max)
+            ),
+        ));
+    }
+    if policy.max_age < policy.timeout {
+        return Err(ConfigError::at(
+            file,
+            "delivery.max_age",
+            format!(
+                "{} is shorter than one attempt may take (delivery.timeout, {})",
+                show(policy.max_age),
+                show(policy.timeout)
+            ),
+        ));
     }
     Ok(policy)
-}
-
-fn email_transport(
-    file: &Path,
-    base: &Path,
-    transport: &str,
-    password_env: Option<&str>,
-    secrets: &dyn SecretSource,
-) -> Result<EmailTransport, ConfigError> {
-    if let Some(dir) = transport.strip_prefix("file://") {
-        if dir.is_empty() {
-            return Err(ConfigError::at(
-                file,
-                "transport",
-                "file:// needs a folder, like file://var/outbox",
-            ));
-        }
-        if password_env.is_some() {
-            return Err(ConfigError::at(
-                file,
-                "password_env",
-                "only an SMTP transport takes a password",
-            ));
-        }
-        return Ok(EmailTransport::File(base.join(dir)));
-    }
-    let url = Url::parse(transport).map_err(|e| {
-        ConfigError::at(
-            file,
-            "transport",
-            format!("'{transport}' is not a URL: {e}"),
-        )
-    })?;
-    let implicit_tls = match url.scheme() {
-        "smtp" => false,
-        "smtps" => true,
-        other => {
-            return Err(ConfigError::at(
-                file,
-                "transport",
-                format!("'{other}' is not a transport: use file://, smtp:// or smtps://"),
-            ));
-        }
-    };
-    let host = url
-        .host_str()
-        .filter(|h| !h.is_empty())
-        .ok_or_else(|| ConfigError::at(file, "transport", "the URL has no host"))?
-        .to_owned();
-    let port = url.port().unwrap_or(if implicit_tls { 465 } else { 587 });
-    let credentials = match (url.username(), password_env) {
-        ("", None) => None,
-        ("", Some(_)) => {
-            return Err(ConfigError::at(
-                file,
-                "password_env",
-                "a password needs a user in the transport URL, like smtp://user@host:587",
-            ));
-        }
-        (_, None) => {
-            return Err(ConfigError::at(
-                file,
-                "password_env",
-                "the transport URL names a user, so password_env must name the variable holding the password",
-            ));
-        }
-        (user, Some(variable)) => Some((
-            user.to_owned(),
-            secret(file, "password_env", variable, secrets)?,
-        )),
-    };
-    Ok(EmailTransport::Smtp {
-        host,
-        port,
-        implicit_tls,
-        credentials,
-    })
 }

@@ -1,48 +1,30 @@
 //! crier: one customer update, typed once, delivered consistently to every channel.
 //!
-//! The `domain` module holds the parsed values (order numbers, contacts, subscribers,
-//! incidents, updates, signed tokens). `config` reads the main file and one file per channel.
-//! `store` keeps everything in sled: subscribers, incidents, updates and the delivery outbox.
-//! `render` owns the handlebars templates and the context every message is rendered from.
-//! `channel` holds the `Channel` trait and one adapter per kind (email, webhook, status page).
-//! `dispatch` fans an update out into deliveries and runs one worker per channel. `app` wires
-//! these together for the commands in `cli`.
+//! `domain` holds the parsed values (order numbers, contacts, subscribers, incidents, updates,
+//! signed tokens) and `delivery` the unit of work (one update to one recipient on one channel)
+//! with its outcome and receipt. `config` reads the main file; each channel kind in `channel`
+//! reads its own file, registered once in `channel::registry`. `store` is the interface every
+//! other module reads and writes through (durable when a call returns, never blocking the
+//! runtime), with the embedded sled backend and an in-memory one. `render` owns the handlebars
+//! templates, `links` the public URLs and signed tokens, and `status_view` the public status
+//! projection. `dispatch` plans an update into deliveries and runs one worker per channel;
+//! `runtime` runs it for a command; `app` wires everything for the commands in `cli`. Errors
+//! are classified once, in `error`.
 
 pub mod app;
 pub mod channel;
 pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod delivery;
 pub mod dispatch;
 pub mod domain;
+pub mod error;
+pub mod files;
+pub mod links;
 pub mod render;
+pub mod runtime;
+pub mod status_view;
 pub mod store;
 
-/// A mistake in what the user asked for, as opposed to crier failing: exit code 1.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UserError(pub String);
-
-/// A failure of crier itself, whatever caused it further down: exit code 2. It hides its
-/// causes from [`is_user_error`], which would otherwise find, say, a parse error deep inside a
-/// delivery and blame the user for it.
-#[derive(Debug, thiserror::Error)]
-#[error("{0:#}")]
-pub struct InternalError(pub anyhow::Error);
-
-/// Whether `error` was caused by the user's input or configuration rather than by crier.
-pub fn is_user_error(error: &anyhow::Error) -> bool {
-    if error.chain().any(|cause| cause.is::<InternalError>()) {
-        return false;
-    }
-    error.chain().any(|cause| {
-        cause.is::<UserError>()
-            || cause.is::<config::ConfigError>()
-            || cause.is::<domain::DomainError>()
-            || cause.is::<domain::token::TokenError>()
-            || cause.is::<channel::RejectError>()
-            || cause.is::<render::RenderError>()
-            || cause
-                .downcast_ref::<store::StoreError>()
-                .is_some_and(store::StoreError::is_user_error)
-    })
-}
+pub use error::{Error, ErrorKind, Result};

@@ -1,6 +1,7 @@
 //! The crier binary: parses the command line, sets up tracing, runs the command.
 
 use clap::Parser;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -22,6 +23,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only where a terminal shows them, never in a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -35,13 +38,11 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(crier::cli::run(cli)) {
         Ok(code) => code,
+        // The reader went away (`crier deliveries | head`): nothing more to say to anyone.
+        Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("crier: {error:#}");
-            if crier::is_user_error(&error) {
-                ExitCode::from(1)
-            } else {
-                ExitCode::from(2)
-            }
+            eprintln!("crier: {error}");
+            ExitCode::from(error.kind().exit_code())
         }
     }
 }

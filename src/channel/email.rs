@@ -1,47 +1,131 @@
 //! The email channel: multipart text and HTML through lettre, over SMTP or into a folder.
+//! It owns its settings (the `from` mailbox and the transport URL) and their validation.
 
-use super::{Channel, DeliveryError, Reach, RejectError, RenderedPart};
-use crate::config::{DeliveryPolicy, EmailSettings, EmailTransport};
+use super::registry::{ChannelKind, ChannelSettings, SettingsInput};
+use super::{Attempt, BuildContext, Channel, Reach, Rejection, RenderedPart};
+use crate::config::{self, ConfigError, DeliveryPolicy, SecretSource};
+use crate::delivery::{DeliveryError, FailureKind, Receipt};
 use crate::domain::{ContactKind, EmailAddress};
 use crate::render::{MessageContext, Renderer};
-use crate::store::DeliveryRecord;
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::PoolConfig;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
-use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub const TEMPLATES: &[&str] = &["email.subject", "email.txt", "email.html"];
+pub static KIND: ChannelKind = ChannelKind {
+    name: "email",
+    templates: &["email.subject", "email.txt", "email.html"],
+    default_policy: DeliveryPolicy::with_concurrency(8),
+    parse: EmailSettings::parse,
+};
+
+/// A channel file of kind `email`, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmailFile {
+    /// The sender, as `Name <address>`.
+    from: String,
+    /// `file://DIR`, `smtp://[user@]host:port` (STARTTLS when offered) or `smtps://[user@]host:port`.
+    transport: String,
+    /// The environment variable holding the SMTP password, when the URL names a user.
+    password_env: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EmailSettings {
+    pub from: Mailbox,
+    pub transport: EmailTransport,
+}
+
+#[derive(Debug, Clone)]
+pub enum EmailTransport {
+    /// One `.eml` per message in a folder, no outside service needed.
+    File(PathBuf),
+    Smtp {
+        host: String,
+        port: u16,
+        implicit_tls: bool,
+        credentials: Option<(String, SecretString)>,
+    },
+}
+
+impl EmailSettings {
+    fn parse(input: &SettingsInput) -> Result<Arc<dyn ChannelSettings>, ConfigError> {
+        let file = input.file;
+        let raw: EmailFile = input.parse()?;
+        let from: Mailbox = raw.from.parse().map_err(|e| {
+            ConfigError::at(
+                file,
+                "from",
+                format!("'{}' is not a mailbox: {e}", raw.from),
+            )
+        })?;
+        let transport = parse_transport(
+            file,
+            input.base,
+            &raw.transport,
+            raw.password_env.as_deref(),
+            input.secrets,
+        )?;
+        Ok(Arc::new(EmailSettings { from, transport }))
+    }
+}
+
+impl ChannelSettings for EmailSettings {
+    fn check(&self) -> Result<(), String> {
+        match &self.transport {
+            EmailTransport::File(dir) => {
+                crate::files::can_create_dir(dir).map_err(|reason| format!("transport: {reason}"))
+            }
+            EmailTransport::Smtp { .. } => Ok(()),
+        }
+    }
+
+    fn build(
+        &self,
+        _id: &str,
+        policy: &DeliveryPolicy,
+        context: &BuildContext,
+    ) -> crate::Result<Arc<dyn Channel>> {
+        Ok(Arc::new(EmailChannel::build(
+            self,
+            policy,
+            context.renderer.clone(),
+        )?))
+    }
+}
 
 enum Sender {
-    File(AsyncFileTransport<Tokio1Executor>),
+    /// Writes each message as `<update>.<hash of the key>.eml`: a retry overwrites its own
+    /// file instead of adding a copy.
+    Folder(PathBuf),
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
 }
 
 pub struct EmailChannel {
-    name: String,
     from: Mailbox,
-    policy: DeliveryPolicy,
     renderer: Arc<Renderer>,
     sender: Sender,
 }
 
 impl EmailChannel {
     pub fn build(
-        name: &str,
         settings: &EmailSettings,
-        policy: DeliveryPolicy,
+        policy: &DeliveryPolicy,
         renderer: Arc<Renderer>,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         let sender = match &settings.transport {
             EmailTransport::File(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    anyhow::anyhow!("channel {name}: cannot create {}: {e}", dir.display())
-                })?;
-                Sender::File(AsyncFileTransport::new(dir))
+                crate::files::create_private_dir(dir)?;
+                Sender::Folder(dir.clone())
             }
             EmailTransport::Smtp {
                 host,
@@ -49,74 +133,72 @@ impl EmailChannel {
                 implicit_tls,
                 credentials,
             } => {
-                let tls_parameters = TlsParameters::new(host.clone())?;
+                let tls_parameters = TlsParameters::new(host.clone())
+                    .map_err(|e| crate::Error::user(format!("TLS for {host}: {e}")))?;
                 let tls = if *implicit_tls {
                     Tls::Wrapper(tls_parameters)
                 } else {
                     Tls::Opportunistic(tls_parameters)
                 };
+                let pool_size = u32::try_from(policy.concurrency).unwrap_or(u32::MAX);
                 let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
                     .port(*port)
                     .tls(tls)
                     .timeout(Some(policy.timeout))
-                    .pool_config(PoolConfig::new().max_size(policy.concurrency as u32));
+                    .pool_config(PoolConfig::new().max_size(pool_size));
                 if let Some((user, password)) = credentials {
-                    builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
+                    builder = builder.credentials(Credentials::new(
+                        user.clone(),
+                        password.expose_secret().to_owned(),
+                    ));
                 }
                 Sender::Smtp(builder.build())
             }
         };
         Ok(Self {
-            name: name.to_owned(),
             from: settings.from.clone(),
-            policy,
             renderer,
             sender,
         })
     }
 
-    fn render_error(&self, source: crate::render::RenderError) -> RejectError {
-        RejectError::Render {
-            channel: self.name.clone(),
-            source,
-        }
-    }
-
-    fn parts(&self, message: &MessageContext) -> Result<(String, String, String), RejectError> {
-        let render = |name| {
-            self.renderer
-                .render(name, message)
-                .map_err(|e| self.render_error(e))
-        };
+    fn parts(&self, message: &MessageContext) -> Result<(String, String, String), Rejection> {
+        let render = |name| self.renderer.render(name, message);
         let subject = render("email.subject")?;
         let subject = subject.split_whitespace().collect::<Vec<_>>().join(" ");
         if subject.is_empty() {
-            return Err(RejectError::OverLimit {
-                channel: self.name.clone(),
-                reason: "the subject renders empty".into(),
-            });
+            return Err(Rejection::Invalid("the subject renders empty".into()));
         }
         Ok((subject, render("email.txt")?, render("email.html")?))
     }
 
+    /// A hash of the delivery key: the same on every retry.
+    fn key_hash(attempt: &Attempt<'_>) -> String {
+        let digest = Sha256::digest(attempt.key.as_str().as_bytes());
+        digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// `<{update}.{hash of the delivery key}@{sender's domain}>`: the same on every retry.
-    fn message_id(&self, delivery: &DeliveryRecord) -> String {
-        let digest = Sha256::digest(delivery.key().as_bytes());
-        let hash: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-        format!("<{}.{hash}@{}>", delivery.update, self.from.email.domain())
+    fn message_id(&self, attempt: &Attempt<'_>) -> String {
+        format!(
+            "<{}.{}@{}>",
+            attempt.update,
+            Self::key_hash(attempt),
+            self.from.email.domain()
+        )
     }
 
     fn build_message(
         &self,
         message: &MessageContext,
-        delivery: &DeliveryRecord,
+        attempt: &Attempt<'_>,
     ) -> Result<Message, DeliveryError> {
         let recipient = message
             .recipient
             .as_ref()
             .ok_or_else(|| DeliveryError::permanent("an email needs a recipient"))?;
         let to = EmailAddress::parse(&recipient.contact)
-            .map_err(|e| DeliveryError::permanent(e.to_string()))?;
+            .map_err(|e| DeliveryError::new(FailureKind::RecipientGone, e.to_string()))?;
         let (subject, text, html) = self
             .parts(message)
             .map_err(|e| DeliveryError::permanent(e.to_string()))?;
@@ -127,7 +209,7 @@ impl EmailChannel {
             .from(self.from.clone())
             .to(Mailbox::new(None, to.address().clone()))
             .subject(subject)
-            .message_id(Some(self.message_id(delivery)))
+            .message_id(Some(self.message_id(attempt)))
             .raw_header(header(
                 "List-Unsubscribe",
                 format!("<{}>", recipient.unsubscribe_url),
@@ -142,31 +224,36 @@ impl EmailChannel {
 }
 
 fn classify_smtp(error: lettre::transport::smtp::Error) -> DeliveryError {
-    if error.is_permanent() {
+    let status = error
+        .status()
+        .and_then(|code| code.to_string().parse::<u16>().ok());
+    let failure = if error.is_permanent() {
         DeliveryError::permanent(format!("the SMTP server refused it: {error}"))
     } else if error.is_transient() || error.is_timeout() {
         DeliveryError::transient(format!("the SMTP server deferred it: {error}"))
+    } else if error.is_client() {
+        // lettre refused before sending: no common AUTH mechanism, no STARTTLS where TLS is
+        // required, an address the server cannot take. Retrying changes nothing.
+        DeliveryError::permanent(format!(
+            "the SMTP server cannot take this message as configured: {error}"
+        ))
     } else {
         // Connection refused, reset or TLS trouble: the server may well be back soon.
         DeliveryError::transient(format!("SMTP failed: {error}"))
+    };
+    match status {
+        Some(status) => failure.with_status(status),
+        None => failure,
     }
 }
 
 #[async_trait::async_trait]
 impl Channel for EmailChannel {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
     fn reach(&self) -> Reach {
         Reach::Subscribers(ContactKind::Email)
     }
 
-    fn policy(&self) -> &DeliveryPolicy {
-        &self.policy
-    }
-
-    fn render(&self, message: &MessageContext) -> Result<Vec<RenderedPart>, RejectError> {
+    fn render(&self, message: &MessageContext) -> Result<Vec<RenderedPart>, Rejection> {
         let (subject, text, html) = self.parts(message)?;
         Ok(vec![
             RenderedPart {
@@ -187,20 +274,115 @@ impl Channel for EmailChannel {
     async fn deliver(
         &self,
         message: &MessageContext,
-        delivery: &DeliveryRecord,
-    ) -> Result<(), DeliveryError> {
-        let email = self.build_message(message, delivery)?;
+        attempt: &Attempt<'_>,
+    ) -> Result<Receipt, DeliveryError> {
+        let email = self.build_message(message, attempt)?;
         match &self.sender {
-            Sender::File(transport) => transport
-                .send(email)
-                .await
-                .map(|_| ())
-                .map_err(|e| DeliveryError::transient(format!("cannot write the email: {e}"))),
-            Sender::Smtp(transport) => transport
-                .send(email)
-                .await
-                .map(|_| ())
-                .map_err(classify_smtp),
+            Sender::Folder(dir) => {
+                let path = dir.join(format!(
+                    "{}.{}.eml",
+                    attempt.update,
+                    Self::key_hash(attempt)
+                ));
+                let bytes = email.formatted();
+                tokio::task::spawn_blocking(move || crate::files::write_private(&path, &bytes))
+                    .await
+                    .map_err(|e| DeliveryError::transient(e.to_string()))?
+                    .map_err(|e| {
+                        DeliveryError::transient(format!("cannot write the email: {e}"))
+                    })?;
+                Ok(Receipt::none())
+            }
+            Sender::Smtp(transport) => {
+                let response = transport.send(email).await.map_err(classify_smtp)?;
+                // The server's queue id, when its answer carries one ("250 2.0.0 Ok: queued as X").
+                let provider_id = response
+                    .message()
+                    .last()
+                    .and_then(|line| line.rsplit_once("queued as "))
+                    .map(|(_, id)| id.trim().to_owned());
+                Ok(Receipt {
+                    provider_id,
+                    thread: None,
+                })
+            }
         }
     }
+}
+
+fn parse_transport(
+    file: &Path,
+    base: &Path,
+    transport: &str,
+    password_env: Option<&str>,
+    secrets: &dyn SecretSource,
+) -> Result<EmailTransport, ConfigError> {
+    if let Some(dir) = transport.strip_prefix("file://") {
+        if dir.is_empty() {
+            return Err(ConfigError::at(
+                file,
+                "transport",
+                "file:// needs a folder, like file://var/outbox",
+            ));
+        }
+        if password_env.is_some() {
+            return Err(ConfigError::at(
+                file,
+                "password_env",
+                "only an SMTP transport takes a password",
+            ));
+        }
+        return Ok(EmailTransport::File(base.join(dir)));
+    }
+    let url = Url::parse(transport).map_err(|e| {
+        ConfigError::at(
+            file,
+            "transport",
+            format!("'{transport}' is not a URL: {e}"),
+        )
+    })?;
+    let implicit_tls = match url.scheme() {
+        "smtp" => false,
+        "smtps" => true,
+        other => {
+            return Err(ConfigError::at(
+                file,
+                "transport",
+                format!("'{other}' is not a transport: use file://, smtp:// or smtps://"),
+            ));
+        }
+    };
+    let host = url
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| ConfigError::at(file, "transport", "the URL has no host"))?
+        .to_owned();
+    let port = url.port().unwrap_or(if implicit_tls { 465 } else { 587 });
+    let credentials = match (url.username(), password_env) {
+        ("", None) => None,
+        ("", Some(_)) => {
+            return Err(ConfigError::at(
+                file,
+                "password_env",
+                "a password needs a user in the transport URL, like smtp://user@host:587",
+            ));
+        }
+        (_, None) => {
+            return Err(ConfigError::at(
+                file,
+                "password_env",
+                "the transport URL names a user, so password_env must name the variable holding the password",
+            ));
+        }
+        (user, Some(variable)) => Some((
+            user.to_owned(),
+            config::secret(file, "password_env", variable, secrets)?,
+        )),
+    };
+    Ok(EmailTransport::Smtp {
+        host,
+        port,
+        implicit_tls,
+        credentials,
+    })
 }

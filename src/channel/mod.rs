@@ -1,28 +1,31 @@
-//! Channels: the `Channel` trait every adapter implements, the outcome of one attempt, and
-//! building the configured channels.
+//! Channels: the contract every adapter implements (render, then deliver one attempt and hand
+//! back a receipt), the registry of kinds, and the configured channels the dispatcher drives.
+//!
+//! An adapter knows its provider and nothing else: not its own name, not its retry policy,
+//! not the store. The dispatcher owns those (see [`ConfiguredChannel`]).
 
 mod email;
+pub mod http;
+pub mod registry;
 mod status_page;
-mod webhook;
+pub mod webhook;
 
-pub use email::EmailChannel;
-pub use status_page::StatusPageChannel;
-pub use webhook::WebhookChannel;
-
-use crate::config::{ChannelKind, Config, DeliveryPolicy};
+use crate::config::{Config, DeliveryPolicy};
+use crate::delivery::{DeliveryError, DeliveryKey, Receipt, Recipient, RemoteThread};
 use crate::domain::ContactKind;
 use crate::render::{Composer, MessageContext, RenderError, Renderer};
-use crate::store::{DeliveryRecord, Store};
+use crate::status_view::StatusProjection;
 use std::sync::Arc;
-use std::time::Duration;
+use ulid::Ulid;
 
 /// Whom one channel reaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reach {
     /// One message per subscriber that has a contact of this kind.
     Subscribers(ContactKind),
-    /// One post for the public or a partner. Targeted updates reach it only if `targeted`.
-    Broadcast { targeted: bool },
+    /// One post for the public or a partner. Targeted updates reach it only if it
+    /// `accepts_targeted` (webhooks do; the status page, microblog and forum never do).
+    Broadcast { accepts_targeted: bool },
 }
 
 /// One named part of a rendered message, as shown by `crier preview`.
@@ -32,72 +35,102 @@ pub struct RenderedPart {
     pub text: String,
 }
 
-/// Why a channel will not carry an update; found before anything is stored.
+/// Why an adapter will not carry an update, found before anything is stored.
 #[derive(Debug, thiserror::Error)]
-pub enum RejectError {
-    #[error("channel {channel}: {reason}")]
-    OverLimit { channel: String, reason: String },
-    #[error("channel {channel}: {source}")]
-    Render {
-        channel: String,
-        #[source]
-        source: RenderError,
-    },
+pub enum Rejection {
+    /// Over one of the channel's limits.
+    #[error("{0}")]
+    OverLimit(String),
+    /// The message renders into something the channel cannot send (an empty subject).
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Render(#[from] RenderError),
 }
 
-/// The outcome of a failed attempt, classified so the dispatcher knows whether to retry.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum DeliveryError {
-    #[error("{reason}")]
-    Transient {
-        reason: String,
-        retry_after: Option<Duration>,
-    },
-    #[error("{reason}")]
-    Permanent { reason: String },
-    /// The endpoint says it is gone for good (HTTP 410): stop sending to it.
-    #[error("{reason}")]
-    Gone { reason: String },
+/// A rejection, with the channel that made it.
+#[derive(Debug, thiserror::Error)]
+#[error("channel {channel}: {rejection}")]
+pub struct RejectError {
+    pub channel: String,
+    #[source]
+    pub rejection: Rejection,
 }
 
-impl DeliveryError {
-    pub fn transient(reason: impl Into<String>) -> Self {
-        Self::Transient {
-            reason: reason.into(),
-            retry_after: None,
-        }
-    }
-
-    pub fn permanent(reason: impl Into<String>) -> Self {
-        Self::Permanent {
-            reason: reason.into(),
-        }
-    }
+/// One attempt at one delivery: what an adapter needs to know about it, and no more.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt<'a> {
+    /// The deterministic key providers see as the idempotency key.
+    pub key: &'a DeliveryKey,
+    pub update: Ulid,
+    /// 1 for the first attempt.
+    pub number: u32,
+    pub recipient: &'a Recipient,
+    /// The thread an earlier update of the same incident started on this channel.
+    pub thread: Option<&'a RemoteThread>,
 }
 
 #[async_trait::async_trait]
 pub trait Channel: Send + Sync {
-    fn name(&self) -> &str;
     fn reach(&self) -> Reach;
-    fn policy(&self) -> &DeliveryPolicy;
+
     /// Renders every part of the message and checks the channel's limits.
-    fn render(&self, message: &MessageContext) -> Result<Vec<RenderedPart>, RejectError>;
-    /// Makes one attempt at delivering the message.
+    fn render(&self, message: &MessageContext) -> Result<Vec<RenderedPart>, Rejection>;
+
+    /// Makes one attempt at delivering the message, and says what the provider gave back.
     async fn deliver(
         &self,
         message: &MessageContext,
-        delivery: &DeliveryRecord,
-    ) -> Result<(), DeliveryError>;
+        attempt: &Attempt<'_>,
+    ) -> Result<Receipt, DeliveryError>;
 }
 
-/// Checks the templates every configured channel needs. Pure apart from reading templates.
+/// What building a channel may need besides its own settings.
+pub struct BuildContext {
+    pub renderer: Arc<Renderer>,
+    pub composer: Composer,
+    pub status: Arc<StatusProjection>,
+}
+
+/// A channel as configured: its stable id, its kind and policy (owned here, by the caller of
+/// the adapter), and the adapter itself.
+#[derive(Clone)]
+pub struct ConfiguredChannel {
+    /// Recorded with every update and delivery; defaults to the channel file's name.
+    pub id: String,
+    pub kind: &'static str,
+    pub policy: DeliveryPolicy,
+    pub adapter: Arc<dyn Channel>,
+}
+
+impl ConfiguredChannel {
+    pub fn reach(&self) -> Reach {
+        self.adapter.reach()
+    }
+
+    pub fn render(&self, message: &MessageContext) -> Result<Vec<RenderedPart>, RejectError> {
+        self.adapter
+            .render(message)
+            .map_err(|rejection| RejectError {
+                channel: self.id.clone(),
+                rejection,
+            })
+    }
+}
+
+impl std::fmt::Debug for ConfiguredChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfiguredChannel")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks the templates every configured channel's kind needs. Pure apart from reading them.
 pub fn check_templates(config: &Config, renderer: &Renderer) -> Result<(), RenderError> {
     for channel in &config.channels {
-        match channel.kind {
-            ChannelKind::Email(_) => renderer.require(email::TEMPLATES)?,
-            ChannelKind::StatusPage(_) => renderer.require(status_page::TEMPLATES)?,
-            ChannelKind::Webhook(_) => {}
-        }
+        renderer.require(channel.kind.templates)?;
     }
     Ok(())
 }
@@ -105,34 +138,21 @@ pub fn check_templates(config: &Config, renderer: &Renderer) -> Result<(), Rende
 /// Builds every configured channel. This may do I/O: it creates output folders.
 pub fn build_channels(
     config: &Config,
-    renderer: &Arc<Renderer>,
-    store: &Arc<Store>,
-    composer: &Composer,
-) -> anyhow::Result<Vec<Arc<dyn Channel>>> {
+    context: &BuildContext,
+) -> crate::Result<Vec<ConfiguredChannel>> {
     config
         .channels
         .iter()
-        .map(|channel| -> anyhow::Result<Arc<dyn Channel>> {
-            Ok(match &channel.kind {
-                ChannelKind::Email(settings) => Arc::new(EmailChannel::build(
-                    &channel.name,
-                    settings,
-                    channel.policy.clone(),
-                    renderer.clone(),
-                )?),
-                ChannelKind::Webhook(settings) => Arc::new(WebhookChannel::build(
-                    &channel.name,
-                    settings,
-                    channel.policy.clone(),
-                )?),
-                ChannelKind::StatusPage(settings) => Arc::new(StatusPageChannel::build(
-                    &channel.name,
-                    settings,
-                    channel.policy.clone(),
-                    renderer.clone(),
-                    store.clone(),
-                    composer,
-                )?),
+        .map(|channel| {
+            let adapter = channel
+                .settings
+                .build(&channel.id, &channel.policy, context)
+                .map_err(|e| e.context(format!("channel {}", channel.id)))?;
+            Ok(ConfiguredChannel {
+                id: channel.id.clone(),
+                kind: channel.kind.name,
+                policy: channel.policy.clone(),
+                adapter,
             })
         })
         .collect()

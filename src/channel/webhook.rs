@@ -1,43 +1,196 @@
 //! The webhook channel: signed POSTs to a partner, to the Standard Webhooks specification.
+//! It owns its settings (the URL and the `whsec_` secret), and the payload, which is a
+//! versioned contract of its own, never the template context.
 
-use super::{Channel, DeliveryError, Reach, RejectError, RenderedPart};
-use crate::config::{DeliveryPolicy, WebhookSettings};
+use super::http::{failure_for_request, failure_for_status, redact_url, retry_after};
+use super::registry::{ChannelKind, ChannelSettings, SettingsInput};
+use super::{Attempt, BuildContext, Channel, Reach, Rejection, RenderedPart};
+use crate::config::{self, ConfigError, DeliveryPolicy};
+use crate::delivery::{DeliveryError, Receipt};
 use crate::render::MessageContext;
-use crate::store::DeliveryRecord;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use chrono::Utc;
 use hmac::{Hmac, Mac};
-use reqwest::StatusCode;
-use serde::Serialize;
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretSlice};
+use serde::Deserialize;
 use sha2::Sha256;
-use std::time::Duration;
+use std::sync::Arc;
+
+pub static KIND: ChannelKind = ChannelKind {
+    name: "webhook",
+    templates: &[],
+    default_policy: DeliveryPolicy::with_concurrency(4),
+    parse: WebhookSettings::parse,
+};
 
 /// The largest body a partner is sent.
 pub const BODY_LIMIT: usize = 20 * 1024;
 
-/// The JSON body: `{type, timestamp, data}` as the specification recommends.
-#[derive(Debug, Serialize)]
-pub struct WebhookPayload<'a> {
-    #[serde(rename = "type")]
-    pub event_type: &'static str,
-    pub timestamp: String,
-    pub data: WebhookData<'a>,
+/// The shortest secret accepted, decoded: the Standard Webhooks specification asks for 24 to
+/// 64 random bytes.
+const SHORTEST_SECRET: usize = 24;
+
+/// A channel file of kind `webhook`, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookFile {
+    /// The partner's endpoint.
+    url: String,
+    /// The environment variable holding the Standard Webhooks secret (`whsec_<base64>`).
+    secret_env: String,
 }
 
-#[derive(Debug, Serialize)]
-pub struct WebhookData<'a> {
-    pub update: &'a crate::render::UpdateView,
-    pub incident: &'a crate::render::IncidentView,
-    pub targeted: bool,
-    /// The orders a targeted update concerns; empty for everyone.
-    pub orders: &'a [String],
-    pub status_page: &'a str,
+#[derive(Clone)]
+pub struct WebhookSettings {
+    pub url: Url,
+    /// The decoded `whsec_` secret.
+    pub secret: SecretSlice<u8>,
+}
+
+impl std::fmt::Debug for WebhookSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSettings")
+            .field("url", &redact_url(&self.url))
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookSettings {
+    fn parse(input: &SettingsInput) -> Result<Arc<dyn ChannelSettings>, ConfigError> {
+        let file = input.file;
+        let raw: WebhookFile = input.parse()?;
+        let url = Url::parse(&raw.url).map_err(|e| {
+            ConfigError::at(file, "url", format!("'{}' is not a URL: {e}", raw.url))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ConfigError::at(file, "url", "must be an http or https URL"));
+        }
+        let encoded = config::secret(file, "secret_env", &raw.secret_env, input.secrets)?;
+        let problem = |what: &str| {
+            ConfigError::at(
+                file,
+                "secret_env",
+                format!("the secret in {} {what}", raw.secret_env),
+            )
+        };
+        let key = encoded
+            .expose_secret()
+            .strip_prefix("whsec_")
+            .ok_or_else(|| problem("must start with whsec_"))?;
+        let key = STANDARD
+            .decode(key.trim_end())
+            .map_err(|_| problem("must be whsec_ followed by base64"))?;
+        if key.len() < SHORTEST_SECRET {
+            return Err(problem(&format!(
+                "decodes to {} bytes; it needs at least {SHORTEST_SECRET} random bytes",
+                key.len()
+            )));
+        }
+        Ok(Arc::new(WebhookSettings {
+            url,
+            secret: SecretSlice::from(key),
+        }))
+    }
+}
+
+impl ChannelSettings for WebhookSettings {
+    fn build(
+        &self,
+        _id: &str,
+        policy: &DeliveryPolicy,
+        _context: &BuildContext,
+    ) -> crate::Result<Arc<dyn Channel>> {
+        Ok(Arc::new(WebhookChannel::build(self, policy)?))
+    }
+}
+
+/// The partner payload, version 1. A contract: fields are added, never renamed or removed,
+/// and nothing private (the sender's login, a subscriber's contact) is ever in it.
+pub mod payload {
+    use crate::domain::{Audience, Incident, Update};
+    use crate::render::rfc3339;
+    use serde::Serialize;
+
+    /// `{type, timestamp, data}`, as the Standard Webhooks specification recommends.
+    #[derive(Debug, Serialize)]
+    pub struct Event {
+        /// `update.published`, or `update.targeted` for an update to some orders only.
+        #[serde(rename = "type")]
+        pub event_type: &'static str,
+        pub timestamp: String,
+        pub data: EventData,
+    }
+
+    #[derive(Debug, Serialize)]
+    pub struct EventData {
+        pub update: UpdateData,
+        pub incident: IncidentData,
+        pub targeted: bool,
+        /// The orders a targeted update concerns; empty for everyone.
+        pub orders: Vec<String>,
+        pub status_page: String,
+    }
+
+    #[derive(Debug, Serialize)]
+    pub struct UpdateData {
+        pub id: String,
+        pub state: &'static str,
+        pub headline: String,
+        pub body: String,
+        pub next_update_by: Option<String>,
+        pub created_at: String,
+    }
+
+    #[derive(Debug, Serialize)]
+    pub struct IncidentData {
+        pub id: String,
+        pub title: String,
+        pub state: &'static str,
+    }
+
+    impl Event {
+        pub fn new(update: &Update, incident: &Incident, status_page: &str) -> Self {
+            let orders: Vec<String> = match &update.audience {
+                Audience::Everyone => Vec::new(),
+                Audience::Orders(orders) => orders.iter().map(ToString::to_string).collect(),
+            };
+            let targeted = update.audience.is_targeted();
+            Self {
+                event_type: if targeted {
+                    "update.targeted"
+                } else {
+                    "update.published"
+                },
+                timestamp: rfc3339(update.created_at),
+                data: EventData {
+                    update: UpdateData {
+                        id: update.id.to_string(),
+                        state: update.state.as_str(),
+                        headline: update.headline.as_str().to_owned(),
+                        body: update.body.as_str().to_owned(),
+                        next_update_by: update.next_update_by.map(rfc3339),
+                        created_at: rfc3339(update.created_at),
+                    },
+                    incident: IncidentData {
+                        id: incident.id.to_string(),
+                        title: incident.title.clone(),
+                        state: incident.state.as_str(),
+                    },
+                    targeted,
+                    orders,
+                    status_page: status_page.to_owned(),
+                },
+            }
+        }
+    }
 }
 
 /// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
 pub fn sign_webhook(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts keys of any length");
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
     mac.update(id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.to_string().as_bytes());
@@ -47,109 +200,53 @@ pub fn sign_webhook(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> Str
 }
 
 pub struct WebhookChannel {
-    name: String,
     settings: WebhookSettings,
-    policy: DeliveryPolicy,
     client: reqwest::Client,
 }
 
 impl WebhookChannel {
-    pub fn build(
-        name: &str,
-        settings: &WebhookSettings,
-        policy: DeliveryPolicy,
-    ) -> anyhow::Result<Self> {
+    pub fn build(settings: &WebhookSettings, policy: &DeliveryPolicy) -> crate::Result<Self> {
         let client = reqwest::Client::builder()
             .timeout(policy.timeout)
             .user_agent(concat!("crier/", env!("CARGO_PKG_VERSION")))
             // A redirect would move a signed payload somewhere the operator did not configure.
             .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+            .build()
+            .map_err(|e| crate::Error::internal(anyhow::anyhow!("HTTP client: {e}")))?;
         Ok(Self {
-            name: name.to_owned(),
             settings: settings.clone(),
-            policy,
             client,
         })
     }
 
-    fn body(&self, message: &MessageContext) -> Vec<u8> {
-        let payload = WebhookPayload {
-            event_type: if message.update.targeted {
-                "update.targeted"
-            } else {
-                "update.published"
-            },
-            timestamp: message.update.created_at.clone(),
-            data: WebhookData {
-                update: &message.update,
-                incident: &message.incident,
-                targeted: message.update.targeted,
-                orders: &message.update.orders,
-                status_page: &message.links.status_page,
-            },
-        };
-        serde_json::to_vec(&payload).expect("the payload always serializes")
-    }
-
-    fn check(&self, body: &[u8]) -> Result<(), RejectError> {
+    fn body(message: &MessageContext) -> Result<Vec<u8>, Rejection> {
+        let event = payload::Event::new(
+            &message.source.update,
+            &message.source.incident,
+            &message.links.status_page,
+        );
+        let body = serde_json::to_vec(&event)
+            .map_err(|e| Rejection::Invalid(format!("cannot encode the payload: {e}")))?;
         if body.len() > BODY_LIMIT {
-            return Err(RejectError::OverLimit {
-                channel: self.name.clone(),
-                reason: format!(
-                    "the JSON body is {} bytes; the limit is {BODY_LIMIT}",
-                    body.len()
-                ),
-            });
+            return Err(Rejection::OverLimit(format!(
+                "the JSON body is {} bytes; the limit is {BODY_LIMIT}",
+                body.len()
+            )));
         }
-        Ok(())
+        Ok(body)
     }
-}
-
-/// An error and its causes on one line: reqwest's own message leaves out the useful part
-/// ("connection refused").
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(&format!(": {inner}"));
-        cause = inner.source();
-    }
-    text
-}
-
-/// Reads `Retry-After` as seconds or as an HTTP date.
-fn retry_after(response: &reqwest::Response) -> Option<Duration> {
-    let value = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    (date.with_timezone(&Utc) - Utc::now()).to_std().ok()
 }
 
 #[async_trait::async_trait]
 impl Channel for WebhookChannel {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
     fn reach(&self) -> Reach {
-        Reach::Broadcast { targeted: true }
+        Reach::Broadcast {
+            accepts_targeted: true,
+        }
     }
 
-    fn policy(&self) -> &DeliveryPolicy {
-        &self.policy
-    }
-
-    fn render(&self, message: &MessageContext) -> Result<Vec<RenderedPart>, RejectError> {
-        let body = self.body(message);
-        self.check(&body)?;
+    fn render(&self, message: &MessageContext) -> Result<Vec<RenderedPart>, Rejection> {
+        let body = Self::body(message)?;
         Ok(vec![RenderedPart {
             part: "body".into(),
             text: String::from_utf8_lossy(&body).into_owned(),
@@ -159,50 +256,128 @@ impl Channel for WebhookChannel {
     async fn deliver(
         &self,
         message: &MessageContext,
-        delivery: &DeliveryRecord,
-    ) -> Result<(), DeliveryError> {
-        let body = self.body(message);
-        self.check(&body)
-            .map_err(|e| DeliveryError::permanent(e.to_string()))?;
-        let id = delivery.key();
+        attempt: &Attempt<'_>,
+    ) -> Result<Receipt, DeliveryError> {
+        let body = Self::body(message).map_err(|e| DeliveryError::permanent(e.to_string()))?;
+        let id = attempt.key.as_str();
         let timestamp = Utc::now().timestamp();
-        let signature = sign_webhook(&self.settings.secret, &id, timestamp, &body);
+        let signature = sign_webhook(self.settings.secret.expose_secret(), id, timestamp, &body);
         let response = self
             .client
             .post(self.settings.url.clone())
             .header("content-type", "application/json")
-            .header("webhook-id", &id)
+            .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", signature)
             .body(body)
             .send()
             .await
-            .map_err(|e| {
-                let what = if e.is_timeout() {
-                    "timed out"
-                } else {
-                    "request failed"
-                };
-                DeliveryError::transient(format!("{what}: {}", with_causes(&e)))
-            })?;
+            .map_err(|e| failure_for_request(&e.without_url()))?;
         let status = response.status();
         if status.is_success() {
-            return Ok(());
+            return Ok(Receipt::none());
         }
-        let reason = format!("the endpoint answered {status}");
-        match status {
-            StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => {
-                Err(DeliveryError::Transient {
-                    retry_after: retry_after(&response),
-                    reason,
-                })
+        Err(DeliveryError::new(
+            failure_for_status(status),
+            format!("the endpoint answered {status}"),
+        )
+        .with_status(status.as_u16())
+        .with_retry_after(retry_after(&response)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Audience, Body, Headline, Incident, IncidentState, Update};
+    use chrono::TimeZone;
+
+    /// The payload partners receive is a contract: this test fails when it changes by accident.
+    #[test]
+    fn the_version_1_payload_matches_its_snapshot_and_carries_no_author() {
+        let created = Utc.with_ymd_and_hms(2026, 11, 24, 14, 0, 0).unwrap();
+        let incident = Incident {
+            id: "01JDQ8Y1Z8X0000000000000AA".parse().unwrap(),
+            title: "Activations delayed".into(),
+            state: IncidentState::Identified,
+            created_at: created,
+            updated_at: created,
+            updates: vec![],
+            remote_threads: Default::default(),
+        };
+        let update = Update {
+            id: "01JDQ8Y1Z8X0000000000000BB".parse().unwrap(),
+            incident: incident.id,
+            state: IncidentState::Identified,
+            headline: Headline::parse("Activations delayed").unwrap(),
+            body: Body::parse("We found it.").unwrap(),
+            next_update_by: Some(created + chrono::Duration::hours(2)),
+            audience: Audience::Everyone,
+            author: "jsmith".into(),
+            created_at: created,
+            channels: vec!["partners".into()],
+        };
+        let event = payload::Event::new(&update, &incident, "https://status.example.com/");
+        let json = serde_json::to_string_pretty(&event).unwrap();
+        let snapshot = r#"{
+  "type": "update.published",
+  "timestamp": "2026-11-24T14:00:00.000Z",
+  "data": {
+    "update": {
+      "id": "01JDQ8Y1Z8X0000000000000BB",
+      "state": "identified",
+      "headline": "Activations delayed",
+      "body": "We found it.",
+      "next_update_by": "2026-11-24T16:00:00.000Z",
+      "created_at": "2026-11-24T14:00:00.000Z"
+    },
+    "incident": {
+      "id": "01JDQ8Y1Z8X0000000000000AA",
+      "title": "Activations delayed",
+      "state": "identified"
+    },
+    "targeted": false,
+    "orders": [],
+    "status_page": "https://status.example.com/"
+  }
+}"#;
+        assert_eq!(json, snapshot);
+        assert!(!json.contains("jsmith"));
+    }
+
+    #[test]
+    fn a_short_or_malformed_secret_is_refused_with_what_is_wrong() {
+        struct Env(&'static str);
+        impl crate::config::SecretSource for Env {
+            fn get(&self, _: &str) -> Option<String> {
+                Some(self.0.to_owned())
             }
-            status if status.is_server_error() => Err(DeliveryError::Transient {
-                retry_after: retry_after(&response),
-                reason,
-            }),
-            StatusCode::GONE => Err(DeliveryError::Gone { reason }),
-            _ => Err(DeliveryError::Permanent { reason }),
         }
+        let table: toml::Value = toml::from_str(
+            "url = \"https://hooks.example.com/in\"\nsecret_env = \"HOOK_SECRET\"\n",
+        )
+        .unwrap();
+        let parse = |secret: &'static str| {
+            WebhookSettings::parse(&SettingsInput {
+                file: std::path::Path::new("channels/partners.toml"),
+                base: std::path::Path::new("."),
+                table: table.clone(),
+                secrets: &Env(secret),
+            })
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        assert!(
+            parse("whsec_AQ==")
+                .unwrap_err()
+                .contains("decodes to 1 bytes")
+        );
+        assert!(
+            parse("s3cret")
+                .unwrap_err()
+                .contains("must start with whsec_")
+        );
+        assert!(parse("whsec_!!!").unwrap_err().contains("base64"));
+        assert!(parse("whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=").is_ok());
     }
 }

@@ -1,14 +1,20 @@
-//! Dispatch: one worker per channel leases due deliveries, sends them within the channel's
-//! concurrency, and records each outcome durably before counting it as done.
+//! Dispatch: one worker per channel leases due deliveries in batches, sends them within the
+//! channel's concurrency and rate, and records each outcome durably before counting it as
+//! done. The dispatcher owns each channel's policy and its throttle; adapters only send.
 
 pub mod plan;
 pub mod retry;
+#[cfg(test)]
+mod tests;
 
-use crate::channel::{Channel, DeliveryError};
-use crate::domain::{Contact, Incident, Update};
-use crate::render::Composer;
-use crate::store::{BROADCAST_RECIPIENT, DeliveryRecord, DeliveryState, Outcome, Store};
-use chrono::Utc;
+use crate::channel::{Attempt, ConfiguredChannel};
+use crate::clock::{self, Clock};
+use crate::delivery::{
+    DeliveryError, DeliveryRecord, DeliveryState, FailureKind, Outcome, Recipient,
+};
+use crate::render::{Composer, MessageContext, MessageSource};
+use crate::store::{Store, StoreError};
+use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,9 +22,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use ulid::Ulid;
 
-/// A finished delivery, reported to whoever watches progress.
+/// A delivery that reached a settled state, reported to whoever watches progress.
 #[derive(Debug, Clone)]
-pub struct Finished {
+pub struct Settled {
     pub update: Ulid,
     pub channel: String,
     pub state: DeliveryState,
@@ -27,74 +33,110 @@ pub struct Finished {
 /// Whether workers stop once their queue is empty, or wait for more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Deliver what is queued, wait out its retries, then return (`send`, `dispatch`).
-    UntilDrained,
+    /// Deliver what is queued and wait out retries due within `patience`, then return
+    /// (`send`, `dispatch`). Later retries stay queued for the next `crier dispatch`, so a
+    /// provider asking for an hour's pause does not hold the store for an hour.
+    UntilDrained { patience: Duration },
     /// Keep serving until shutdown (`serve`).
     Forever,
 }
 
+/// How many updates the dispatcher keeps in memory; a long-running process sends many.
+const CACHED_UPDATES: usize = 256;
+
 pub struct Dispatcher {
-    store: Arc<Store>,
-    channels: Vec<Arc<dyn Channel>>,
+    store: Arc<dyn Store>,
+    channels: Vec<ConfiguredChannel>,
     composer: Composer,
     lease: Duration,
-    finished: Option<mpsc::UnboundedSender<Finished>>,
-    /// Updates and incidents are read once per run, not once per delivery.
-    cache: Mutex<HashMap<Ulid, Arc<(Update, Incident)>>>,
+    /// Recorded on every lease this process takes.
+    owner: String,
+    clock: Clock,
+    settled: Option<mpsc::UnboundedSender<Settled>>,
+    /// Updates are read once per run, not once per delivery; bounded by `CACHED_UPDATES`.
+    cache: Mutex<HashMap<Ulid, Arc<MessageSource>>>,
+    /// Per channel, when a provider's rate limit lets it send again.
+    throttled_until: Mutex<HashMap<String, DateTime<Utc>>>,
 }
 
-/// How long an idle worker in `Forever` mode sleeps before looking at its queue again.
-const IDLE_POLL: Duration = Duration::from_millis(500);
+/// What to do with one leased delivery.
+enum Prepared {
+    Send {
+        message: MessageContext,
+        thread: Option<serde_json::Value>,
+    },
+    Settle(Outcome),
+}
 
 impl Dispatcher {
     pub fn new(
-        store: Arc<Store>,
-        channels: Vec<Arc<dyn Channel>>,
+        store: Arc<dyn Store>,
+        channels: Vec<ConfiguredChannel>,
         composer: Composer,
         lease: Duration,
+        owner: String,
     ) -> Self {
         Self {
             store,
             channels,
             composer,
             lease,
-            finished: None,
+            owner,
+            clock: Clock::System,
+            settled: None,
             cache: Mutex::new(HashMap::new()),
+            throttled_until: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Reports every finished delivery on `sender`.
-    pub fn report_to(mut self, sender: mpsc::UnboundedSender<Finished>) -> Self {
-        self.finished = Some(sender);
+    /// Reads time from `clock` instead of the system's (tests drive it with tokio's time).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
         self
     }
 
-    /// Runs every channel's worker until the queue drains (or forever) or `shutdown` turns true.
-    /// In-flight deliveries always finish and are recorded before this returns.
+    /// Reports every delivery that settles on `sender`.
+    pub fn report_to(mut self, sender: mpsc::UnboundedSender<Settled>) -> Self {
+        self.settled = Some(sender);
+        self
+    }
+
+    /// Runs every channel's worker until the queue drains (or forever) or `shutdown` turns
+    /// true. In-flight deliveries always finish and are recorded before this returns. Returns
+    /// the earliest retry left queued for later, if any.
     pub async fn run(
         self: Arc<Self>,
         mode: Mode,
         shutdown: watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
+    ) -> crate::Result<Option<DateTime<Utc>>> {
         let mut workers = JoinSet::new();
         for channel in self.channels.clone() {
             workers.spawn(self.clone().work(channel, mode, shutdown.clone()));
         }
         let reaper = tokio::spawn(self.clone().reap_expired_leases(shutdown.clone()));
         let mut first_error = None;
+        let mut left_for_later: Option<DateTime<Utc>> = None;
         while let Some(result) = workers.join_next().await {
-            let outcome = result.map_err(anyhow::Error::from).and_then(|r| r);
-            if let Err(error) = outcome {
-                first_error.get_or_insert(error);
+            match result.map_err(crate::Error::from).and_then(|r| r) {
+                Ok(Some(due)) => {
+                    left_for_later = Some(left_for_later.map_or(due, |d| d.min(due)));
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
             }
         }
         reaper.abort();
-        first_error.map_or(Ok(()), |error| Err(crate::InternalError(error).into()))
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(left_for_later),
+        }
     }
 
     /// Puts deliveries whose lease ran out back in the queue, every quarter of a lease. Within
     /// one process an attempt ends long before its lease (the config enforces it), so this
-    /// only catches a worker that is stuck beyond its own timeout.
+    /// only catches a worker that is stuck beyond its own timeout, or a process that died.
     async fn reap_expired_leases(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let period = (self.lease / 4).max(Duration::from_millis(100));
         loop {
@@ -102,7 +144,7 @@ impl Dispatcher {
                 _ = tokio::time::sleep(period) => {}
                 _ = shutdown.changed() => return,
             }
-            match self.store.requeue_leases(Utc::now(), false) {
+            match self.store.requeue_expired(self.clock.now()).await {
                 Ok(0) => {}
                 Ok(requeued) => tracing::warn!(requeued, "expired leases went back to the queue"),
                 Err(error) => tracing::error!(%error, "cannot requeue expired leases"),
@@ -110,130 +152,166 @@ impl Dispatcher {
         }
     }
 
+    fn throttled_until(&self, channel: &str) -> Option<DateTime<Utc>> {
+        let throttles = self
+            .throttled_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        throttles.get(channel).copied()
+    }
+
+    fn throttle(&self, channel: &str, until: DateTime<Utc>) {
+        let mut throttles = self
+            .throttled_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let entry = throttles.entry(channel.to_owned()).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// One channel's worker. Returns the due time of a retry it left queued for later.
     async fn work(
         self: Arc<Self>,
-        channel: Arc<dyn Channel>,
+        channel: ConfiguredChannel,
         mode: Mode,
         mut shutdown: watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
-        let mut in_flight: JoinSet<anyhow::Result<()>> = JoinSet::new();
-        let concurrency = channel.policy().concurrency;
+    ) -> crate::Result<Option<DateTime<Utc>>> {
+        let mut in_flight: JoinSet<crate::Result<()>> = JoinSet::new();
+        let concurrency = channel.policy.concurrency;
+        let mut queue_changes = self.store.queue_changes();
         // The store failing stops the leasing, never the attempts already under way: they
         // finish and are recorded, or their leases come back at the next start.
-        let mut failure: Option<anyhow::Error> = None;
+        let mut failure: Option<crate::Error> = None;
         loop {
             let stopping = *shutdown.borrow() || failure.is_some();
+            // Seen now: anything queued from here on wakes the wait below.
+            queue_changes.borrow_and_update();
+            let now = self.clock.now();
+            let throttled = self
+                .throttled_until(&channel.id)
+                .filter(|until| *until > now);
             let mut next_due = None;
             if !stopping {
-                if let Err(error) = self.fill(&channel, &mut in_flight, concurrency) {
+                if throttled.is_none()
+                    && let Err(error) = self.fill(&channel, &mut in_flight, concurrency, now).await
+                {
                     failure = Some(error);
                     continue;
                 }
-                match self.store.next_due(channel.name()) {
-                    Ok(due) => next_due = due,
+                match self.store.next_due(&channel.id).await {
+                    Ok(due) => next_due = due.map(|due| throttled.map_or(due, |t| due.max(t))),
                     Err(error) => {
                         failure = Some(error.into());
                         continue;
                     }
                 }
             }
-            if in_flight.is_empty()
-                && (stopping || (next_due.is_none() && mode == Mode::UntilDrained))
-            {
-                return failure.map_or(Ok(()), Err);
+            let idle = in_flight.is_empty();
+            if idle && stopping {
+                return failure.map_or(Ok(None), Err);
             }
-            // Wake when a slot frees up, when the next retry is due, or on shutdown. In
-            // `Forever` mode new work may arrive at any time, so never sleep past IDLE_POLL.
+            if idle && let Mode::UntilDrained { patience } = mode {
+                match next_due {
+                    None => return Ok(None),
+                    Some(due) if clock::until(now, due) > patience => return Ok(Some(due)),
+                    Some(_) => {}
+                }
+            }
+            // Wake when a slot frees up, when the next delivery is due, when more is queued,
+            // or on shutdown.
             let wait = if stopping || in_flight.len() >= concurrency {
                 None
             } else {
-                let until_due = next_due.map(|due| (due - Utc::now()).to_std().unwrap_or_default());
-                match (until_due, mode) {
-                    (Some(wait), Mode::UntilDrained) => Some(wait),
-                    (Some(wait), Mode::Forever) => Some(wait.min(IDLE_POLL)),
-                    (None, _) => Some(IDLE_POLL),
-                }
+                next_due.map(|due| clock::until(now, due))
             };
             tokio::select! {
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    let outcome = done.map_err(anyhow::Error::from).and_then(|result| result);
-                    if let Err(error) = outcome {
+                    if let Err(error) = done.map_err(crate::Error::from).and_then(|result| result) {
                         failure.get_or_insert(error);
                     }
                 }
                 _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
+                _ = queue_changes.changed(), if !stopping && in_flight.len() < concurrency => {}
                 _ = shutdown.changed(), if !stopping => {}
             }
         }
     }
 
-    /// Leases due deliveries until the channel's concurrency is used up or none is due.
-    ///
-    /// sled serves these reads and transactions from its page cache in microseconds, so they
-    /// run on the worker's own thread; the one blocking call, the flush, runs on the
-    /// group-commit thread.
-    fn fill(
+    /// Leases due deliveries, one batch, up to the channel's free concurrency.
+    async fn fill(
         self: &Arc<Self>,
-        channel: &Arc<dyn Channel>,
-        in_flight: &mut JoinSet<anyhow::Result<()>>,
+        channel: &ConfiguredChannel,
+        in_flight: &mut JoinSet<crate::Result<()>>,
         concurrency: usize,
-    ) -> anyhow::Result<()> {
-        while in_flight.len() < concurrency {
-            let Some(delivery) = self
-                .store
-                .lease_next(channel.name(), Utc::now(), self.lease)?
-            else {
-                break;
-            };
+        now: DateTime<Utc>,
+    ) -> crate::Result<()> {
+        let free = concurrency.saturating_sub(in_flight.len());
+        if free == 0 {
+            return Ok(());
+        }
+        let leased = self
+            .store
+            .lease_due(&channel.id, &self.owner, free, self.lease, now)
+            .await?;
+        for delivery in leased {
             in_flight.spawn(self.clone().attempt(channel.clone(), delivery));
         }
         Ok(())
     }
 
-    fn load(&self, update: Ulid) -> anyhow::Result<Arc<(Update, Incident)>> {
-        if let Some(found) = self.cache.lock().expect("cache lock").get(&update) {
+    async fn source(&self, update: Ulid) -> Result<Arc<MessageSource>, StoreError> {
+        if let Some(found) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&update)
+        {
             return Ok(found.clone());
         }
-        let record = self.store.update(update)?;
-        let incident = self.store.incident(record.incident)?;
-        let loaded = Arc::new((record, incident));
-        self.cache
-            .lock()
-            .expect("cache lock")
-            .insert(update, loaded.clone());
+        let record = self.store.update(update).await?;
+        let incident = self.store.incident(record.incident).await?;
+        let loaded = Arc::new(MessageSource {
+            update: record,
+            incident,
+        });
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHED_UPDATES {
+            // Reloading an update is one read: a simple bound is enough.
+            cache.clear();
+        }
+        cache.insert(update, loaded.clone());
         Ok(loaded)
     }
 
     /// One attempt at one leased delivery, with its outcome on disk before it returns. Only
-    /// the store failing is an error; everything wrong with the delivery itself is an outcome.
+    /// the store failing is an error, and it leaves the delivery leased (it comes back to the
+    /// queue when the lease is recovered): everything wrong with the delivery itself is an
+    /// outcome.
     async fn attempt(
         self: Arc<Self>,
-        channel: Arc<dyn Channel>,
+        channel: ConfiguredChannel,
         delivery: DeliveryRecord,
-    ) -> anyhow::Result<()> {
-        let now = Utc::now();
-        let outcome = match self.prepare(channel.as_ref(), &delivery) {
-            Err(error) => {
-                tracing::error!(delivery = %delivery.key(), %error, "cannot prepare the message");
-                Outcome::Dead {
-                    error: format!("cannot prepare the message: {error:#}"),
-                }
+    ) -> crate::Result<()> {
+        let outcome = match self.prepare(&channel, &delivery).await? {
+            Prepared::Settle(outcome) => outcome,
+            Prepared::Send { message, thread } => {
+                self.send(&channel, &delivery, &message, thread.as_ref())
+                    .await
             }
-            Ok(Err(skip)) => skip,
-            Ok(Ok(message)) => self.send(channel.as_ref(), &delivery, &message).await?,
         };
-        let (record, applied) = self.store.finish(&delivery, &outcome, now)?;
-        // The outcome must be on disk before anyone counts it: a crash after this point cannot
-        // cause this delivery to be sent again.
-        self.store.commit().await?;
-        if applied && record.state.is_final() {
-            if let Some(finished) = &self.finished {
-                let _ = finished.send(Finished {
-                    update: record.update,
-                    channel: record.channel.clone(),
-                    state: record.state,
-                });
-            }
+        // The attempt ends here: that is when it finished.
+        let now = self.clock.now();
+        let recorded = self.store.record_outcome(&delivery, &outcome, now).await?;
+        let record = &recorded.record;
+        if recorded.applied
+            && record.state.is_settled()
+            && let Some(settled) = &self.settled
+        {
+            let _ = settled.send(Settled {
+                update: record.update,
+                channel: record.channel.clone(),
+                state: record.state,
+            });
         }
         Ok(())
     }
@@ -241,67 +319,81 @@ impl Dispatcher {
     /// Sends within the channel's timeout and decides what the result means.
     async fn send(
         &self,
-        channel: &dyn Channel,
+        channel: &ConfiguredChannel,
         delivery: &DeliveryRecord,
-        message: &crate::render::MessageContext,
-    ) -> anyhow::Result<Outcome> {
-        let limit = channel.policy().timeout + Duration::from_secs(1);
-        let result = match tokio::time::timeout(limit, channel.deliver(message, delivery)).await {
-            Ok(result) => result,
-            Err(_) => Err(DeliveryError::transient(format!(
-                "no answer within {}",
-                humantime::format_duration(channel.policy().timeout)
-            ))),
+        message: &MessageContext,
+        thread: Option<&serde_json::Value>,
+    ) -> Outcome {
+        let key = delivery.key();
+        let attempt = Attempt {
+            key: &key,
+            update: delivery.update,
+            number: delivery.attempts,
+            recipient: &delivery.recipient,
+            thread,
         };
-        let Err(error) = result else {
-            return Ok(Outcome::Sent);
+        let limit = channel.policy.timeout + Duration::from_secs(1);
+        let result =
+            match tokio::time::timeout(limit, channel.adapter.deliver(message, &attempt)).await {
+                Ok(result) => result,
+                Err(_) => Err(DeliveryError::transient(format!(
+                    "no answer within {}",
+                    humantime::format_duration(channel.policy.timeout)
+                ))),
+            };
+        let error = match result {
+            Ok(receipt) => return Outcome::Sent { receipt },
+            Err(error) => error,
         };
-        if let DeliveryError::Gone { reason } = &error {
-            tracing::warn!(channel = channel.name(), %reason, "endpoint is gone; disabling the channel");
-            self.store
-                .disable_channel(channel.name(), reason, Utc::now())?;
+        let now = self.clock.now();
+        let outcome =
+            retry::after_failure(&channel.policy, delivery, &error, now, &mut rand::rng());
+        match (&error.kind, &outcome) {
+            (FailureKind::Throttled, Outcome::Retry { at, .. }) => {
+                tracing::warn!(channel = %channel.id, until = %at, "the provider throttles the channel; every worker waits");
+                self.throttle(&channel.id, *at);
+            }
+            (FailureKind::EndpointGone, _) => {
+                tracing::warn!(channel = %channel.id, reason = %error.reason, "endpoint is gone; disabling the channel");
+            }
+            _ => {}
         }
-        let outcome = retry::after_failure(
-            channel.policy(),
-            delivery,
-            &error,
-            Utc::now(),
-            &mut rand::rng(),
-        );
-        tracing::debug!(delivery = %delivery.key(), %error, ?outcome, "attempt failed");
-        Ok(outcome)
+        tracing::debug!(delivery = %key, %error, ?outcome, "attempt failed");
+        outcome
     }
 
     /// Builds the message for one delivery, or says why it should not go out after all.
-    fn prepare(
+    async fn prepare(
         &self,
-        channel: &dyn Channel,
+        channel: &ConfiguredChannel,
         delivery: &DeliveryRecord,
-    ) -> anyhow::Result<Result<crate::render::MessageContext, Outcome>> {
-        if let Some(reason) = self.store.channel_disabled(channel.name())? {
-            return Ok(Err(Outcome::Dead {
-                error: format!("channel {} is {reason}", channel.name()),
+    ) -> Result<Prepared, StoreError> {
+        if let Some(reason) = self.store.channel_disabled(&channel.id).await? {
+            return Ok(Prepared::Settle(Outcome::Dead {
+                failure: DeliveryError::permanent(format!("channel {} is {reason}", channel.id)),
             }));
         }
-        let loaded = self.load(delivery.update)?;
-        let (update, incident) = (&loaded.0, &loaded.1);
-        if delivery.recipient == BROADCAST_RECIPIENT {
-            return Ok(Ok(self.composer.message(
-                update,
-                incident,
-                None,
-                Utc::now(),
-            )));
-        }
-        let contact = Contact::parse(&delivery.recipient)?;
-        let Some(subscriber) = self.store.subscriber(&contact)? else {
-            return Ok(Err(Outcome::Skipped {
+        let source = self.source(delivery.update).await?;
+        let now = self.clock.now();
+        let contact = match &delivery.recipient {
+            Recipient::Broadcast => {
+                // Read afresh: an earlier delivery of this incident may just have started the
+                // thread this one replies to.
+                let incident = self.store.incident(source.update.incident).await?;
+                let thread = incident.remote_threads.get(&channel.id).cloned();
+                let message = self.composer.message(&source, None, now);
+                return Ok(Prepared::Send { message, thread });
+            }
+            Recipient::Contact(contact) => contact,
+        };
+        let Some(subscriber) = self.store.subscriber(contact).await? else {
+            return Ok(Prepared::Settle(Outcome::Skipped {
                 reason: "the subscriber no longer exists".into(),
             }));
         };
-        if !subscriber.receives_updates() {
-            return Ok(Err(Outcome::Skipped {
-                reason: "the subscriber unsubscribed before it went out".into(),
+        if !subscriber.receives_on(&channel.id) {
+            return Ok(Prepared::Settle(Outcome::Skipped {
+                reason: "the subscriber stopped receiving these before it went out".into(),
             }));
         }
         let orders: Vec<_> = if delivery.orders.is_empty() {
@@ -309,11 +401,12 @@ impl Dispatcher {
         } else {
             delivery.orders.clone()
         };
-        Ok(Ok(self.composer.message(
-            update,
-            incident,
-            Some((&contact, &orders)),
-            Utc::now(),
-        )))
+        let message = self
+            .composer
+            .message(&source, Some((contact, &orders)), now);
+        Ok(Prepared::Send {
+            message,
+            thread: None,
+        })
     }
 }

@@ -1,80 +1,77 @@
 //! Planning: fanning one update out into deliveries, in batches, resumable from a cursor.
 
-use crate::channel::{Channel, Reach};
+use crate::channel::{ConfiguredChannel, Reach};
+use crate::delivery::{DeliveryRecord, Recipient};
 use crate::domain::{Audience, OrderNumber, Subscriber, Update};
-use crate::store::{DeliveryRecord, Store, StoreError};
+use crate::store::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
-/// Plans `update` to completion, one store transaction per batch of subscribers, and returns
+/// Plans `update` to completion, one durable store write per batch of subscribers, and returns
 /// how many deliveries were added. Safe to call again after a crash: it resumes at the cursor,
 /// and a delivery already planned is never planned twice.
-pub fn plan_update(
-    store: &Store,
+pub async fn plan_update(
+    store: &dyn Store,
     update: &Update,
-    channels: &[Arc<dyn Channel>],
+    channels: &[ConfiguredChannel],
     batch: usize,
     now: DateTime<Utc>,
 ) -> Result<usize, StoreError> {
-    let mut state = store.plan_state(update.id)?;
-    let selected: Vec<&Arc<dyn Channel>> = channels
+    let mut state = store.plan_state(update.id).await?;
+    let selected: Vec<&ConfiguredChannel> = channels
         .iter()
-        .filter(|c| update.channels.iter().any(|name| name == c.name()))
+        .filter(|c| update.channels.iter().any(|id| *id == c.id))
         .collect();
     let mut added = 0;
 
     if !state.broadcast_planned {
+        let orders: Vec<OrderNumber> = match &update.audience {
+            Audience::Everyone => Vec::new(),
+            Audience::Orders(orders) => orders.iter().cloned().collect(),
+        };
         let broadcasts: Vec<DeliveryRecord> = selected
             .iter()
             .filter(|c| match c.reach() {
-                Reach::Broadcast { targeted } => targeted || !update.audience.is_targeted(),
+                Reach::Broadcast { accepts_targeted } => {
+                    accepts_targeted || !update.audience.is_targeted()
+                }
                 Reach::Subscribers(_) => false,
             })
             .map(|c| {
-                let orders = match &update.audience {
-                    Audience::Everyone => Vec::new(),
-                    Audience::Orders(orders) => orders.iter().cloned().collect(),
-                };
-                DeliveryRecord::new(
-                    update.id,
-                    c.name(),
-                    crate::store::BROADCAST_RECIPIENT,
-                    orders,
-                    now,
-                )
+                DeliveryRecord::new(update.id, &c.id, Recipient::Broadcast, orders.clone(), now)
             })
             .collect();
         state.broadcast_planned = true;
-        added += store.enqueue_planned(update.id, &broadcasts, &state)?;
+        added += store
+            .enqueue_planned(update.id, &broadcasts, &state)
+            .await?;
     }
 
-    let targets: Option<&BTreeSet<OrderNumber>> = match &update.audience {
+    let targets = match &update.audience {
         Audience::Everyone => None,
         Audience::Orders(orders) => Some(orders),
     };
     while !state.done {
-        let page = match &targets {
-            None => store.subscribers_after(state.cursor.as_deref(), batch)?,
-            Some(orders) => store.followers_after(orders, state.cursor.as_deref(), batch)?,
-        };
+        let page = store
+            .subscriber_page(&update.audience, state.cursor.as_ref(), batch)
+            .await?;
         let mut records = Vec::new();
-        for (_, subscriber) in &page {
+        for subscriber in &page.items {
             records.extend(deliveries_for(update, subscriber, &selected, targets, now));
         }
-        state.cursor = page.last().map(|(key, _)| key.clone()).or(state.cursor);
-        state.done = page.len() < batch;
-        added += store.enqueue_planned(update.id, &records, &state)?;
+        state.done = page.items.len() < batch;
+        state.cursor = page.next.or(state.cursor);
+        added += store.enqueue_planned(update.id, &records, &state).await?;
     }
     Ok(added)
 }
 
 /// The deliveries one subscriber gets: one per per-subscriber channel that reaches its contact,
 /// however many of the affected orders it follows.
-fn deliveries_for(
+pub fn deliveries_for(
     update: &Update,
     subscriber: &Subscriber,
-    channels: &[&Arc<dyn Channel>],
+    channels: &[&ConfiguredChannel],
     targets: Option<&BTreeSet<OrderNumber>>,
     now: DateTime<Utc>,
 ) -> Vec<DeliveryRecord> {
@@ -96,11 +93,12 @@ fn deliveries_for(
     channels
         .iter()
         .filter(|c| c.reach() == Reach::Subscribers(subscriber.contact.kind()))
+        .filter(|c| subscriber.receives_on(&c.id))
         .map(|c| {
             DeliveryRecord::new(
                 update.id,
-                c.name(),
-                subscriber.contact.as_str(),
+                &c.id,
+                Recipient::Contact(subscriber.contact.clone()),
                 orders.clone(),
                 now,
             )
@@ -111,66 +109,84 @@ fn deliveries_for(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::channel::{DeliveryError, RejectError, RenderedPart};
-    use crate::config::{DeliveryPolicy, StoreSettings};
+    use crate::channel::{Attempt, Channel, Rejection, RenderedPart};
+    use crate::config::DeliveryPolicy;
+    use crate::delivery::{DeliveryError, DeliveryKey, Receipt};
     use crate::domain::{
         Body, Contact, ContactKind, Headline, Incident, IncidentState, OrderPattern,
     };
     use crate::render::MessageContext;
-    use crate::store::PlanState;
+    use crate::store::{DeliveryFilter, MemoryStore, PlanState};
+    use std::sync::Arc;
     use ulid::Ulid;
 
     /// A channel that only exists to be planned for.
-    struct PlannedOnly(&'static str, Reach);
+    struct PlannedOnly(Reach);
 
     #[async_trait::async_trait]
     impl Channel for PlannedOnly {
-        fn name(&self) -> &str {
+        fn reach(&self) -> Reach {
             self.0
         }
-        fn reach(&self) -> Reach {
-            self.1
-        }
-        fn policy(&self) -> &DeliveryPolicy {
-            unreachable!("planning never asks")
-        }
-        fn render(&self, _: &MessageContext) -> Result<Vec<RenderedPart>, RejectError> {
+        fn render(&self, _: &MessageContext) -> Result<Vec<RenderedPart>, Rejection> {
             Ok(Vec::new())
         }
         async fn deliver(
             &self,
             _: &MessageContext,
-            _: &DeliveryRecord,
-        ) -> Result<(), DeliveryError> {
-            Ok(())
+            _: &Attempt<'_>,
+        ) -> Result<Receipt, DeliveryError> {
+            Ok(Receipt::none())
         }
     }
 
-    fn channels() -> Vec<Arc<dyn Channel>> {
+    fn channel(id: &str, reach: Reach) -> ConfiguredChannel {
+        ConfiguredChannel {
+            id: id.into(),
+            kind: "test",
+            policy: DeliveryPolicy::with_concurrency(1),
+            adapter: Arc::new(PlannedOnly(reach)),
+        }
+    }
+
+    fn channels() -> Vec<ConfiguredChannel> {
         vec![
-            Arc::new(PlannedOnly("email", Reach::Subscribers(ContactKind::Email))),
-            Arc::new(PlannedOnly("sms", Reach::Subscribers(ContactKind::Phone))),
-            Arc::new(PlannedOnly("status", Reach::Broadcast { targeted: false })),
-            Arc::new(PlannedOnly("partners", Reach::Broadcast { targeted: true })),
+            channel("email", Reach::Subscribers(ContactKind::Email)),
+            channel("sms", Reach::Subscribers(ContactKind::Phone)),
+            channel(
+                "status",
+                Reach::Broadcast {
+                    accepts_targeted: false,
+                },
+            ),
+            channel(
+                "partners",
+                Reach::Broadcast {
+                    accepts_targeted: true,
+                },
+            ),
         ]
     }
 
-    fn store_with_subscribers(dir: &std::path::Path, count: usize) -> Store {
-        let store = Store::open(&StoreSettings {
-            path: dir.join("store"),
-            cache_capacity_bytes: 8 << 20,
-        })
-        .unwrap();
-        let pattern = OrderPattern::new("[A-Z]{2}-[0-9]{4}").unwrap();
+    fn pattern() -> OrderPattern {
+        OrderPattern::new("[A-Z]{2}-[0-9]{4}").unwrap()
+    }
+
+    async fn store_with_subscribers(count: usize) -> MemoryStore {
+        let store = MemoryStore::new();
         for i in 0..count {
             let contact = Contact::parse(&format!("c{i:03}@example.com")).unwrap();
-            let order = OrderNumber::parse(&format!("AB-{:04}", 1000 + i % 10), &pattern).unwrap();
-            store.subscribe(&contact, &order, true, Utc::now()).unwrap();
+            let order =
+                OrderNumber::parse(&format!("AB-{:04}", 1000 + i % 10), &pattern()).unwrap();
+            store
+                .subscribe(&contact, &order, true, Utc::now())
+                .await
+                .unwrap();
         }
         store
     }
 
-    async fn accepted(store: &Store, audience: Audience) -> Update {
+    async fn accepted(store: &MemoryStore, audience: Audience) -> Update {
         let now = Utc::now();
         let incident = Incident::open(
             "Activations delayed".into(),
@@ -198,71 +214,78 @@ mod tests {
         update
     }
 
-    fn planned_keys(store: &Store, update: &Update) -> BTreeSet<String> {
+    async fn planned_count(store: &MemoryStore, update: &Update) -> usize {
         store
-            .deliveries(Some(update.id))
-            .map(|r| r.unwrap().key())
-            .collect()
+            .deliveries(update.id, DeliveryFilter::All, None, usize::MAX)
+            .await
+            .unwrap()
+            .items
+            .len()
     }
 
     #[tokio::test]
     async fn planning_interrupted_after_one_batch_resumes_at_its_cursor_without_duplicates() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store_with_subscribers(dir.path(), 25);
+        let store = store_with_subscribers(25).await;
         let update = accepted(&store, Audience::Everyone).await;
 
         // A crash after the first batch leaves its deliveries and its cursor, and nothing else.
-        let first_page = store.subscribers_after(None, 10).unwrap();
-        let selected = channels();
-        let selected: Vec<&Arc<dyn Channel>> = selected.iter().collect();
+        let first_page = store
+            .subscriber_page(&Audience::Everyone, None, 10)
+            .await
+            .unwrap();
+        let all = channels();
+        let selected: Vec<&ConfiguredChannel> = all.iter().collect();
         let records: Vec<DeliveryRecord> = first_page
+            .items
             .iter()
-            .flat_map(|(_, s)| deliveries_for(&update, s, &selected, None, Utc::now()))
+            .flat_map(|s| deliveries_for(&update, s, &selected, None, Utc::now()))
             .collect();
         let interrupted = PlanState {
-            cursor: first_page.last().map(|(key, _)| key.clone()),
+            cursor: first_page.next.clone(),
             broadcast_planned: true,
             done: false,
         };
         assert_eq!(
             store
                 .enqueue_planned(update.id, &records, &interrupted)
+                .await
                 .unwrap(),
             10
         );
-        assert_eq!(store.unfinished_plans().unwrap(), [update.id]);
+        assert_eq!(store.unfinished_plans().await.unwrap(), [update.id]);
 
-        let added = plan_update(&store, &update, &channels(), 10, Utc::now()).unwrap();
+        let added = plan_update(&store, &update, &channels(), 10, Utc::now())
+            .await
+            .unwrap();
         assert_eq!(
             added, 15,
             "only the subscribers after the cursor were planned"
         );
-        assert_eq!(planned_keys(&store, &update).len(), 25);
-        assert!(store.unfinished_plans().unwrap().is_empty());
+        assert_eq!(planned_count(&store, &update).await, 25);
+        assert!(store.unfinished_plans().await.unwrap().is_empty());
         assert_eq!(
-            plan_update(&store, &update, &channels(), 10, Utc::now()).unwrap(),
+            plan_update(&store, &update, &channels(), 10, Utc::now())
+                .await
+                .unwrap(),
             0
         );
     }
 
     #[tokio::test]
     async fn planning_everyone_gives_one_delivery_per_contact_and_one_per_broadcast_channel() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store_with_subscribers(dir.path(), 12);
+        let store = store_with_subscribers(12).await;
         let phone = Contact::parse("+447700900123").unwrap();
-        let pattern = OrderPattern::new("[A-Z]{2}-[0-9]{4}").unwrap();
+        let order = OrderNumber::parse("AB-1001", &pattern()).unwrap();
         store
-            .subscribe(
-                &phone,
-                &OrderNumber::parse("AB-1001", &pattern).unwrap(),
-                true,
-                Utc::now(),
-            )
+            .subscribe(&phone, &order, true, Utc::now())
+            .await
             .unwrap();
         let update = accepted(&store, Audience::Everyone).await;
-        plan_update(&store, &update, &channels(), 5, Utc::now()).unwrap();
+        plan_update(&store, &update, &channels(), 5, Utc::now())
+            .await
+            .unwrap();
 
-        let counts = store.counts(Some(update.id)).unwrap();
+        let counts = store.counts(Some(update.id)).await.unwrap();
         assert_eq!(counts["email"].queued, 12);
         assert_eq!(counts["sms"].queued, 1);
         assert_eq!(counts["status"].queued, 1);
@@ -271,22 +294,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_targeted_plan_walks_the_order_index_and_names_each_contacts_orders() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store_with_subscribers(dir.path(), 30);
-        let pattern = OrderPattern::new("[A-Z]{2}-[0-9]{4}").unwrap();
+        let store = store_with_subscribers(30).await;
         let ann = Contact::parse("c000@example.com").unwrap();
-        let second_order = OrderNumber::parse("AB-1001", &pattern).unwrap();
+        let second_order = OrderNumber::parse("AB-1001", &pattern()).unwrap();
         store
             .subscribe(&ann, &second_order, true, Utc::now())
+            .await
             .unwrap();
         let targets: BTreeSet<OrderNumber> = ["AB-1000", "AB-1001"]
             .iter()
-            .map(|o| OrderNumber::parse(o, &pattern).unwrap())
+            .map(|o| OrderNumber::parse(o, &pattern()).unwrap())
             .collect();
         let update = accepted(&store, Audience::Orders(targets)).await;
-        plan_update(&store, &update, &channels(), 2, Utc::now()).unwrap();
+        plan_update(&store, &update, &channels(), 2, Utc::now())
+            .await
+            .unwrap();
 
-        let counts = store.counts(Some(update.id)).unwrap();
+        let counts = store.counts(Some(update.id)).await.unwrap();
         // c000, c010, c020 follow AB-1000; c001, c011, c021 and c000 follow AB-1001.
         assert_eq!(counts["email"].queued, 6);
         assert!(
@@ -294,10 +318,8 @@ mod tests {
             "the status page never gets a targeted update"
         );
         assert_eq!(counts["partners"].queued, 1);
-        let ann_delivery = store
-            .delivery(&format!("{}/email/c000@example.com", update.id))
-            .unwrap()
-            .unwrap();
+        let key = DeliveryKey::new(update.id, "email", &Recipient::Contact(ann));
+        let ann_delivery = store.delivery(&key).await.unwrap().unwrap();
         let orders: Vec<&str> = ann_delivery.orders.iter().map(|o| o.as_str()).collect();
         assert_eq!(orders, ["AB-1000", "AB-1001"]);
     }

@@ -1,9 +1,11 @@
-//! Retry policy: exponential backoff with full jitter, bounded by attempts and age, and never
-//! sooner than a provider's `Retry-After`.
+//! Retry policy: exponential backoff with full jitter, bounded by attempts and age, never
+//! sooner than a provider's `Retry-After`, and a throttled channel's wait that costs the
+//! delivery no attempt. Every time computed here saturates: nothing a provider sends can make
+//! it overflow.
 
-use crate::channel::DeliveryError;
+use crate::clock;
 use crate::config::DeliveryPolicy;
-use crate::store::{DeliveryRecord, Outcome};
+use crate::delivery::{DeliveryError, DeliveryRecord, FailureKind, Outcome};
 use chrono::{DateTime, Utc};
 use rand::Rng;
 use std::time::Duration;
@@ -16,44 +18,48 @@ pub fn after_failure(
     now: DateTime<Utc>,
     rng: &mut impl Rng,
 ) -> Outcome {
-    let (reason, retry_after) = match error {
-        DeliveryError::Transient {
-            reason,
-            retry_after,
-        } => (reason, *retry_after),
-        DeliveryError::Permanent { reason } | DeliveryError::Gone { reason } => {
+    let gave_up = |why: String| Outcome::Dead {
+        failure: error
+            .clone()
+            .with_reason(format!("{why}: {}", error.reason)),
+    };
+    let ceiling = backoff_ceiling(policy, delivery.attempts);
+    let wait = match error.kind {
+        FailureKind::Permanent | FailureKind::RecipientGone | FailureKind::EndpointGone => {
             return Outcome::Dead {
-                error: reason.clone(),
+                failure: error.clone(),
             };
         }
+        // Waiting for a provider's rate limit is not the message's fault: no attempt is spent.
+        FailureKind::Throttled => error.retry_after.unwrap_or(ceiling),
+        FailureKind::Transient => {
+            if delivery.attempts >= policy.max_attempts {
+                return gave_up(format!("gave up after {} attempts", delivery.attempts));
+            }
+            let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+            let jittered = Duration::from_millis(rng.random_range(0..=ceiling_ms));
+            error
+                .retry_after
+                .map_or(jittered, |asked| asked.max(jittered))
+        }
     };
-    if delivery.attempts >= policy.max_attempts {
-        return Outcome::Dead {
-            error: format!("gave up after {} attempts: {reason}", delivery.attempts),
-        };
-    }
-    let ceiling = backoff_ceiling(policy, delivery.attempts);
-    let jittered = Duration::from_millis(rng.random_range(0..=ceiling.as_millis() as u64));
-    let wait = retry_after.map_or(jittered, |asked| asked.max(jittered));
-    let at = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
-    let deadline = delivery.queued_at
-        + chrono::Duration::from_std(policy.max_age).unwrap_or(chrono::Duration::MAX);
+    let at = clock::after(now, wait);
+    let deadline = clock::after(delivery.queued_at, policy.max_age);
     if at > deadline {
-        return Outcome::Dead {
-            error: format!(
-                "gave up: the next attempt would be more than {} after it was queued: {reason}",
-                humantime::format_duration(policy.max_age)
-            ),
-        };
+        return gave_up(format!(
+            "gave up: the next attempt would be more than {} after it was queued",
+            humantime::format_duration(policy.max_age)
+        ));
     }
     Outcome::Retry {
         at,
-        error: reason.clone(),
+        failure: error.clone(),
+        counts_as_attempt: error.kind != FailureKind::Throttled,
     }
 }
 
 /// `min(backoff_max, backoff_base * 2^(attempt - 1))`.
-fn backoff_ceiling(policy: &DeliveryPolicy, attempt: u32) -> Duration {
+pub fn backoff_ceiling(policy: &DeliveryPolicy, attempt: u32) -> Duration {
     let exponent = attempt.saturating_sub(1).min(31);
     policy
         .backoff_base
@@ -65,6 +71,8 @@ fn backoff_ceiling(policy: &DeliveryPolicy, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::Recipient;
+    use proptest::prelude::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
     use ulid::Ulid;
@@ -81,9 +89,14 @@ mod tests {
     }
 
     fn delivery(attempts: u32, now: DateTime<Utc>) -> DeliveryRecord {
-        let mut record = DeliveryRecord::new(Ulid::new(), "partners", "-", vec![], now);
+        let mut record =
+            DeliveryRecord::new(Ulid::new(), "partners", Recipient::Broadcast, vec![], now);
         record.attempts = attempts;
         record
+    }
+
+    fn transient(reason: &str, retry_after: Option<Duration>) -> DeliveryError {
+        DeliveryError::transient(reason).with_retry_after(retry_after)
     }
 
     #[test]
@@ -103,7 +116,7 @@ mod tests {
                 match after_failure(
                     &policy(),
                     &delivery(4, now),
-                    &DeliveryError::transient("503"),
+                    &transient("503", None),
                     now,
                     &mut rng,
                 ) {
@@ -119,10 +132,7 @@ mod tests {
     #[test]
     fn retry_after_is_honoured_even_when_longer_than_the_backoff() {
         let now = Utc::now();
-        let error = DeliveryError::Transient {
-            reason: "429".into(),
-            retry_after: Some(Duration::from_secs(120)),
-        };
+        let error = transient("429", Some(Duration::from_secs(120)));
         let outcome = after_failure(
             &policy(),
             &delivery(1, now),
@@ -139,19 +149,15 @@ mod tests {
     #[test]
     fn a_permanent_failure_goes_to_dead_letters_at_once() {
         let now = Utc::now();
+        let error = DeliveryError::permanent("400").with_status(400);
         let outcome = after_failure(
             &policy(),
             &delivery(1, now),
-            &DeliveryError::permanent("400"),
+            &error,
             now,
             &mut StdRng::seed_from_u64(1),
         );
-        assert_eq!(
-            outcome,
-            Outcome::Dead {
-                error: "400".into()
-            }
-        );
+        assert_eq!(outcome, Outcome::Dead { failure: error });
     }
 
     #[test]
@@ -161,7 +167,7 @@ mod tests {
         let out_of_attempts = after_failure(
             &policy(),
             &delivery(5, now),
-            &DeliveryError::transient("503"),
+            &transient("503", None),
             now,
             &mut rng,
         );
@@ -169,13 +175,87 @@ mod tests {
 
         let mut old = delivery(1, now);
         old.queued_at = now - chrono::Duration::seconds(599);
-        let error = DeliveryError::Transient {
-            reason: "503".into(),
-            retry_after: Some(Duration::from_secs(30)),
-        };
+        let error = transient("503", Some(Duration::from_secs(30)));
         assert!(matches!(
             after_failure(&policy(), &old, &error, now, &mut rng),
             Outcome::Dead { .. }
         ));
+    }
+
+    #[test]
+    fn a_throttled_attempt_waits_for_the_provider_and_costs_no_attempt() {
+        let now = Utc::now();
+        let error = DeliveryError::new(FailureKind::Throttled, "429")
+            .with_retry_after(Some(Duration::from_secs(30)));
+        // Even on its last attempt, a throttled delivery is not given up.
+        let outcome = after_failure(
+            &policy(),
+            &delivery(5, now),
+            &error,
+            now,
+            &mut StdRng::seed_from_u64(1),
+        );
+        let Outcome::Retry {
+            at,
+            counts_as_attempt,
+            ..
+        } = outcome
+        else {
+            panic!("expected a retry, got {outcome:?}")
+        };
+        assert_eq!((at - now).num_seconds(), 30);
+        assert!(!counts_as_attempt);
+    }
+
+    #[test]
+    fn an_absurd_retry_after_or_max_age_ends_in_a_dead_letter_not_a_panic() {
+        let now = Utc::now();
+        let mut absurd = policy();
+        absurd.max_age = Duration::from_secs(u64::MAX / 2);
+        let error = transient("503", Some(Duration::MAX));
+        let outcome = after_failure(
+            &absurd,
+            &delivery(1, now),
+            &error,
+            now,
+            &mut StdRng::seed_from_u64(1),
+        );
+        assert!(matches!(
+            outcome,
+            Outcome::Retry { .. } | Outcome::Dead { .. }
+        ));
+        let outcome = after_failure(
+            &policy(),
+            &delivery(1, now),
+            &error,
+            now,
+            &mut StdRng::seed_from_u64(1),
+        );
+        assert!(matches!(outcome, Outcome::Dead { .. }), "{outcome:?}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever a provider answers, in any header, the policy decides without panicking,
+        /// and never schedules a retry past the delivery's age limit.
+        #[test]
+        fn any_retry_after_header_gives_an_outcome_within_the_age_limit(
+            header in ".{0,40}|[0-9]{1,40}",
+            attempts in 0u32..20,
+            throttled in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let now = Utc::now();
+            let retry_after = crate::channel::http::parse_retry_after(&header, now);
+            let kind = if throttled { FailureKind::Throttled } else { FailureKind::Transient };
+            let error = DeliveryError::new(kind, "answered").with_retry_after(retry_after);
+            let record = delivery(attempts, now);
+            let outcome = after_failure(&policy(), &record, &error, now, &mut StdRng::seed_from_u64(seed));
+            if let Outcome::Retry { at, .. } = outcome {
+                prop_assert!(at <= clock::after(record.queued_at, policy().max_age));
+                prop_assert!(at >= now);
+            }
+        }
     }
 }

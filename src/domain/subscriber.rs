@@ -20,6 +20,9 @@ pub struct Subscriber {
     pub contact: Contact,
     pub state: SubscriberState,
     pub orders: BTreeSet<OrderNumber>,
+    /// Channels this contact can no longer be reached on (an invalid number, an SMS STOP).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub stopped_on: BTreeSet<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -30,6 +33,7 @@ impl Subscriber {
             contact,
             state: SubscriberState::Pending,
             orders: BTreeSet::new(),
+            stopped_on: BTreeSet::new(),
             created_at: now,
             updated_at: now,
         }
@@ -37,6 +41,11 @@ impl Subscriber {
 
     pub fn receives_updates(&self) -> bool {
         self.state == SubscriberState::Confirmed
+    }
+
+    /// Whether updates reach this subscriber on `channel`.
+    pub fn receives_on(&self, channel: &str) -> bool {
+        self.receives_updates() && !self.stopped_on.contains(channel)
     }
 
     /// Follows `order`. Someone who unsubscribed and subscribes again starts over as pending,

@@ -1,12 +1,13 @@
 //! Rendering: the handlebars registries (strict mode) and the context every template sees.
 
 use crate::config::Config;
-use crate::domain::token::{TokenPurpose, TokenSigner};
 use crate::domain::{Contact, Incident, OrderNumber, Update};
+use crate::links::{LinkMaker, Links};
 use chrono::{DateTime, Utc};
 use handlebars::{Handlebars, handlebars_helper};
 use serde::Serialize;
 use std::path::Path;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -169,7 +170,6 @@ pub struct UpdateView {
     pub targeted: bool,
     /// The orders a targeted update concerns; empty for everyone.
     pub orders: Vec<String>,
-    pub author: String,
 }
 
 impl UpdateView {
@@ -191,7 +191,6 @@ impl UpdateView {
                     orders.iter().map(ToString::to_string).collect()
                 }
             },
-            author: update.author.clone(),
         }
     }
 }
@@ -224,18 +223,21 @@ pub struct RecipientView {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Links {
-    pub status_page: String,
-    pub subscribe: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
 pub struct BrandView {
     pub name: String,
     pub public_url: String,
 }
 
-/// What a channel renders one message from.
+/// The update and incident a message was made from, for a channel that builds its own
+/// payload from the domain values (webhooks) rather than from a template.
+#[derive(Debug)]
+pub struct MessageSource {
+    pub update: Update,
+    pub incident: Incident,
+}
+
+/// What a channel renders one message from. The update view holds nothing private (no
+/// author): whatever a template shows, a customer may read.
 #[derive(Debug, Clone, Serialize)]
 pub struct MessageContext {
     pub update: UpdateView,
@@ -243,32 +245,30 @@ pub struct MessageContext {
     pub recipient: Option<RecipientView>,
     pub links: Links,
     pub brand: BrandView,
+    #[serde(skip)]
+    pub source: Arc<MessageSource>,
 }
 
 /// Builds message contexts: holds what is the same for every message.
 #[derive(Clone)]
 pub struct Composer {
     brand: BrandView,
-    links: Links,
-    signer: TokenSigner,
-    unsubscribe_ttl: chrono::Duration,
+    links: LinkMaker,
 }
 
 impl Composer {
     pub fn new(config: &Config) -> Self {
-        let base = &config.brand.public_url;
+        Self::with_links(&config.brand.name, LinkMaker::new(config))
+    }
+
+    /// A composer for the brand `name`, whose links `links` makes.
+    pub fn with_links(name: &str, links: LinkMaker) -> Self {
         Self {
             brand: BrandView {
-                name: config.brand.name.clone(),
-                public_url: base.clone(),
+                name: name.to_owned(),
+                public_url: links.public_url().to_owned(),
             },
-            links: Links {
-                status_page: format!("{base}/"),
-                subscribe: format!("{base}/subscribe"),
-            },
-            signer: TokenSigner::new(&config.link_secret),
-            unsubscribe_ttl: chrono::Duration::from_std(config.unsubscribe_ttl)
-                .unwrap_or(chrono::Duration::days(365)),
+            links,
         }
     }
 
@@ -277,35 +277,30 @@ impl Composer {
     }
 
     pub fn links(&self) -> &Links {
-        &self.links
+        self.links.links()
     }
 
-    pub fn unsubscribe_url(&self, contact: &Contact, now: DateTime<Utc>) -> String {
-        let token = self.signer.issue(
-            TokenPurpose::Unsubscribe,
-            contact.as_str(),
-            now + self.unsubscribe_ttl,
-        );
-        format!("{}/unsubscribe/{token}", self.brand.public_url)
+    pub fn link_maker(&self) -> &LinkMaker {
+        &self.links
     }
 
     pub fn message(
         &self,
-        update: &Update,
-        incident: &Incident,
+        source: &Arc<MessageSource>,
         recipient: Option<(&Contact, &[OrderNumber])>,
         now: DateTime<Utc>,
     ) -> MessageContext {
         MessageContext {
-            update: UpdateView::new(update),
-            incident: IncidentView::new(incident),
+            update: UpdateView::new(&source.update),
+            incident: IncidentView::new(&source.incident),
             recipient: recipient.map(|(contact, orders)| RecipientView {
                 contact: contact.to_string(),
                 orders: orders.iter().map(ToString::to_string).collect(),
-                unsubscribe_url: self.unsubscribe_url(contact, now),
+                unsubscribe_url: self.links.unsubscribe_url(contact, now),
             }),
-            links: self.links.clone(),
+            links: self.links.links().clone(),
             brand: self.brand.clone(),
+            source: source.clone(),
         }
     }
 }

@@ -1,31 +1,48 @@
-//! The sled store: subscribers and their order index, incidents, updates, planning cursors,
-//! and the delivery outbox. Every change that spans trees is one sled transaction.
+//! The store interface: everything above this module reads and writes through [`Store`], and
+//! no module outside it knows which backend it has (the embedded sled one, or the in-memory one
+//! the dispatcher tests use).
+//!
+//! Two rules hold for every backend:
+//!
+//! - **Durability.** A method that changes state returns only once the change is durable: an
+//!   id shown to a user, an outcome counted, a subscription confirmed survives `kill -9`. Callers
+//!   never flush. The sled backend shares one flush among concurrent writers (group commit).
+//! - **No blocking.** Store methods are `async` and never block a tokio worker thread: a backend
+//!   whose calls block (sled's reads, transactions and fsync) runs them on the blocking pool.
+//!
+//! Cursors are opaque: callers keep them and hand them back, never look inside.
 
-mod commit;
-mod outbox;
+mod memory;
+mod sled;
 
-pub use outbox::{BROADCAST_RECIPIENT, Counts, DeliveryRecord, DeliveryState, Outcome, PlanState};
+#[cfg(test)]
+mod conformance;
+
+pub use memory::MemoryStore;
+pub use sled::SledStore;
 
 use crate::config::StoreSettings;
-use crate::domain::{Contact, Incident, OrderNumber, Subscriber, SubscriberState, Update};
+use crate::delivery::{Counts, DeliveryKey, DeliveryRecord, Outcome};
+use crate::domain::{Audience, Contact, Incident, OrderNumber, Subscriber, Update};
+use crate::error::ErrorKind;
 use chrono::{DateTime, Utc};
-use commit::GroupCommit;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use std::collections::BTreeSet;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
 use ulid::Ulid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the store at {0} is in use by another crier process (is `crier serve` running?)")]
+    #[error("the store at {} is in use by another crier process; wait for it to finish", .0.display())]
     Locked(PathBuf),
-    #[error("store: {0}")]
-    Sled(#[from] sled::Error),
+    /// The backend cannot read or write: a full disk, a permission, a broken connection.
+    #[error("the store at {place} cannot be used: {reason}")]
+    Unavailable { place: String, reason: String },
     #[error(
-        "store holds a record it cannot read ({0}); it was written by another version of crier?"
+        "the store holds a record it cannot read ({0}); was it written by another version of crier?"
     )]
     Corrupt(String),
     #[error("no incident has the id {0}")]
@@ -37,310 +54,209 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether the caller asked for something that is not there, rather than the store failing.
-    pub fn is_user_error(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Locked(_)
-                | StoreError::UnknownIncident(_)
-                | StoreError::UnknownUpdate(_)
-                | StoreError::UnknownSubscriber(_)
-        )
-    }
-}
-
-impl From<TransactionError<StoreError>> for StoreError {
-    fn from(error: TransactionError<StoreError>) -> Self {
-        match error {
-            TransactionError::Abort(inner) => inner,
-            TransactionError::Storage(inner) => StoreError::Sled(inner),
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::Locked(_) => ErrorKind::Conflict,
+            StoreError::Unavailable { .. } => ErrorKind::Unavailable,
+            StoreError::Corrupt(_) => ErrorKind::Internal,
+            StoreError::UnknownIncident(_)
+            | StoreError::UnknownUpdate(_)
+            | StoreError::UnknownSubscriber(_) => ErrorKind::NotFound,
         }
     }
 }
 
-pub(crate) type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+/// Where a walk over many records stopped; hand it back to continue after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Cursor(Vec<u8>);
 
-pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("store records always serialize")
-}
-
-pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-pub(crate) fn abort(error: StoreError) -> ConflictableTransactionError<StoreError> {
-    ConflictableTransactionError::Abort(error)
-}
-
-/// Separates an order from a contact in the order index; neither can contain a NUL.
-const INDEX_SEPARATOR: u8 = 0;
-
-fn order_index_key(order: &OrderNumber, contact: &Contact) -> Vec<u8> {
-    let mut key = order_index_prefix(order);
-    key.extend_from_slice(contact.as_str().as_bytes());
-    key
-}
-
-fn order_index_prefix(order: &OrderNumber) -> Vec<u8> {
-    let mut key = order.as_str().as_bytes().to_vec();
-    key.push(INDEX_SEPARATOR);
-    key
-}
-
-pub struct Store {
-    db: sled::Db,
-    subscribers: sled::Tree,
-    order_index: sled::Tree,
-    incidents: sled::Tree,
-    updates: sled::Tree,
-    plans: sled::Tree,
-    deliveries: sled::Tree,
-    outbox: sled::Tree,
-    leases: sled::Tree,
-    dead: sled::Tree,
-    channel_state: sled::Tree,
-    group_commit: GroupCommit,
-}
-
-impl Store {
-    pub fn open(settings: &StoreSettings) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(&settings.path)
-            .cache_capacity(settings.cache_capacity_bytes)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Locked(settings.path.clone())
-                }
-                sled::Error::Io(ref io) if io.to_string().contains("lock") => {
-                    StoreError::Locked(settings.path.clone())
-                }
-                other => StoreError::Sled(other),
-            })?;
-        let tree = |name: &str| db.open_tree(name);
-        Ok(Self {
-            subscribers: tree("subscribers")?,
-            order_index: tree("order_index")?,
-            incidents: tree("incidents")?,
-            updates: tree("updates")?,
-            plans: tree("plans")?,
-            deliveries: tree("deliveries")?,
-            outbox: tree("outbox")?,
-            leases: tree("leases")?,
-            dead: tree("dead")?,
-            channel_state: tree("channel_state")?,
-            group_commit: GroupCommit::start(db.clone()),
-            db,
-        })
+impl Cursor {
+    pub(crate) fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self(bytes)
     }
 
-    /// Waits until every write made so far is on disk, sharing the flush with concurrent callers.
-    pub async fn commit(&self) -> Result<(), StoreError> {
-        Ok(self.group_commit.commit().await?)
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
+}
 
-    /// The blocking form of [`Store::commit`], for callers outside the runtime.
-    pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
-    }
+/// Some records, and the cursor of the last one (none when the page is empty).
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<Cursor>,
+}
 
-    // ---- subscribers -------------------------------------------------------------------------
+/// Where planning an update has got to; kept so a crash while planning resumes, not restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanState {
+    /// The last subscriber planned.
+    pub cursor: Option<Cursor>,
+    pub broadcast_planned: bool,
+    pub done: bool,
+}
 
-    pub fn subscriber(&self, contact: &Contact) -> Result<Option<Subscriber>, StoreError> {
-        self.subscribers
-            .get(contact.as_str())?
-            .map(|bytes| decode(&bytes))
-            .transpose()
-    }
+/// Which deliveries of an update to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryFilter {
+    All,
+    /// Dead letters and those waiting to retry.
+    Failed,
+}
+
+/// Whether an outcome was recorded, and the record as it now stands.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub record: DeliveryRecord,
+    /// False when a later lease superseded the attempt (only its success counts then), or the
+    /// delivery was already sent.
+    pub applied: bool,
+}
+
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    // ---- subscribers ----------------------------------------------------------------------
+
+    async fn subscriber(&self, contact: &Contact) -> Result<Option<Subscriber>, StoreError>;
 
     /// Adds `order` to the contact's followed orders, creating the subscriber if needed.
-    pub fn subscribe(
+    async fn subscribe(
         &self,
         contact: &Contact,
         order: &OrderNumber,
         confirmed: bool,
         now: DateTime<Utc>,
-    ) -> Result<Subscriber, StoreError> {
-        let subscriber =
-            (&self.subscribers, &self.order_index).transaction(|(subscribers, index)| {
-                let mut subscriber = match subscribers.get(contact.as_str())? {
-                    Some(bytes) => decode::<Subscriber>(&bytes).map_err(abort)?,
-                    None => Subscriber::new(contact.clone(), now),
-                };
-                subscriber.follow(order.clone(), confirmed, now);
-                subscribers.insert(contact.as_str(), encode(&subscriber))?;
-                index.insert(order_index_key(order, contact), &[])?;
-                Ok(subscriber)
-            })?;
-        self.flush()?;
-        Ok(subscriber)
-    }
+    ) -> Result<Subscriber, StoreError>;
 
     /// Stops updates for one order, or for everything when `order` is `None`.
-    pub fn unsubscribe(
+    async fn unsubscribe(
         &self,
         contact: &Contact,
         order: Option<&OrderNumber>,
         now: DateTime<Utc>,
-    ) -> Result<Subscriber, StoreError> {
-        let subscriber =
-            (&self.subscribers, &self.order_index).transaction(|(subscribers, index)| {
-                let Some(bytes) = subscribers.get(contact.as_str())? else {
-                    return Err(abort(StoreError::UnknownSubscriber(contact.to_string())));
-                };
-                let mut subscriber: Subscriber = decode(&bytes).map_err(abort)?;
-                match order {
-                    Some(order) => {
-                        subscriber.orders.remove(order);
-                        index.remove(order_index_key(order, contact))?;
-                        if subscriber.orders.is_empty() {
-                            subscriber.state = SubscriberState::Unsubscribed;
-                        }
-                    }
-                    None => {
-                        // Leaving means leaving every order: subscribing again later to one
-                        // order must not bring the others back.
-                        for followed in std::mem::take(&mut subscriber.orders) {
-                            index.remove(order_index_key(&followed, contact))?;
-                        }
-                        subscriber.state = SubscriberState::Unsubscribed;
-                    }
-                }
-                subscriber.updated_at = now;
-                subscribers.insert(contact.as_str(), encode(&subscriber))?;
-                Ok(subscriber)
-            })?;
-        self.flush()?;
-        Ok(subscriber)
-    }
+    ) -> Result<Subscriber, StoreError>;
 
-    /// Up to `limit` subscribers after `cursor`, in key order, for streaming over all of them.
-    pub fn subscribers_after(
+    /// Up to `limit` subscribers the audience reaches, after `after`: every subscriber for
+    /// everyone, the followers of the orders (one entry per followed order) for a targeted
+    /// update. Pending and unsubscribed ones are included; planning skips them.
+    async fn subscriber_page(
         &self,
-        cursor: Option<&[u8]>,
+        audience: &Audience,
+        after: Option<&Cursor>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Subscriber)>, StoreError> {
-        let range = match cursor {
-            Some(cursor) => self.subscribers.range::<&[u8], _>((
-                std::ops::Bound::Excluded(cursor),
-                std::ops::Bound::Unbounded,
-            )),
-            None => self.subscribers.iter(),
-        };
-        range
-            .take(limit)
-            .map(|entry| {
-                let (key, value) = entry?;
-                Ok((key.to_vec(), decode(&value)?))
-            })
-            .collect()
-    }
+    ) -> Result<Page<Subscriber>, StoreError>;
 
-    /// Up to `limit` followers of `orders` after `cursor`, walking the order index order by
-    /// order. The cursor is the last index key returned; each call starts right after it.
-    pub fn followers_after(
-        &self,
-        orders: &BTreeSet<OrderNumber>,
-        cursor: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Subscriber)>, StoreError> {
-        use std::ops::Bound::{Excluded, Included, Unbounded};
-        let mut found = Vec::new();
-        for order in orders {
-            let prefix = order_index_prefix(order);
-            // Index keys sort as (order, contact) because the separator is the lowest byte.
-            let start = match cursor {
-                Some(cursor) if cursor.starts_with(&prefix) => Excluded(cursor.to_vec()),
-                Some(cursor) if cursor > prefix.as_slice() => continue,
-                _ => Included(prefix.clone()),
-            };
-            for entry in self.order_index.range::<Vec<u8>, _>((start, Unbounded)) {
-                let (key, _) = entry?;
-                if !key.starts_with(&prefix) {
-                    break;
-                }
-                let contact = &key[prefix.len()..];
-                if let Some(bytes) = self.subscribers.get(contact)? {
-                    found.push((key.to_vec(), decode(&bytes)?));
-                    if found.len() == limit {
-                        return Ok(found);
-                    }
-                }
-            }
-        }
-        Ok(found)
-    }
+    /// How many subscribers exist, from a counter (never a scan).
+    async fn subscriber_count(&self) -> Result<u64, StoreError>;
 
-    pub fn subscriber_count(&self) -> usize {
-        self.subscribers.len()
-    }
+    // ---- incidents and updates ------------------------------------------------------------
 
-    // ---- incidents and updates ---------------------------------------------------------------
+    async fn incident(&self, id: Ulid) -> Result<Incident, StoreError>;
 
-    pub fn incident(&self, id: Ulid) -> Result<Incident, StoreError> {
-        let bytes = self
-            .incidents
-            .get(id.to_string())?
-            .ok_or(StoreError::UnknownIncident(id))?;
-        decode(&bytes)
-    }
+    /// Every incident, most recently updated first.
+    async fn incidents(&self) -> Result<Vec<Incident>, StoreError>;
 
-    pub fn update(&self, id: Ulid) -> Result<Update, StoreError> {
-        let bytes = self
-            .updates
-            .get(id.to_string())?
-            .ok_or(StoreError::UnknownUpdate(id))?;
-        decode(&bytes)
-    }
+    async fn update(&self, id: Ulid) -> Result<Update, StoreError>;
 
-    pub fn incidents(&self) -> Result<Vec<Incident>, StoreError> {
-        self.incidents
-            .iter()
-            .map(|entry| decode(&entry?.1))
-            .collect()
-    }
+    /// The most recent updates, newest first.
+    async fn recent_updates(&self, limit: usize) -> Result<Vec<Update>, StoreError>;
 
-    /// Stores the update, opens or bumps its incident and starts its plan, all at once, then
-    /// waits until that is on disk: the update id returned is a promise.
-    pub async fn accept_update(
+    /// Stores the update, opens or bumps its incident and starts its plan, all at once: the
+    /// update id returned to the user is a promise.
+    async fn accept_update(
         &self,
         update: &Update,
         new_incident: Option<&Incident>,
-    ) -> Result<Incident, StoreError> {
-        let incident = (&self.incidents, &self.updates, &self.plans).transaction(
-            |(incidents, updates, plans)| {
-                let incident_key = update.incident.to_string();
-                let mut incident = match (incidents.get(&incident_key)?, new_incident) {
-                    (Some(bytes), _) => decode::<Incident>(&bytes).map_err(abort)?,
-                    (None, Some(new)) => new.clone(),
-                    (None, None) => {
-                        return Err(abort(StoreError::UnknownIncident(update.incident)));
-                    }
-                };
-                incident.state = update.state;
-                incident.updated_at = update.created_at;
-                incident.updates.push(update.id);
-                incidents.insert(incident_key.as_bytes(), encode(&incident))?;
-                updates.insert(update.id.to_string().as_bytes(), encode(update))?;
-                plans.insert(
-                    update.id.to_string().as_bytes(),
-                    encode(&PlanState::default()),
-                )?;
-                Ok(incident)
-            },
-        )?;
-        self.commit().await?;
-        Ok(incident)
-    }
+    ) -> Result<Incident, StoreError>;
 
-    /// The most recent updates, newest first.
-    pub fn recent_updates(&self, limit: usize) -> Result<Vec<Update>, StoreError> {
-        self.updates
-            .iter()
-            .rev()
-            .take(limit)
-            .map(|entry| decode(&entry?.1))
-            .collect()
-    }
+    // ---- planning -------------------------------------------------------------------------
+
+    async fn plan_state(&self, update: Ulid) -> Result<PlanState, StoreError>;
+
+    /// Updates whose planning has not finished, oldest first.
+    async fn unfinished_plans(&self) -> Result<Vec<Ulid>, StoreError>;
+
+    /// Queues every record not already planned and moves the plan's cursor, at once. Returns
+    /// how many records were new.
+    async fn enqueue_planned(
+        &self,
+        update: Ulid,
+        records: &[DeliveryRecord],
+        state: &PlanState,
+    ) -> Result<usize, StoreError>;
+
+    // ---- the outbox -----------------------------------------------------------------------
+
+    /// When the earliest queued delivery of `channel` is due, if any is queued.
+    async fn next_due(&self, channel: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    /// Leases up to `max` deliveries of `channel` due at `now`, earliest first, for `owner`.
+    async fn lease_due(
+        &self,
+        channel: &str,
+        owner: &str,
+        max: usize,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<DeliveryRecord>, StoreError>;
+
+    /// Records the outcome of an attempt on a leased delivery, fenced by its lease: an attempt
+    /// whose lease was taken over only gets its say if it succeeded, and nothing reopens a
+    /// delivery that was sent. A receipt's thread is stored on the incident, a `RecipientGone`
+    /// failure stops the contact on the channel, and an `EndpointGone` one disables the
+    /// channel, all in the same write.
+    async fn record_outcome(
+        &self,
+        leased: &DeliveryRecord,
+        outcome: &Outcome,
+        now: DateTime<Utc>,
+    ) -> Result<Recorded, StoreError>;
+
+    /// Puts deliveries whose lease expired by `now` back in the queue.
+    async fn requeue_expired(&self, now: DateTime<Utc>) -> Result<usize, StoreError>;
+
+    /// At start-up: puts back in the queue the leases no live process holds. Expired leases
+    /// always; a backend that one process alone can open (sled locks its folder) also knows
+    /// that every lease not held by `owner` belongs to a process that died.
+    async fn recover_orphaned(&self, owner: &str, now: DateTime<Utc>) -> Result<usize, StoreError>;
+
+    /// Queues dead letters again (of one update, or all), with a fresh attempt budget.
+    async fn requeue_dead(
+        &self,
+        update: Option<Ulid>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<DeliveryRecord>, StoreError>;
+
+    async fn delivery(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError>;
+
+    /// Up to `limit` deliveries of one update after `after`, in key order.
+    async fn deliveries(
+        &self,
+        update: Ulid,
+        filter: DeliveryFilter,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page<DeliveryRecord>, StoreError>;
+
+    /// Deliveries per state, per channel, of one update or of all, from counters.
+    async fn counts(&self, update: Option<Ulid>) -> Result<BTreeMap<String, Counts>, StoreError>;
+
+    // ---- channels -------------------------------------------------------------------------
+
+    /// Why `channel` is disabled, if it is.
+    async fn channel_disabled(&self, channel: &str) -> Result<Option<String>, StoreError>;
+
+    /// Enables a channel an `EndpointGone` failure disabled. Returns whether it was disabled.
+    async fn enable_channel(&self, channel: &str) -> Result<bool, StoreError>;
+
+    /// Ticks whenever deliveries become due-able (planned, retried, requeued), so idle workers
+    /// wake at once instead of polling.
+    fn queue_changes(&self) -> watch::Receiver<u64>;
+}
+
+/// Opens the configured backend.
+pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn Store>, StoreError> {
+    let store = SledStore::open(settings).await?;
+    Ok(Arc::new(store))
 }

@@ -6,9 +6,13 @@ use crier::config::Config;
 use crier::domain::Contact;
 use crier::domain::token::{TokenPurpose, TokenSigner};
 
-fn assert_no_subscribers(crier: &Crier) {
+async fn assert_no_subscribers(crier: &Crier) {
     if crier.path("var/store").exists() {
-        assert_eq!(crier.store().subscriber_count(), 0, "nothing was stored");
+        assert_eq!(
+            crier.store().await.subscriber_count().await.unwrap(),
+            0,
+            "nothing was stored"
+        );
     }
 }
 
@@ -42,7 +46,7 @@ async fn a_malformed_order_number_email_or_phone_is_refused_and_nothing_stored()
         full.extend_from_slice(args);
         crier.run(&full).await.assert_user_error(message);
     }
-    assert_no_subscribers(&crier);
+    assert_no_subscribers(&crier).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,10 +127,12 @@ async fn an_empty_or_over_long_update_is_refused_before_anything_is_stored() {
         .run(&["send", "--yes", "--headline", "Activations delayed", &long])
         .await
         .assert_user_error("the body is 5001 characters long; the limit is 5000");
-    // 5,000 four-byte characters pass the body's own limit but make a webhook body over 20 KB.
+    // 5,000 four-byte characters, and 200 in the headline, pass their own limits but make a
+    // webhook body over 20 KB.
     let wide = "\u{1F4F1}".repeat(5_000);
+    let wide_headline = "\u{1F4F1}".repeat(200);
     crier
-        .run(&["send", "--yes", "--headline", "Activations delayed", &wide])
+        .run(&["send", "--yes", "--headline", &wide_headline, &wide])
         .await
         .assert_user_error("channel partners: the JSON body is");
     crier
@@ -150,13 +156,13 @@ async fn an_empty_or_over_long_update_is_refused_before_anything_is_stored() {
         .await
         .assert_user_error("add --yes");
 
-    let store = crier.store();
+    let store = crier.store().await;
     assert!(
-        store.recent_updates(10).unwrap().is_empty(),
+        store.recent_updates(10).await.unwrap().is_empty(),
         "no update was stored"
     );
     assert!(
-        store.counts(None).unwrap().is_empty(),
+        store.counts(None).await.unwrap().is_empty(),
         "no delivery was planned"
     );
     assert!(hooks.received().is_empty());
@@ -196,7 +202,9 @@ async fn a_forged_expired_or_misused_unsubscribe_token_changes_nothing() {
     }
     let ann = crier
         .store()
+        .await
         .subscriber(&Contact::parse("ann@example.com").unwrap())
+        .await
         .unwrap()
         .unwrap();
     assert!(ann.receives_updates(), "ann is still subscribed");
@@ -222,7 +230,7 @@ fn the_example_configuration_is_valid() {
     }
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
     let config = Config::load(&file, &Secrets).unwrap();
-    let names: Vec<&str> = config.channels.iter().map(|c| c.name.as_str()).collect();
+    let names: Vec<&str> = config.channels.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(names, ["email", "partners", "status"]);
 }
 
@@ -283,7 +291,7 @@ async fn a_malformed_flag_is_a_one_line_user_error() {
 async fn a_targeted_update_whose_webhook_body_would_be_too_big_is_refused_at_compose() {
     let hooks = WebhookSink::start(&[]).await;
     let crier = Crier::new().webhook(&hooks.url, "");
-    let orders: Vec<String> = (0..1_000)
+    let orders: Vec<String> = (0..1_500)
         .map(|i| format!("AB-{}", 1_000_000_000 + i))
         .collect();
     let file = crier.path("orders.txt");
@@ -300,6 +308,14 @@ async fn a_targeted_update_whose_webhook_body_would_be_too_big_is_refused_at_com
         ])
         .await
         .assert_user_error("channel partners: the JSON body is");
-    assert!(crier.store().recent_updates(1).unwrap().is_empty());
+    assert!(
+        crier
+            .store()
+            .await
+            .recent_updates(1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(hooks.received().is_empty());
 }

@@ -9,13 +9,16 @@ use std::time::Duration;
 const SUBSCRIBERS: usize = 2_000;
 const CONCURRENCY: usize = 8;
 
-fn seed_subscribers(crier: &Crier, count: usize) {
-    let store = crier.store();
+async fn seed_subscribers(crier: &Crier, count: usize) {
+    let store = crier.store().await;
     let pattern = OrderPattern::new("[A-Z]{2}-[0-9]{4,10}").unwrap();
     for i in 0..count {
         let contact = Contact::parse(&format!("customer{i}@example.com")).unwrap();
         let order = OrderNumber::parse(&format!("AB-{}", 100_000 + i), &pattern).unwrap();
-        store.subscribe(&contact, &order, true, Utc::now()).unwrap();
+        store
+            .subscribe(&contact, &order, true, Utc::now())
+            .await
+            .unwrap();
     }
 }
 
@@ -29,7 +32,7 @@ async fn send_until_a_quarter_is_out(count: usize) -> (Crier, SmtpSink, tokio::p
     let crier = Crier::new();
     let smtp = SmtpSink::start(crier.dir.path(), 15);
     let crier = slow_email(crier, smtp.port);
-    seed_subscribers(&crier, count);
+    seed_subscribers(&crier, count).await;
 
     let mut send = crier
         .command(&[

@@ -479,12 +479,38 @@ link_secret_env = "CRIER_LINK_SECRET"
         output.json()
     }
 
+    /// Sends an update to everyone with `--json` when every delivery is expected to fail: exit
+    /// code 3 with a line that says so, and the parsed summary.
+    pub async fn send_to_no_avail(&self, body: &str) -> serde_json::Value {
+        let args = [
+            "send",
+            "--yes",
+            "--json",
+            "--headline",
+            "Activations delayed",
+            body,
+        ];
+        let output = self.run(&args).await;
+        assert_eq!(
+            output.code, 3,
+            "nothing delivered is exit code 3\nstdout: {}\nstderr: {}",
+            output.stdout, output.stderr
+        );
+        assert!(
+            output.stderr.contains("nothing was delivered"),
+            "{}",
+            output.stderr
+        );
+        output.json()
+    }
+
     /// Opens the store through the library: only while no crier process runs.
-    pub fn store(&self) -> crier::store::Store {
-        crier::store::Store::open(&crier::config::StoreSettings {
+    pub async fn store(&self) -> std::sync::Arc<dyn crier::store::Store> {
+        crier::store::open(&crier::config::StoreSettings {
             path: self.path("var/store"),
             cache_capacity_bytes: 16 * 1024 * 1024,
         })
+        .await
         .expect("the store opens")
     }
 }

@@ -89,9 +89,9 @@ async fn a_429_or_503_is_retried_after_retry_after_with_the_same_webhook_id() {
 async fn a_410_disables_the_endpoint_until_retry_enables_it_again() {
     let sink = WebhookSink::start(&[Answer::status(410)]).await;
     let crier = Crier::new().webhook(&sink.url, FAST_RETRIES);
-    let first = crier.send(&[], "First.").await;
+    let first = crier.send_to_no_avail("First.").await;
     assert_eq!(first["channels"]["partners"]["dead"], 1);
-    let second = crier.send(&[], "Second.").await;
+    let second = crier.send_to_no_avail("Second.").await;
     assert_eq!(second["channels"]["partners"]["dead"], 1);
     assert_eq!(
         sink.received().len(),
@@ -114,7 +114,7 @@ async fn a_410_disables_the_endpoint_until_retry_enables_it_again() {
 async fn a_400_is_dead_lettered_at_once_and_retry_delivers_it() {
     let sink = WebhookSink::start(&[Answer::status(400)]).await;
     let crier = Crier::new().webhook(&sink.url, FAST_RETRIES);
-    let summary = crier.send(&[], "We're on it.").await;
+    let summary = crier.send_to_no_avail("We're on it.").await;
     assert_eq!(summary["channels"]["partners"]["dead"], 1);
     assert_eq!(sink.received().len(), 1);
 

@@ -1,0 +1,685 @@
+//! The embedded sled backend: subscribers and their order index, incidents, updates, planning
+//! cursors, the delivery outbox and its counters, each change that spans trees in one sled
+//! transaction.
+//!
+//! Every call runs on tokio's blocking pool (sled's reads may fault pages in, its transactions
+//! may retry), and every change waits for the group commit before it returns.
+
+mod commit;
+mod outbox;
+
+use super::{Cursor, DeliveryFilter, Page, PlanState, Recorded, Store, StoreError};
+use crate::config::StoreSettings;
+use crate::delivery::{Counts, DeliveryKey, DeliveryRecord, Outcome};
+use crate::domain::{
+    Audience, Contact, Incident, OrderNumber, Subscriber, SubscriberState, Update,
+};
+use ::sled::Transactional;
+use ::sled::transaction::{ConflictableTransactionError, TransactionError};
+use chrono::{DateTime, Utc};
+use commit::GroupCommit;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use ulid::Ulid;
+
+impl From<::sled::Error> for StoreError {
+    fn from(error: ::sled::Error) -> Self {
+        match error {
+            ::sled::Error::Io(io) => io_error(io),
+            // sled's own text carries a backtrace: say where, and only that.
+            ::sled::Error::Corruption { at, .. } => StoreError::Corrupt(match at {
+                Some(at) => format!("damaged data at {at}"),
+                None => "damaged data".into(),
+            }),
+            other => StoreError::Unavailable {
+                place: String::new(),
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+/// An I/O failure, with what to do about the usual ones.
+fn io_error(io: std::io::Error) -> StoreError {
+    use std::io::ErrorKind::*;
+    let reason = match io.kind() {
+        PermissionDenied => {
+            "permission denied: run crier as the user that owns the store's folder".to_owned()
+        }
+        StorageFull => {
+            "the disk is full: free some space, then run `crier dispatch` to finish".to_owned()
+        }
+        ReadOnlyFilesystem => "the file system is read-only".to_owned(),
+        _ => io.to_string(),
+    };
+    StoreError::Unavailable {
+        place: String::new(),
+        reason,
+    }
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(error: TransactionError<StoreError>) -> Self {
+        match error {
+            TransactionError::Abort(inner) => inner,
+            TransactionError::Storage(inner) => inner.into(),
+        }
+    }
+}
+
+pub(crate) type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+pub(crate) fn abort(error: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(error)
+}
+
+/// Separates an order from a contact in the order index; neither can contain a NUL.
+const INDEX_SEPARATOR: u8 = 0;
+
+fn order_index_prefix(order: &OrderNumber) -> Vec<u8> {
+    let mut key = order.as_str().as_bytes().to_vec();
+    key.push(INDEX_SEPARATOR);
+    key
+}
+
+fn order_index_key(order: &OrderNumber, contact: &Contact) -> Vec<u8> {
+    let mut key = order_index_prefix(order);
+    key.extend_from_slice(contact.as_str().as_bytes());
+    key
+}
+
+/// The key of the subscriber counter in the `meta` tree.
+const SUBSCRIBER_COUNT: &[u8] = b"subscriber_count";
+
+/// The trees, which the blocking calls share.
+pub(crate) struct Trees {
+    db: ::sled::Db,
+    subscribers: ::sled::Tree,
+    order_index: ::sled::Tree,
+    incidents: ::sled::Tree,
+    updates: ::sled::Tree,
+    plans: ::sled::Tree,
+    deliveries: ::sled::Tree,
+    outbox: ::sled::Tree,
+    leases: ::sled::Tree,
+    dead: ::sled::Tree,
+    channel_state: ::sled::Tree,
+    counts: ::sled::Tree,
+    meta: ::sled::Tree,
+}
+
+pub struct SledStore {
+    trees: Arc<Trees>,
+    path: PathBuf,
+    group_commit: GroupCommit,
+    queue_changes: watch::Sender<u64>,
+}
+
+impl SledStore {
+    pub async fn open(settings: &StoreSettings) -> Result<Self, StoreError> {
+        let path = settings.path.clone();
+        let cache = settings.cache_capacity_bytes;
+        let opened = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || Self::open_trees(&path, cache))
+                .await
+                .map_err(|e| StoreError::Unavailable {
+                    place: path_text(&settings.path),
+                    reason: e.to_string(),
+                })?
+        };
+        let trees = Arc::new(opened.map_err(|e| placed(e, &path))?);
+        let group_commit = GroupCommit::start(trees.db.clone()).map_err(|e| placed(e, &path))?;
+        Ok(Self {
+            trees,
+            path,
+            group_commit,
+            queue_changes: watch::Sender::new(0),
+        })
+    }
+
+    fn open_trees(path: &Path, cache_capacity_bytes: u64) -> Result<Trees, StoreError> {
+        let db = ::sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_capacity_bytes)
+            .open()
+            .map_err(|e| match e {
+                ::sled::Error::Io(ref io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    StoreError::Locked(path.to_owned())
+                }
+                other => other.into(),
+            })?;
+        restrict_permissions(path);
+        let tree = |name: &str| db.open_tree(name);
+        Ok(Trees {
+            subscribers: tree("subscribers")?,
+            order_index: tree("order_index")?,
+            incidents: tree("incidents")?,
+            updates: tree("updates")?,
+            plans: tree("plans")?,
+            deliveries: tree("deliveries")?,
+            outbox: tree("outbox")?,
+            leases: tree("leases")?,
+            dead: tree("dead")?,
+            channel_state: tree("channel_state")?,
+            counts: tree("counts")?,
+            meta: tree("meta")?,
+            db,
+        })
+    }
+
+    /// Runs `work` on the blocking pool.
+    async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
+    {
+        let trees = self.trees.clone();
+        tokio::task::spawn_blocking(move || work(&trees))
+            .await
+            .map_err(|e| StoreError::Unavailable {
+                place: String::new(),
+                reason: format!("a store task failed: {e}"),
+            })?
+            .map_err(|e| placed(e, &self.path))
+    }
+
+    /// Runs `work` on the blocking pool, then waits until its writes are on disk.
+    async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
+    {
+        let result = self.blocking(work).await?;
+        self.group_commit
+            .commit()
+            .await
+            .map_err(|e| placed(e.into(), &self.path))?;
+        Ok(result)
+    }
+
+    fn queue_changed(&self) {
+        self.queue_changes
+            .send_modify(|tick| *tick = tick.wrapping_add(1));
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Names the store's folder in an error that does not yet say where it happened.
+fn placed(error: StoreError, path: &Path) -> StoreError {
+    match error {
+        StoreError::Unavailable { place, reason } if place.is_empty() => StoreError::Unavailable {
+            place: path_text(path),
+            reason,
+        },
+        other => other,
+    }
+}
+
+/// Subscriber data (emails, phone numbers) is private: the store's folder and files are
+/// readable by their owner only, whatever the umask.
+fn restrict_permissions(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let restrict = |path: &Path, mode: u32| {
+            if let Err(error) =
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            {
+                tracing::warn!(path = %path.display(), %error, "cannot restrict permissions");
+            }
+        };
+        restrict(path, 0o700);
+        let Ok(entries) = std::fs::read_dir(path) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let mode = if entry.path().is_dir() { 0o700 } else { 0o600 };
+            restrict(&entry.path(), mode);
+        }
+    }
+}
+
+impl Trees {
+    fn subscriber(&self, contact: &Contact) -> Result<Option<Subscriber>, StoreError> {
+        self.subscribers
+            .get(contact.as_str())?
+            .map(|bytes| decode(&bytes))
+            .transpose()
+    }
+
+    fn subscribe(
+        &self,
+        contact: &Contact,
+        order: &OrderNumber,
+        confirmed: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Subscriber, StoreError> {
+        let subscriber = (&self.subscribers, &self.order_index, &self.meta).transaction(
+            |(subscribers, index, meta)| {
+                let mut subscriber = match subscribers.get(contact.as_str())? {
+                    Some(bytes) => decode::<Subscriber>(&bytes).map_err(abort)?,
+                    None => {
+                        let count: u64 = match meta.get(SUBSCRIBER_COUNT)? {
+                            Some(bytes) => decode(&bytes).map_err(abort)?,
+                            None => 0,
+                        };
+                        meta.insert(SUBSCRIBER_COUNT, encode(&(count + 1)).map_err(abort)?)?;
+                        Subscriber::new(contact.clone(), now)
+                    }
+                };
+                subscriber.follow(order.clone(), confirmed, now);
+                subscribers.insert(contact.as_str(), encode(&subscriber).map_err(abort)?)?;
+                index.insert(order_index_key(order, contact), &[])?;
+                Ok(subscriber)
+            },
+        )?;
+        Ok(subscriber)
+    }
+
+    fn unsubscribe(
+        &self,
+        contact: &Contact,
+        order: Option<&OrderNumber>,
+        now: DateTime<Utc>,
+    ) -> Result<Subscriber, StoreError> {
+        let subscriber =
+            (&self.subscribers, &self.order_index).transaction(|(subscribers, index)| {
+                let Some(bytes) = subscribers.get(contact.as_str())? else {
+                    return Err(abort(StoreError::UnknownSubscriber(contact.to_string())));
+                };
+                let mut subscriber: Subscriber = decode(&bytes).map_err(abort)?;
+                match order {
+                    Some(order) => {
+                        subscriber.orders.remove(order);
+                        index.remove(order_index_key(order, contact))?;
+                        if subscriber.orders.is_empty() {
+                            subscriber.state = SubscriberState::Unsubscribed;
+                        }
+                    }
+                    None => {
+                        // Leaving means leaving every order: subscribing again later to one
+                        // order must not bring the others back.
+                        for followed in std::mem::take(&mut subscriber.orders) {
+                            index.remove(order_index_key(&followed, contact))?;
+                        }
+                        subscriber.state = SubscriberState::Unsubscribed;
+                    }
+                }
+                subscriber.updated_at = now;
+                subscribers.insert(contact.as_str(), encode(&subscriber).map_err(abort)?)?;
+                Ok(subscriber)
+            })?;
+        Ok(subscriber)
+    }
+
+    /// Every subscriber, in contact order, after the cursor (the last contact returned).
+    fn everyone_after(
+        &self,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page<Subscriber>, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let range = match after {
+            Some(cursor) => self
+                .subscribers
+                .range::<&[u8], _>((Excluded(cursor.as_bytes()), Unbounded)),
+            None => self.subscribers.iter(),
+        };
+        let mut items = Vec::new();
+        let mut next = None;
+        for entry in range.take(limit) {
+            let (key, value) = entry?;
+            items.push(decode(&value)?);
+            next = Some(Cursor::from_bytes(key.to_vec()));
+        }
+        Ok(Page { items, next })
+    }
+
+    /// The followers of `orders`, walking the order index order by order. The cursor is the
+    /// last index key returned; each call starts right after it.
+    fn followers_after(
+        &self,
+        orders: &std::collections::BTreeSet<OrderNumber>,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page<Subscriber>, StoreError> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let mut items = Vec::new();
+        let mut next = None;
+        if limit == 0 {
+            return Ok(Page { items, next });
+        }
+        let after = after.map(Cursor::as_bytes);
+        for order in orders {
+            let prefix = order_index_prefix(order);
+            // Index keys sort as (order, contact) because the separator is the lowest byte.
+            let start = match after {
+                Some(cursor) if cursor.starts_with(&prefix) => Excluded(cursor.to_vec()),
+                Some(cursor) if cursor > prefix.as_slice() => continue,
+                _ => Included(prefix.clone()),
+            };
+            for entry in self.order_index.range::<Vec<u8>, _>((start, Unbounded)) {
+                let (key, _) = entry?;
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                let contact = &key[prefix.len()..];
+                if let Some(bytes) = self.subscribers.get(contact)? {
+                    items.push(decode(&bytes)?);
+                    next = Some(Cursor::from_bytes(key.to_vec()));
+                    if items.len() == limit {
+                        return Ok(Page { items, next });
+                    }
+                }
+            }
+        }
+        Ok(Page { items, next })
+    }
+
+    fn subscriber_count(&self) -> Result<u64, StoreError> {
+        match self.meta.get(SUBSCRIBER_COUNT)? {
+            Some(bytes) => decode(&bytes),
+            None => Ok(0),
+        }
+    }
+
+    fn incident(&self, id: Ulid) -> Result<Incident, StoreError> {
+        let bytes = self
+            .incidents
+            .get(id.to_string())?
+            .ok_or(StoreError::UnknownIncident(id))?;
+        decode(&bytes)
+    }
+
+    fn update(&self, id: Ulid) -> Result<Update, StoreError> {
+        let bytes = self
+            .updates
+            .get(id.to_string())?
+            .ok_or(StoreError::UnknownUpdate(id))?;
+        decode(&bytes)
+    }
+
+    fn incidents(&self) -> Result<Vec<Incident>, StoreError> {
+        let mut incidents = self
+            .incidents
+            .iter()
+            .map(|entry| decode(&entry?.1))
+            .collect::<Result<Vec<Incident>, StoreError>>()?;
+        incidents.sort_by_key(|incident| std::cmp::Reverse(incident.updated_at));
+        Ok(incidents)
+    }
+
+    fn accept_update(
+        &self,
+        update: &Update,
+        new_incident: Option<&Incident>,
+    ) -> Result<Incident, StoreError> {
+        let incident = (&self.incidents, &self.updates, &self.plans).transaction(
+            |(incidents, updates, plans)| {
+                let incident_key = update.incident.to_string();
+                let mut incident = match (incidents.get(&incident_key)?, new_incident) {
+                    (Some(bytes), _) => decode::<Incident>(&bytes).map_err(abort)?,
+                    (None, Some(new)) => new.clone(),
+                    (None, None) => {
+                        return Err(abort(StoreError::UnknownIncident(update.incident)));
+                    }
+                };
+                incident.state = update.state;
+                incident.updated_at = update.created_at;
+                incident.updates.push(update.id);
+                incidents.insert(incident_key.as_bytes(), encode(&incident).map_err(abort)?)?;
+                updates.insert(
+                    update.id.to_string().as_bytes(),
+                    encode(update).map_err(abort)?,
+                )?;
+                plans.insert(
+                    update.id.to_string().as_bytes(),
+                    encode(&PlanState::default()).map_err(abort)?,
+                )?;
+                Ok(incident)
+            },
+        )?;
+        Ok(incident)
+    }
+
+    fn recent_updates(&self, limit: usize) -> Result<Vec<Update>, StoreError> {
+        // Update ids are ULIDs, which sort by creation time.
+        self.updates
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|entry| decode(&entry?.1))
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SledStore {
+    async fn subscriber(&self, contact: &Contact) -> Result<Option<Subscriber>, StoreError> {
+        let contact = contact.clone();
+        self.blocking(move |trees| trees.subscriber(&contact)).await
+    }
+
+    async fn subscribe(
+        &self,
+        contact: &Contact,
+        order: &OrderNumber,
+        confirmed: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Subscriber, StoreError> {
+        let (contact, order) = (contact.clone(), order.clone());
+        self.write(move |trees| trees.subscribe(&contact, &order, confirmed, now))
+            .await
+    }
+
+    async fn unsubscribe(
+        &self,
+        contact: &Contact,
+        order: Option<&OrderNumber>,
+        now: DateTime<Utc>,
+    ) -> Result<Subscriber, StoreError> {
+        let (contact, order) = (contact.clone(), order.cloned());
+        self.write(move |trees| trees.unsubscribe(&contact, order.as_ref(), now))
+            .await
+    }
+
+    async fn subscriber_page(
+        &self,
+        audience: &Audience,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page<Subscriber>, StoreError> {
+        let (audience, after) = (audience.clone(), after.cloned());
+        self.blocking(move |trees| match &audience {
+            Audience::Everyone => trees.everyone_after(after.as_ref(), limit),
+            Audience::Orders(orders) => trees.followers_after(orders, after.as_ref(), limit),
+        })
+        .await
+    }
+
+    async fn subscriber_count(&self) -> Result<u64, StoreError> {
+        self.blocking(|trees| trees.subscriber_count()).await
+    }
+
+    async fn incident(&self, id: Ulid) -> Result<Incident, StoreError> {
+        self.blocking(move |trees| trees.incident(id)).await
+    }
+
+    async fn incidents(&self) -> Result<Vec<Incident>, StoreError> {
+        self.blocking(|trees| trees.incidents()).await
+    }
+
+    async fn update(&self, id: Ulid) -> Result<Update, StoreError> {
+        self.blocking(move |trees| trees.update(id)).await
+    }
+
+    async fn recent_updates(&self, limit: usize) -> Result<Vec<Update>, StoreError> {
+        self.blocking(move |trees| trees.recent_updates(limit))
+            .await
+    }
+
+    async fn accept_update(
+        &self,
+        update: &Update,
+        new_incident: Option<&Incident>,
+    ) -> Result<Incident, StoreError> {
+        let (update, new_incident) = (update.clone(), new_incident.cloned());
+        self.write(move |trees| trees.accept_update(&update, new_incident.as_ref()))
+            .await
+    }
+
+    async fn plan_state(&self, update: Ulid) -> Result<PlanState, StoreError> {
+        self.blocking(move |trees| trees.plan_state(update)).await
+    }
+
+    async fn unfinished_plans(&self) -> Result<Vec<Ulid>, StoreError> {
+        self.blocking(|trees| trees.unfinished_plans()).await
+    }
+
+    async fn enqueue_planned(
+        &self,
+        update: Ulid,
+        records: &[DeliveryRecord],
+        state: &PlanState,
+    ) -> Result<usize, StoreError> {
+        let (records, state) = (records.to_vec(), state.clone());
+        let added = self
+            .write(move |trees| trees.enqueue_planned(update, &records, &state))
+            .await?;
+        if added > 0 {
+            self.queue_changed();
+        }
+        Ok(added)
+    }
+
+    async fn next_due(&self, channel: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let channel = channel.to_owned();
+        self.blocking(move |trees| trees.next_due(&channel)).await
+    }
+
+    async fn lease_due(
+        &self,
+        channel: &str,
+        owner: &str,
+        max: usize,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let (channel, owner) = (channel.to_owned(), owner.to_owned());
+        // A lease is not an acknowledgement to anyone: if it is lost in a crash, the delivery
+        // simply was never leased. So leasing does not wait for the disk.
+        self.blocking(move |trees| trees.lease_due(&channel, &owner, max, lease, now))
+            .await
+    }
+
+    async fn record_outcome(
+        &self,
+        leased: &DeliveryRecord,
+        outcome: &Outcome,
+        now: DateTime<Utc>,
+    ) -> Result<Recorded, StoreError> {
+        let (leased, outcome) = (leased.clone(), outcome.clone());
+        let requeued = matches!(outcome, Outcome::Retry { .. });
+        let recorded = self
+            .write(move |trees| trees.record_outcome(&leased, &outcome, now))
+            .await?;
+        if requeued && recorded.applied {
+            self.queue_changed();
+        }
+        Ok(recorded)
+    }
+
+    async fn requeue_expired(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        let moved = self
+            .write(move |trees| trees.requeue_leases(now, None))
+            .await?;
+        if moved > 0 {
+            self.queue_changed();
+        }
+        Ok(moved)
+    }
+
+    async fn recover_orphaned(&self, owner: &str, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        // sled lets one process open the store, so a lease another owner holds is a dead
+        // process's.
+        let owner = owner.to_owned();
+        let moved = self
+            .write(move |trees| trees.requeue_leases(now, Some(&owner)))
+            .await?;
+        if moved > 0 {
+            self.queue_changed();
+        }
+        Ok(moved)
+    }
+
+    async fn requeue_dead(
+        &self,
+        update: Option<Ulid>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let requeued = self
+            .write(move |trees| trees.requeue_dead(update, now))
+            .await?;
+        if !requeued.is_empty() {
+            self.queue_changed();
+        }
+        Ok(requeued)
+    }
+
+    async fn delivery(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError> {
+        let key = key.clone();
+        self.blocking(move |trees| trees.delivery(&key)).await
+    }
+
+    async fn deliveries(
+        &self,
+        update: Ulid,
+        filter: DeliveryFilter,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page<DeliveryRecord>, StoreError> {
+        let after = after.cloned();
+        self.blocking(move |trees| trees.deliveries(update, filter, after.as_ref(), limit))
+            .await
+    }
+
+    async fn counts(&self, update: Option<Ulid>) -> Result<BTreeMap<String, Counts>, StoreError> {
+        self.blocking(move |trees| trees.counts(update)).await
+    }
+
+    async fn channel_disabled(&self, channel: &str) -> Result<Option<String>, StoreError> {
+        let channel = channel.to_owned();
+        self.blocking(move |trees| trees.channel_disabled(&channel))
+            .await
+    }
+
+    async fn enable_channel(&self, channel: &str) -> Result<bool, StoreError> {
+        let channel = channel.to_owned();
+        self.write(move |trees| trees.enable_channel(&channel))
+            .await
+    }
+
+    fn queue_changes(&self) -> watch::Receiver<u64> {
+        self.queue_changes.subscribe()
+    }
+}
