@@ -30,6 +30,13 @@ pub enum DomainError {
         length: usize,
         limit: usize,
     },
+    /// `position` counts characters from 1, in the input as typed.
+    #[error("the {field} contains {} at position {position}", update::describe_char(*.character))]
+    ForbiddenCharacter {
+        field: &'static str,
+        character: char,
+        position: usize,
+    },
     #[error(
         "'{0}' is not an incident state: use investigating, identified, monitoring or resolved"
     )]

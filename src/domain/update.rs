@@ -16,8 +16,10 @@ pub struct Headline(String);
 
 impl Headline {
     pub fn parse(input: &str) -> Result<Self, DomainError> {
-        let text = input.trim();
-        let single_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        // Checked before folding: split_whitespace counts VT, FF and NEL as spaces, and would
+        // otherwise launder them.
+        refuse_forbidden_chars("headline", input)?;
+        let single_line = input.split_whitespace().collect::<Vec<_>>().join(" ");
         check_length("headline", &single_line, HEADLINE_LIMIT)?;
         Ok(Self(single_line))
     }
@@ -28,19 +30,69 @@ impl Headline {
 }
 
 /// The update's text: plain text, URLs allowed, paragraphs separated by blank lines.
+///
+/// Line ends are stored as LF. A bare CR is read as a line end too rather than refused: it is
+/// what text pasted from old Mac tools has, and kept as CR it would let a body overwrite its
+/// own first line in a terminal preview.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Body(String);
 
 impl Body {
     pub fn parse(input: &str) -> Result<Self, DomainError> {
-        let text = input.trim().replace("\r\n", "\n");
-        check_length("body", &text, BODY_LIMIT)?;
-        Ok(Self(text))
+        refuse_forbidden_chars("body", input)?;
+        let text = input.replace("\r\n", "\n").replace('\r', "\n");
+        let text = text.trim();
+        check_length("body", text, BODY_LIMIT)?;
+        Ok(Self(text.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// Refuses the first character of `input` that has no place in customer-facing text.
+///
+/// The position counts characters from 1, in the text as typed, so it can be found in an editor.
+fn refuse_forbidden_chars(field: &'static str, input: &str) -> Result<(), DomainError> {
+    match input.chars().enumerate().find(|&(_, c)| is_forbidden(c)) {
+        Some((index, character)) => Err(DomainError::ForbiddenCharacter {
+            field,
+            character,
+            position: index + 1,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Whether `c` may not appear in text crier sends: C0 and C1 controls and DEL drive terminals
+/// and printers and confuse SMS gateways, and XML 1.0 (the Atom feed) has no way to carry most
+/// of them. Tab, LF and CR are text; the parsers decide what they become.
+///
+/// Non-characters (U+FFFE, U+FFFF, U+FDD0…) are refused too: XML forbids or discourages them,
+/// and Unicode promises no text ever needs them.
+fn is_forbidden(c: char) -> bool {
+    (c.is_control() && !matches!(c, '\t' | '\n' | '\r')) || is_noncharacter(c)
+}
+
+fn is_noncharacter(c: char) -> bool {
+    let code = u32::from(c);
+    (0xFDD0..=0xFDEF).contains(&code) || code & 0xFFFE == 0xFFFE
+}
+
+/// Names `c` for an error message without printing it raw, as a raw control character would
+/// act on the terminal that shows the message.
+pub(super) fn describe_char(c: char) -> String {
+    let code = u32::from(c);
+    if c.is_control() {
+        format!("a control character (U+{code:04X})")
+    } else if is_noncharacter(c) {
+        format!("a non-character (U+{code:04X})")
+    } else if c.is_alphanumeric() || c.is_ascii_graphic() {
+        format!("'{c}' (U+{code:04X})")
+    } else {
+        format!("the character U+{code:04X}")
     }
 }
 
@@ -120,5 +172,76 @@ mod tests {
     fn a_headline_is_folded_onto_one_line() {
         let headline = Headline::parse(" Activations\n  delayed ").unwrap();
         assert_eq!(headline.as_str(), "Activations delayed");
+        let headline = Headline::parse("Activations\t\r\n delayed\r").unwrap();
+        assert_eq!(headline.as_str(), "Activations delayed");
+    }
+
+    /// Controls (C0 but tab and line ends, DEL, C1) and what XML 1.0 cannot carry.
+    const FORBIDDEN: [char; 14] = [
+        '\0',
+        '\x01',
+        '\x0b',
+        '\x0c',
+        '\x1b',
+        '\x7f',
+        '\u{80}',
+        '\u{85}',
+        '\u{9f}',
+        '\u{fdd0}',
+        '\u{fffe}',
+        '\u{ffff}',
+        '\u{1fffe}',
+        '\u{10ffff}',
+    ];
+
+    #[test]
+    fn a_control_or_non_xml_character_in_a_headline_or_body_is_refused_with_its_position() {
+        for c in FORBIDDEN {
+            let text = format!("Fixed{c} now");
+            assert_eq!(
+                Headline::parse(&text),
+                Err(DomainError::ForbiddenCharacter {
+                    field: "headline",
+                    character: c,
+                    position: 6
+                }),
+                "{c:?}"
+            );
+            assert_eq!(
+                Body::parse(&text),
+                Err(DomainError::ForbiddenCharacter {
+                    field: "body",
+                    character: c,
+                    position: 6
+                }),
+                "{c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_error_names_the_field_the_character_and_where_it_is() {
+        let err = Body::parse("We're on it\x1b[2J").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the body contains a control character (U+001B) at position 12"
+        );
+        let err = Headline::parse("Delayed\u{fffe}").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the headline contains a non-character (U+FFFE) at position 8"
+        );
+    }
+
+    #[test]
+    fn a_body_keeps_its_tabs_and_line_ends_as_lf() {
+        let body = Body::parse("Steps:\r\n\t1. wait\r\n\t2. retry").unwrap();
+        assert_eq!(body.as_str(), "Steps:\n\t1. wait\n\t2. retry");
+    }
+
+    #[test]
+    fn a_bare_cr_in_a_body_is_read_as_a_line_end() {
+        let body = Body::parse("All fine\rNothing works").unwrap();
+        assert_eq!(body.as_str(), "All fine\nNothing works");
     }
 }
