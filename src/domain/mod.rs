@@ -18,6 +18,17 @@ pub use update::{Audience, Body, Headline, Update};
 pub enum DomainError {
     #[error("'{input}' is not an order number: it must match {pattern}")]
     InvalidOrderNumber { input: String, pattern: String },
+    /// `position` counts characters from 1, in the input as typed.
+    #[error(
+        "'{input}' is not an order number: it contains {} at position {position}; \
+         order numbers are printable ASCII",
+        update::describe_char(*.character)
+    )]
+    InvalidOrderNumberCharacter {
+        input: String,
+        character: char,
+        position: usize,
+    },
     #[error("'{input}' is not an email address: {reason}")]
     InvalidEmail { input: String, reason: String },
     #[error("'{input}' is not a phone number in E.164 form (like +447700900123): {reason}")]

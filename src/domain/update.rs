@@ -96,6 +96,24 @@ pub(super) fn describe_char(c: char) -> String {
     }
 }
 
+/// `input` as it can be echoed in an error message: controls and other unprintable characters
+/// are written as escapes so that a hostile input cannot drive the terminal or forge log lines.
+pub(super) fn printable(input: &str) -> String {
+    let mut shown = String::with_capacity(input.len());
+    for c in input.chars() {
+        if c == ' ' || c.is_ascii_graphic() {
+            shown.push(c);
+        } else if is_forbidden(c) || c.is_control() {
+            shown.extend(c.escape_unicode());
+        } else {
+            // Printable non-ASCII stays as it is; escape_debug escapes only what Rust deems
+            // unprintable (format characters such as the bidi overrides).
+            shown.extend(c.escape_debug());
+        }
+    }
+    shown
+}
+
 fn check_length(field: &'static str, text: &str, limit: usize) -> Result<(), DomainError> {
     let length = text.chars().count();
     if length == 0 {
