@@ -1,6 +1,7 @@
 //! Contacts: an email address (parsed by lettre) or an E.164 phone number.
 
 use super::DomainError;
+use super::update::{describe_char, printable};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::str::FromStr;
@@ -40,26 +41,47 @@ impl EmailAddress {
 }
 
 /// A phone number in E.164 form, validated against the numbering plan of its country.
+///
+/// Only ASCII digits, with spaces, dashes, dots, slashes and brackets between them, are read:
+/// the phonenumber crate would also turn letters into digits (+1 800 FLOWERS) and drop an
+/// extension without a word, and neither reaches a phone by text message.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PhoneNumber(String);
 
 impl PhoneNumber {
     pub fn parse(input: &str) -> Result<Self, DomainError> {
-        let invalid = |reason: &str| DomainError::InvalidPhone {
-            input: input.to_owned(),
-            reason: reason.to_owned(),
+        let invalid = |reason: String| DomainError::InvalidPhone {
+            input: printable(input),
+            reason,
         };
-        let compact: String = input
-            .trim()
+        let Some(rest) = input.trim().strip_prefix('+') else {
+            return Err(invalid("it must start with + and the country code".into()));
+        };
+        let compact: String = rest
             .chars()
-            .filter(|c| !matches!(c, ' ' | '-' | '(' | ')' | '.'))
+            .filter(|c| {
+                !matches!(
+                    c,
+                    ' ' | '\u{a0}' | '\u{2009}' | '\u{202f}' | '-' | '.' | '/'
+                )
+            })
             .collect();
-        if !compact.starts_with('+') {
-            return Err(invalid("it must start with + and the country code"));
+        // "(0)" is the trunk prefix, dialled only from inside the country: "+44 (0) 7700 900123"
+        // is the common UK way of writing +44 7700 900123.
+        let compact = compact.replacen("(0)", "", 1);
+        let mut e164 = String::from("+");
+        for (index, c) in compact.char_indices() {
+            match c {
+                '0'..='9' => e164.push(c),
+                '(' | ')' => {}
+                _ => return Err(invalid(not_a_digit(&compact[index..], c))),
+            }
         }
-        let parsed = phonenumber::parse(None, &compact).map_err(|e| invalid(&e.to_string()))?;
+        let parsed = phonenumber::parse(None, &e164).map_err(|e| invalid(e.to_string()))?;
         if !has_possible_length(&parsed) {
-            return Err(invalid("it has the wrong number of digits for its country"));
+            return Err(invalid(
+                "it has the wrong number of digits for its country".into(),
+            ));
         }
         Ok(Self(
             parsed.format().mode(phonenumber::Mode::E164).to_string(),
@@ -68,6 +90,23 @@ impl PhoneNumber {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// Why `rest`, which starts with the character `c` where a digit should be, is no phone number.
+fn not_a_digit(rest: &str, c: char) -> String {
+    // The ways an extension is written: ext. 5, extension 5, x5, #5, ;ext=5 (RFC 3966), and the
+    // comma a dialler reads as "pause, then dial 5".
+    let extension = matches!(c, 'x' | 'X' | '#' | ';' | ',')
+        || rest
+            .get(..3)
+            .is_some_and(|start| start.eq_ignore_ascii_case("ext"));
+    if extension {
+        "it has an extension, and a text message cannot reach an extension".into()
+    } else if c.is_alphabetic() {
+        "it contains letters; write the number in digits".into()
+    } else {
+        format!("it contains {} where a digit should be", describe_char(c))
     }
 }
 
@@ -204,6 +243,76 @@ mod tests {
         let contact = Contact::parse("+44 7700 900123").unwrap();
         assert_eq!(contact.as_str(), "+447700900123");
         assert_eq!(contact.kind(), ContactKind::Phone);
+    }
+
+    #[test]
+    fn a_uk_number_written_with_its_trunk_prefix_in_brackets_is_accepted() {
+        for written in [
+            "+44 (0) 7700 900123",
+            "+44(0)7700900123",
+            "+44 (0)7700-900-123",
+            "+44 ( 0 ) 7700 900123",
+        ] {
+            assert_eq!(
+                PhoneNumber::parse(written).map(|p| p.as_str().to_owned()),
+                Ok("+447700900123".to_owned()),
+                "{written}"
+            );
+        }
+    }
+
+    fn reason(input: &str) -> String {
+        match PhoneNumber::parse(input) {
+            Err(DomainError::InvalidPhone { reason, .. }) => reason,
+            other => panic!("{input}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_number_with_an_extension_is_refused_as_a_text_cannot_reach_it() {
+        for written in [
+            "+44 7700 900123 ext. 5",
+            "+44 7700 900123 EXT 5",
+            "+44 7700 900123 extension 5",
+            "+44 7700 900123 x5",
+            "+44 7700 900123 X 5",
+            "+44 7700 900123;ext=5",
+            "+44 7700 900123 #5",
+            "+44 7700 900123,5",
+        ] {
+            assert_eq!(
+                reason(written),
+                "it has an extension, and a text message cannot reach an extension",
+                "{written}"
+            );
+        }
+    }
+
+    #[test]
+    fn letters_in_a_phone_number_are_refused() {
+        for written in ["+1 800 FLOWERS", "+44 7700 9OO123", "+44a7700900123"] {
+            assert_eq!(
+                reason(written),
+                "it contains letters; write the number in digits",
+                "{written}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_phone_number_is_read_in_ascii_digits_only() {
+        assert_eq!(
+            reason("+44 7700 90012\u{663}"),
+            "it contains '\u{663}' (U+0663) where a digit should be"
+        );
+        assert_eq!(
+            reason("+44 7700\x1b900123"),
+            "it contains a control character (U+001B) where a digit should be"
+        );
+        assert_eq!(
+            reason("+44 7700 900123 +1"),
+            "it contains '+' (U+002B) where a digit should be"
+        );
     }
 
     #[test]
