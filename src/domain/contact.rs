@@ -4,9 +4,13 @@ use super::DomainError;
 use super::update::{describe_char, printable};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
-use std::str::FromStr;
 
-/// An email address lettre accepts, stored lower-cased so one mailbox is one subscriber.
+/// An email address an SMTP envelope can carry to any server, stored lower-cased so one
+/// mailbox is one subscriber.
+///
+/// That is an unquoted ASCII local part and a domain name, not an IP literal. The domain is
+/// kept in its IDNA ASCII form, so `bücher.de` and `xn--bcher-kva.de` are one subscriber and
+/// a mail server that predates IDNA can still be handed the address.
 ///
 /// Lower-casing the local part is technically lossy (RFC 5321 lets it be case-sensitive), but no
 /// mail provider in practice treats `Ann@` and `ann@` as different people, and subscribing twice
@@ -16,17 +20,21 @@ pub struct EmailAddress(lettre::Address);
 
 impl EmailAddress {
     pub fn parse(input: &str) -> Result<Self, DomainError> {
-        let normalized = input.trim().to_lowercase();
         let invalid = |reason: String| DomainError::InvalidEmail {
-            input: input.to_owned(),
+            input: printable(input),
             reason,
         };
-        if normalized.len() > 254 {
+        let Some((local_part, domain)) = input.trim().rsplit_once('@') else {
+            return Err(invalid("it has no @".into()));
+        };
+        let local_part = smtp_local_part(local_part).map_err(invalid)?;
+        let domain = smtp_domain(domain).map_err(invalid)?;
+        let address =
+            lettre::Address::new(local_part, domain).map_err(|e| invalid(e.to_string()))?;
+        // Measured on the ASCII form, which is what the envelope carries.
+        let ascii: &str = address.as_ref();
+        if ascii.len() > 254 {
             return Err(invalid("it is longer than 254 characters".into()));
-        }
-        let address = lettre::Address::from_str(&normalized).map_err(|e| invalid(e.to_string()))?;
-        if !address.domain().contains('.') && address.domain() != "localhost" {
-            return Err(invalid("the domain has no dot".into()));
         }
         Ok(Self(address))
     }
@@ -38,6 +46,89 @@ impl EmailAddress {
     pub fn address(&self) -> &lettre::Address {
         &self.0
     }
+}
+
+/// The local part, lower-cased, if it is a dot-atom of ASCII: what any SMTP server takes.
+fn smtp_local_part(local_part: &str) -> Result<String, String> {
+    if local_part.is_empty() {
+        return Err("there is nothing before the @".into());
+    }
+    if local_part.starts_with('"') {
+        let reason = "its local part is quoted (\"…\"@), which many mail systems mishandle; \
+                      use an address without quotes";
+        return Err(reason.into());
+    }
+    // Checked before lower-casing: Unicode lower-casing would turn the Kelvin sign into k.
+    if let Some(c) = local_part.chars().find(|c| !c.is_ascii()) {
+        return Err(format!(
+            "its local part contains {}, and a non-ASCII local part needs SMTPUTF8, \
+             which most mail servers cannot take",
+            describe_char(c)
+        ));
+    }
+    if let Some(c) = local_part.chars().find(|&c| !(is_atext(c) || c == '.')) {
+        return Err(format!(
+            "its local part contains {}, which an address can only have in quotes",
+            describe_char(c)
+        ));
+    }
+    if local_part.split('.').any(str::is_empty) {
+        return Err("its local part starts or ends with a dot, or has two in a row".into());
+    }
+    if local_part.len() > 64 {
+        return Err("its local part is longer than 64 characters".into());
+    }
+    Ok(local_part.to_ascii_lowercase())
+}
+
+/// RFC 5322 atext in ASCII: the characters a local part may have without quotes.
+fn is_atext(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c)
+}
+
+/// The domain in its IDNA ASCII form, lower-cased, if it is a host name DNS can resolve.
+fn smtp_domain(domain: &str) -> Result<String, String> {
+    if domain.is_empty() {
+        return Err("there is nothing after the @".into());
+    }
+    if domain.starts_with('[') {
+        return Err(
+            "its domain is an IP address in brackets; crier sends to domain names only".into(),
+        );
+    }
+    if let Some(c) = domain
+        .chars()
+        .find(|&c| c.is_ascii() && !(c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+    {
+        return Err(format!(
+            "its domain contains {}, which a domain name cannot have",
+            describe_char(c)
+        ));
+    }
+    // STD3 rules keep to letters, digits and hyphens, as RFC 5321 does, and the DNS length
+    // check keeps labels to 63 characters and the name to 253.
+    let ascii = idna::uts46::Uts46::new()
+        .to_ascii(
+            domain.as_bytes(),
+            idna::uts46::AsciiDenyList::STD3,
+            idna::uts46::Hyphens::CheckFirstLast,
+            idna::uts46::DnsLength::Verify,
+        )
+        .map_err(|_| {
+            "its domain is not a valid domain name: it needs labels of letters, digits and \
+             inner hyphens, each 1 to 63 characters long, between single dots"
+                .to_owned()
+        })?;
+    let top_level = ascii.rsplit('.').next().unwrap_or_default();
+    if top_level.bytes().all(|b| b.is_ascii_digit()) {
+        let reason = "its domain ends in a number, like an IP address; \
+                      crier sends to domain names only";
+        return Err(reason.into());
+    }
+    if !ascii.contains('.') && ascii != "localhost" {
+        return Err("the domain has no dot".into());
+    }
+    Ok(ascii.into_owned())
 }
 
 /// A phone number in E.164 form, validated against the numbering plan of its country.
@@ -236,6 +327,102 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    fn email_reason(input: &str) -> String {
+        match EmailAddress::parse(input) {
+            Err(DomainError::InvalidEmail { reason, .. }) => reason,
+            other => panic!("{input}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_internationalised_domain_is_stored_in_its_ascii_form() {
+        let ascii = EmailAddress::parse("user@xn--bcher-kva.de").unwrap();
+        assert_eq!(ascii.as_str(), "user@xn--bcher-kva.de");
+        for written in ["user@bücher.de", "User@BÜCHER.de", "user@xn--BCHER-KVA.de"] {
+            assert_eq!(
+                EmailAddress::parse(written).as_ref(),
+                Ok(&ascii),
+                "{written}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_quoted_local_part_is_refused() {
+        let err = EmailAddress::parse("\"john doe\"@example.com").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "'\"john doe\"@example.com' is not an email address: its local part is quoted \
+             (\"…\"@), which many mail systems mishandle; use an address without quotes"
+        );
+    }
+
+    #[test]
+    fn an_ip_address_is_refused_as_a_domain() {
+        for written in ["a@[127.0.0.1]", "a@[IPv6:::1]", "a@[::1]"] {
+            assert_eq!(
+                email_reason(written),
+                "its domain is an IP address in brackets; crier sends to domain names only",
+                "{written}"
+            );
+        }
+        for written in ["a@127.0.0.1", "a@example.123"] {
+            assert!(
+                email_reason(written).starts_with("its domain ends in a number"),
+                "{written}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_non_ascii_local_part_is_refused_as_it_needs_smtputf8() {
+        assert_eq!(
+            email_reason("josé@example.com"),
+            "its local part contains 'é' (U+00E9), and a non-ASCII local part needs SMTPUTF8, \
+             which most mail servers cannot take"
+        );
+        // Unicode lower-casing would have made this kim@example.com.
+        assert!(email_reason("\u{212A}im@example.com").contains("SMTPUTF8"));
+    }
+
+    #[test]
+    fn a_domain_an_smtp_envelope_cannot_carry_is_refused() {
+        for written in [
+            "ann@exa_mple.com",
+            "ann@ex!ample.com",
+            "ann@-example.com",
+            "ann@example-.com",
+            "ann@example.com.",
+            "ann@example..com",
+            "ann@exam\u{1b}ple.com",
+            "ann@example.c\u{fffe}om",
+            &format!("ann@{}.com", "a".repeat(64)),
+        ] {
+            assert!(
+                matches!(
+                    EmailAddress::parse(written),
+                    Err(DomainError::InvalidEmail { .. })
+                ),
+                "{written}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_address_over_254_characters_is_refused() {
+        let domain = format!(
+            "{}.{}.{}.com",
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(57)
+        );
+        let longest = format!("{}@{domain}", "a".repeat(64));
+        assert_eq!(longest.len(), 254);
+        assert!(EmailAddress::parse(&longest).is_ok());
+        let over = format!("{}@e.{domain}", "a".repeat(64));
+        assert_eq!(email_reason(&over), "it is longer than 254 characters");
     }
 
     #[test]
