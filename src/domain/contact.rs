@@ -248,9 +248,12 @@ pub enum Contact {
 }
 
 impl Contact {
-    /// Parses either form: a leading `+` means a phone number.
+    /// Parses either form: an `@` means an email address, else a leading `+` a phone number.
+    ///
+    /// The `@` is looked at first because a local part may start with `+`, and every stored
+    /// email contact has to parse back to itself when the store reads it.
     pub fn parse(input: &str) -> Result<Self, DomainError> {
-        if input.trim_start().starts_with('+') {
+        if !input.contains('@') && input.trim_start().starts_with('+') {
             PhoneNumber::parse(input).map(Contact::Phone)
         } else {
             EmailAddress::parse(input).map(Contact::Email)
@@ -307,6 +310,15 @@ mod tests {
         let contact = Contact::parse("  Ann@Example.COM ").unwrap();
         assert_eq!(contact.as_str(), "ann@example.com");
         assert_eq!(contact.kind(), ContactKind::Email);
+    }
+
+    #[test]
+    fn an_email_address_that_starts_with_a_plus_is_still_an_email_address() {
+        let email = EmailAddress::parse("+ann@example.com").unwrap();
+        let contact = Contact::parse("+ann@example.com").unwrap();
+        assert_eq!(contact, Contact::Email(email));
+        let stored = serde_json::to_string(&contact).unwrap();
+        assert_eq!(serde_json::from_str::<Contact>(&stored).unwrap(), contact);
     }
 
     #[test]
