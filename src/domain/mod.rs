@@ -11,7 +11,7 @@ pub use contact::{Contact, ContactKind, EmailAddress, PhoneNumber};
 pub use incident::{Incident, IncidentState};
 pub use order::{OrderNumber, OrderPattern};
 pub use subscriber::{Subscriber, SubscriberState};
-pub use update::{Audience, Body, Headline, Update};
+pub use update::{Audience, Body, Headline, Update, parse_next_update_in};
 
 /// Input that does not describe a valid domain value. Each variant is a user error.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -48,6 +48,8 @@ pub enum DomainError {
         character: char,
         position: usize,
     },
+    #[error("'{input}' is not a time until the next update (like 2h or 30m): {reason}")]
+    InvalidNextUpdateIn { input: String, reason: String },
     #[error(
         "'{0}' is not an incident state: use investigating, identified, monitoring or resolved"
     )]

@@ -4,10 +4,15 @@ use super::{DomainError, IncidentState, OrderNumber};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
+use std::time::Duration;
 use ulid::Ulid;
 
 const HEADLINE_LIMIT: usize = 200;
 const BODY_LIMIT: usize = 5_000;
+/// The promised time is shown to the minute, so a shorter wait would promise "now".
+const NEXT_UPDATE_SHORTEST: Duration = Duration::from_secs(60);
+/// Far enough for a planned migration; further is no promise a customer can hold anyone to.
+const NEXT_UPDATE_LONGEST: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 
 /// One line that says what is going on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +55,23 @@ impl Body {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Reads how long until the next update is promised, in humantime syntax (`2h`, `30m`,
+/// `1h 30m`): at least a minute and at most 30 days.
+pub fn parse_next_update_in(input: &str) -> Result<Duration, DomainError> {
+    let invalid = |reason: String| DomainError::InvalidNextUpdateIn {
+        input: printable(input),
+        reason,
+    };
+    let wait = humantime::parse_duration(input.trim()).map_err(|e| invalid(e.to_string()))?;
+    if wait < NEXT_UPDATE_SHORTEST {
+        return Err(invalid("it must be at least a minute".into()));
+    }
+    if wait > NEXT_UPDATE_LONGEST {
+        return Err(invalid("it must be at most 30 days".into()));
+    }
+    Ok(wait)
 }
 
 /// Refuses the first character of `input` that has no place in customer-facing text.
@@ -255,6 +277,71 @@ mod tests {
     fn a_body_keeps_its_tabs_and_line_ends_as_lf() {
         let body = Body::parse("Steps:\r\n\t1. wait\r\n\t2. retry").unwrap();
         assert_eq!(body.as_str(), "Steps:\n\t1. wait\n\t2. retry");
+    }
+
+    #[test]
+    fn the_time_until_the_next_update_is_read_like_2h_or_30m() {
+        for (written, seconds) in [
+            ("2h", 7_200),
+            (" 30m ", 1_800),
+            ("1h 30m", 5_400),
+            ("1m", 60),
+            ("30d", 30 * 86_400),
+        ] {
+            assert_eq!(
+                parse_next_update_in(written),
+                Ok(Duration::from_secs(seconds)),
+                "{written}"
+            );
+        }
+    }
+
+    fn next_update_reason(input: &str) -> String {
+        match parse_next_update_in(input) {
+            Err(DomainError::InvalidNextUpdateIn { reason, .. }) => reason,
+            other => panic!("{input}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_next_update_now_or_over_30_days_away_is_refused() {
+        for written in ["0s", "0", "59s", "500ms"] {
+            assert_eq!(
+                next_update_reason(written),
+                "it must be at least a minute",
+                "{written}"
+            );
+        }
+        for written in [
+            "30d 1s",
+            "31d",
+            "1month",
+            "1000000000y",
+            "18446744073709551615s",
+        ] {
+            assert_eq!(
+                next_update_reason(written),
+                "it must be at most 30 days",
+                "{written}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_next_update_in_humantime_cannot_read_is_refused_with_its_reason() {
+        for written in [
+            "",
+            "soonish",
+            "-1h",
+            "2 hours from now",
+            "99999999999999999999999h",
+        ] {
+            next_update_reason(written);
+        }
+        assert_eq!(
+            parse_next_update_in("0s").unwrap_err().to_string(),
+            "'0s' is not a time until the next update (like 2h or 30m): it must be at least a minute"
+        );
     }
 
     #[test]
