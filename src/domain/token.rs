@@ -74,13 +74,18 @@ impl TokenSigner {
     }
 
     /// Returns the subject of a genuine, unexpired token made for `purpose`.
+    ///
+    /// `token` may also be the whole link the token came in, as pasted from a message or its
+    /// List-Unsubscribe header: see `token_in`.
     pub fn verify(
         &self,
         purpose: TokenPurpose,
         token: &str,
         now: DateTime<Utc>,
     ) -> Result<String, TokenError> {
-        let (payload, signature) = token.trim().split_once('.').ok_or(TokenError::Malformed)?;
+        let (payload, signature) = token_in(token)
+            .split_once('.')
+            .ok_or(TokenError::Malformed)?;
         let payload = URL_SAFE_NO_PAD
             .decode(payload)
             .map_err(|_| TokenError::Malformed)?;
@@ -113,6 +118,31 @@ impl TokenSigner {
         }
         Ok(subject.to_owned())
     }
+}
+
+/// The token in what was pasted: the token itself, or the last path segment of the link it
+/// came in (`https://status.example.com/unsubscribe/<token>`), taken from the first `<…>` of a
+/// List-Unsubscribe header, and without a trailing slash, query or fragment.
+///
+/// Only the signature decides what is genuine; this just finds the candidate. Characters that
+/// cannot be part of a token (quotes, the full stop of a sentence) are dropped from its ends.
+fn token_in(pasted: &str) -> &str {
+    let mut text = pasted;
+    if let Some((_, bracketed)) = text.split_once('<') {
+        text = bracketed.split('>').next().unwrap_or(bracketed);
+    }
+    let text = text.trim();
+    // A token is base64url around one dot, so a slash can only come from a link.
+    let text = if text.contains('/') {
+        let path = text.split(['?', '#']).next().unwrap_or(text);
+        path.trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or(path)
+    } else {
+        text
+    };
+    text.trim_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
 }
 
 #[cfg(test)]
@@ -196,5 +226,106 @@ mod tests {
             signer().verify(TokenPurpose::Unsubscribe, "garbage", now),
             Err(TokenError::Malformed)
         );
+    }
+
+    fn unsubscribe_token(now: DateTime<Utc>) -> String {
+        signer().issue(
+            TokenPurpose::Unsubscribe,
+            "ann@example.com",
+            now + Duration::days(1),
+        )
+    }
+
+    #[test]
+    fn the_whole_unsubscribe_link_verifies_as_its_token() {
+        let now = Utc::now();
+        let token = unsubscribe_token(now);
+        let link = format!("https://status.example.com/unsubscribe/{token}");
+        for pasted in [
+            link.clone(),
+            format!("<{link}>"),
+            format!("{link}/"),
+            format!("  {link}\r\n"),
+            format!("{link}?utm_source=email"),
+            format!("{link}/#top"),
+            format!("<{link}>, <mailto:unsubscribe@example.com?subject=stop>"),
+            format!("List-Unsubscribe: <{link}>"),
+            format!("Unsubscribe here: {link}."),
+            format!("\"{token}\""),
+            format!("/unsubscribe/{token}"),
+        ] {
+            assert_eq!(
+                signer().verify(TokenPurpose::Unsubscribe, &pasted, now),
+                Ok("ann@example.com".to_owned()),
+                "{pasted}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_link_does_not_make_a_forged_expired_or_misused_token_good() {
+        let now = Utc::now();
+        let link = |token: &str| format!("<https://status.example.com/unsubscribe/{token}>");
+        let forged = TokenSigner::new(b"another secret").issue(
+            TokenPurpose::Unsubscribe,
+            "ann@example.com",
+            now + Duration::days(1),
+        );
+        assert_eq!(
+            signer().verify(TokenPurpose::Unsubscribe, &link(&forged), now),
+            Err(TokenError::BadSignature)
+        );
+        let expired = signer().issue(TokenPurpose::Unsubscribe, "ann@example.com", now);
+        assert!(matches!(
+            signer().verify(TokenPurpose::Unsubscribe, &link(&expired), now),
+            Err(TokenError::Expired(_))
+        ));
+        let confirm = signer().issue(
+            TokenPurpose::Confirm,
+            "ann@example.com",
+            now + Duration::days(1),
+        );
+        assert_eq!(
+            signer().verify(TokenPurpose::Unsubscribe, &link(&confirm), now),
+            Err(TokenError::WrongPurpose)
+        );
+        for empty in ["https://status.example.com/unsubscribe/", "<>", "/", ""] {
+            assert_eq!(
+                signer().verify(TokenPurpose::Unsubscribe, empty, now),
+                Err(TokenError::Malformed),
+                "{empty}"
+            );
+        }
+    }
+
+    /// A token with a genuine signature over `payload`, however odd the payload.
+    fn signed(payload: &str) -> String {
+        let mut mac = signer().mac();
+        mac.update(payload.as_bytes());
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(payload),
+            URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+        )
+    }
+
+    #[test]
+    fn an_expiry_no_date_can_hold_is_malformed_not_a_panic() {
+        let now = Utc::now();
+        for expiry in [
+            i64::MAX.to_string(),
+            i64::MIN.to_string(),
+            "8210266876800".to_owned(),
+            "-8334601228801".to_owned(),
+            "99999999999999999999".to_owned(),
+            "".to_owned(),
+        ] {
+            let token = signed(&format!("unsubscribe\n{expiry}\nann@example.com"));
+            assert_eq!(
+                signer().verify(TokenPurpose::Unsubscribe, &token, now),
+                Err(TokenError::Malformed),
+                "{expiry}"
+            );
+        }
     }
 }
