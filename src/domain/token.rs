@@ -120,29 +120,24 @@ impl TokenSigner {
     }
 }
 
-/// The token in what was pasted: the token itself, or the last path segment of the link it
-/// came in (`https://status.example.com/unsubscribe/<token>`), taken from the first `<…>` of a
-/// List-Unsubscribe header, and without a trailing slash, query or fragment.
+/// The token in what was pasted: the token itself, or the end of the link it came in
+/// (`https://status.example.com/unsubscribe/<token>`), taken from the first `<…>` of a
+/// List-Unsubscribe header, without a trailing slash, query or fragment, or the full stop of
+/// the sentence it was in.
 ///
-/// Only the signature decides what is genuine; this just finds the candidate. Characters that
-/// cannot be part of a token (quotes, the full stop of a sentence) are dropped from its ends.
+/// Only the signature decides what is genuine; this just finds the candidate: the last run of
+/// characters a token can have (base64url, and the dot between its two halves).
 fn token_in(pasted: &str) -> &str {
     let mut text = pasted;
     if let Some((_, bracketed)) = text.split_once('<') {
         text = bracketed.split('>').next().unwrap_or(bracketed);
     }
-    let text = text.trim();
-    // A token is base64url around one dot, so a slash can only come from a link.
-    let text = if text.contains('/') {
-        let path = text.split(['?', '#']).next().unwrap_or(text);
-        path.trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or(path)
-    } else {
-        text
-    };
-    text.trim_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+    let in_token = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    // A token has neither ? nor #, so in a link they start what comes after it.
+    let text = text.split(['?', '#']).next().unwrap_or(text);
+    // A token never ends in its dot, so a trailing one is the sentence's.
+    let text = text.trim_end_matches(|c: char| !in_token(c) || c == '.');
+    text.rsplit(|c: char| !in_token(c)).next().unwrap_or(text)
 }
 
 #[cfg(test)]
@@ -253,6 +248,8 @@ mod tests {
             format!("Unsubscribe here: {link}."),
             format!("\"{token}\""),
             format!("/unsubscribe/{token}"),
+            format!("See {link}/."),
+            format!("Unsubscribe:\u{a0}→{token}"),
         ] {
             assert_eq!(
                 signer().verify(TokenPurpose::Unsubscribe, &pasted, now),
