@@ -303,7 +303,9 @@ impl<'de> Deserialize<'de> for Contact {
 
 #[cfg(test)]
 mod tests {
+    use super::super::update::hostile;
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn an_email_address_is_trimmed_and_lower_cased() {
@@ -526,5 +528,112 @@ mod tests {
             );
         }
         assert!(PhoneNumber::parse("07700900123").is_err());
+    }
+
+    const LOCAL_PARTS: &[&str] = &["ann", "Ann", "+tag", "o'brien", ".", "a", "\"john doe\""];
+    const DOMAINS: &[&str] = &[
+        "example.com",
+        "Example.COM",
+        "bücher.de",
+        "xn--bcher-kva.de",
+        "localhost",
+        "[127.0.0.1]",
+        "127.0.0.1",
+        ".",
+        "-",
+        "co",
+    ];
+    const PHONES: &[&str] = &[
+        "+44", "+1", " ", "(0)", "(", ")", "7700", "900123", "555", "0", "-", ".", "ext. 5", "x5",
+        ";ext=5", "#5", ",",
+    ];
+
+    /// Hostile text, or text shaped like an email address with hostile parts.
+    fn email_like() -> impl Strategy<Value = String> {
+        prop_oneof![
+            hostile::text(DOMAINS),
+            (hostile::text(LOCAL_PARTS), hostile::text(DOMAINS))
+                .prop_map(|(local, domain)| format!("{local}@{domain}")),
+        ]
+    }
+
+    /// Hostile text, or text shaped like a phone number with hostile parts.
+    fn phone_like() -> impl Strategy<Value = String> {
+        prop_oneof![
+            hostile::text(PHONES),
+            (
+                "[+](44|1|33|49) ?(\\(0\\))?[0-9 ]{6,14}",
+                hostile::text(PHONES)
+            )
+                .prop_map(|(number, tail)| format!("{number}{tail}")),
+        ]
+    }
+
+    fn prop_assert_printable(err: &DomainError) -> Result<(), TestCaseError> {
+        prop_assert!(!err.to_string().chars().any(char::is_control), "{err:?}");
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(hostile::config())]
+
+        #[test]
+        fn a_parsed_email_address_is_ascii_lower_case_and_parses_to_itself(
+            input in email_like()
+        ) {
+            match EmailAddress::parse(&input) {
+                Ok(email) => {
+                    let text = email.as_str();
+                    prop_assert!(text.is_ascii() && text == text.to_ascii_lowercase());
+                    prop_assert!(text.len() <= 254);
+                    prop_assert!(!text.contains(['"', '[', ']', ' ']));
+                    let (local_part, domain) = text.rsplit_once('@').unwrap();
+                    prop_assert!(!local_part.is_empty());
+                    prop_assert!(domain.contains('.') || domain == "localhost");
+                    prop_assert_eq!(EmailAddress::parse(text), Ok(email.clone()));
+                    prop_assert_eq!(Contact::parse(text), Ok(Contact::Email(email.clone())));
+                }
+                Err(err) => {
+                    prop_assert!(matches!(err, DomainError::InvalidEmail { .. }), "{err:?}");
+                    prop_assert_printable(&err)?;
+                }
+            }
+        }
+
+        #[test]
+        fn a_parsed_phone_number_is_e164_and_parses_to_itself(input in phone_like()) {
+            match PhoneNumber::parse(&input) {
+                Ok(phone) => {
+                    let text = phone.as_str();
+                    let digits = text.strip_prefix('+').unwrap_or_default();
+                    prop_assert!(!digits.is_empty() && digits.len() <= 15);
+                    prop_assert!(digits.bytes().all(|b| b.is_ascii_digit()));
+                    prop_assert_eq!(PhoneNumber::parse(text), Ok(phone.clone()));
+                    prop_assert_eq!(Contact::parse(text), Ok(Contact::Phone(phone.clone())));
+                }
+                Err(err) => {
+                    prop_assert!(matches!(err, DomainError::InvalidPhone { .. }), "{err:?}");
+                    prop_assert_printable(&err)?;
+                }
+            }
+        }
+
+        #[test]
+        fn a_parsed_contact_survives_the_store(input in prop_oneof![email_like(), phone_like()]) {
+            match Contact::parse(&input) {
+                Ok(contact) => {
+                    prop_assert_eq!(Contact::parse(contact.as_str()), Ok(contact.clone()));
+                    let stored = serde_json::to_string(&contact).unwrap();
+                    prop_assert_eq!(serde_json::from_str::<Contact>(&stored).unwrap(), contact);
+                }
+                Err(err) => {
+                    prop_assert!(matches!(
+                        err,
+                        DomainError::InvalidEmail { .. } | DomainError::InvalidPhone { .. }
+                    ), "{err:?}");
+                    prop_assert_printable(&err)?;
+                }
+            }
+        }
     }
 }

@@ -74,7 +74,9 @@ impl fmt::Display for OrderNumber {
 
 #[cfg(test)]
 mod tests {
+    use super::super::update::hostile;
     use super::*;
+    use proptest::prelude::*;
 
     fn pattern() -> OrderPattern {
         OrderPattern::new(r"[A-Z]{2}-\d{4,8}").unwrap()
@@ -139,5 +141,40 @@ mod tests {
             "'ß-1001' is not an order number: it contains 'ß' (U+00DF) at position 1; \
              order numbers are printable ASCII"
         );
+    }
+
+    const ORDERS: &[&str] = &[
+        "AB-", "ab-", "Zz", "1001", "12345678", "-", " ", "ß", "ﬀ", "ı",
+    ];
+
+    proptest! {
+        #![proptest_config(hostile::config())]
+
+        #[test]
+        fn a_parsed_order_number_is_printable_ascii_that_parses_to_itself(
+            input in hostile::text(ORDERS)
+        ) {
+            // The second pattern takes anything, so only the parser's own rules stand between
+            // hostile input and an order number.
+            for pattern in [pattern(), OrderPattern::new(".+").unwrap()] {
+                match OrderNumber::parse(&input, &pattern) {
+                    Ok(order) => {
+                        let text = order.as_str();
+                        prop_assert!(text.chars().all(|c| c == ' ' || c.is_ascii_graphic()));
+                        prop_assert!(!text.chars().any(|c| c.is_ascii_lowercase()));
+                        prop_assert!(text == text.trim() && pattern.regex.is_match(text));
+                        prop_assert_eq!(OrderNumber::parse(text, &pattern), Ok(order.clone()));
+                    }
+                    Err(err) => {
+                        prop_assert!(matches!(
+                            err,
+                            DomainError::InvalidOrderNumber { .. }
+                                | DomainError::InvalidOrderNumberCharacter { .. }
+                        ), "{err:?}");
+                        prop_assert!(!err.to_string().chars().any(char::is_control), "{err:?}");
+                    }
+                }
+            }
+        }
     }
 }

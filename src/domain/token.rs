@@ -142,8 +142,10 @@ fn token_in(pasted: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use super::super::update::hostile;
     use super::*;
     use chrono::Duration;
+    use proptest::prelude::*;
 
     fn signer() -> TokenSigner {
         TokenSigner::new(b"a test secret that is long enough")
@@ -323,6 +325,56 @@ mod tests {
                 Err(TokenError::Malformed),
                 "{expiry}"
             );
+        }
+    }
+
+    const PASTES: &[&str] = &[
+        "https://status.example.com/unsubscribe/",
+        "<",
+        ">",
+        "/",
+        ".",
+        "?",
+        "#",
+        "dW5zdWJzY3JpYmUKMQphbm5AZXhhbXBsZS5jb20",
+        "AAAA",
+        "_-",
+    ];
+
+    proptest! {
+        #![proptest_config(hostile::config())]
+
+        #[test]
+        fn no_pasted_text_verifies_without_a_genuine_token(input in hostile::text(PASTES)) {
+            let result = signer().verify(TokenPurpose::Unsubscribe, &input, Utc::now());
+            prop_assert!(result.is_err(), "{result:?}");
+        }
+
+        #[test]
+        fn a_genuine_token_verifies_however_its_link_is_pasted(
+            subject in any::<String>(),
+            before in "[ \t\r\n]{0,2}(<)?(https://status\\.example\\.com/unsubscribe/)?",
+            after in "/?([?#][a-z=]{0,6})?(>)?[ \t\r\n.]{0,2}",
+        ) {
+            let now = Utc::now();
+            let token = signer().issue(TokenPurpose::Unsubscribe, &subject, now + Duration::days(1));
+            let pasted = format!("{before}{token}{after}");
+            prop_assert_eq!(
+                signer().verify(TokenPurpose::Unsubscribe, &pasted, now),
+                Ok(subject)
+            );
+        }
+
+        #[test]
+        fn any_signed_expiry_is_read_without_a_panic(expiry in any::<i64>(), subject in any::<String>()) {
+            let token = signed(&format!("unsubscribe\n{expiry}\n{subject}"));
+            match signer().verify(TokenPurpose::Unsubscribe, &token, Utc::now()) {
+                Ok(verified) => prop_assert_eq!(verified, subject),
+                Err(err) => prop_assert!(
+                    matches!(err, TokenError::Expired(_) | TokenError::Malformed),
+                    "{err:?}"
+                ),
+            }
         }
     }
 }

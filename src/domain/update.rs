@@ -183,9 +183,47 @@ pub struct Update {
     pub channels: Vec<String>,
 }
 
+/// Strategies and settings shared by the property tests of the domain parsers.
+#[cfg(test)]
+pub(super) mod hostile {
+    use proptest::prelude::*;
+    use proptest::test_runner::Config;
+
+    /// Characters a parser must be ready for: controls, separators, what Unicode case mapping or
+    /// IDNA turn into ASCII, and the punctuation the parsed syntaxes give a meaning to.
+    const TRICKY: &str = "\0\x01\t\n\x0b\x0c\r\x1b\x7f\u{80}\u{85}\u{9f}\u{a0}\u{ad}\u{200b}\u{2028}\
+                          \u{202e}\u{3000}\u{fdd0}\u{fffe}\u{ffff}\u{10ffff}ßﬀıİ\u{212a}éü\u{661}\
+                          \u{ff11}\u{ff20}\u{ff0e}@.+()-#;,x\"<>/[] :_?=";
+
+    /// Modest, so the suite stays fast; a failure is reported, not written into the source tree.
+    pub fn config() -> Config {
+        Config {
+            cases: 256,
+            failure_persistence: None,
+            ..Config::default()
+        }
+    }
+
+    /// Any string at all, or one pieced together from `fragments` of plausible input and tricky
+    /// characters, so that parsers are driven to accept as well as to refuse.
+    pub fn text(fragments: &'static [&'static str]) -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            4 => proptest::sample::select(fragments).prop_map(str::to_owned),
+            2 => proptest::sample::select(TRICKY.chars().collect::<Vec<_>>())
+                .prop_map(String::from),
+            1 => any::<char>().prop_map(String::from),
+        ];
+        prop_oneof![
+            1 => any::<String>(),
+            3 => proptest::collection::vec(piece, 0..10).prop_map(|pieces| pieces.concat()),
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn an_empty_or_blank_body_is_rejected() {
@@ -348,5 +386,111 @@ mod tests {
     fn a_bare_cr_in_a_body_is_read_as_a_line_end() {
         let body = Body::parse("All fine\rNothing works").unwrap();
         assert_eq!(body.as_str(), "All fine\nNothing works");
+    }
+
+    const TEXT: &[&str] = &[
+        "Activations delayed",
+        "We're on it.",
+        "https://status.example.com",
+        " ",
+        "  ",
+        "\r\n",
+        "\n",
+        "\r",
+        "\t",
+    ];
+    const WAITS: &[&str] = &[
+        "0",
+        "1",
+        "2",
+        "30",
+        "59",
+        "720",
+        "99999999999999999999",
+        "s",
+        "m",
+        "h",
+        "d",
+        "w",
+        "y",
+        "ms",
+        "min",
+        "month",
+        " ",
+    ];
+
+    /// What every error must be, whichever parser made it: readable on one terminal line.
+    fn prop_assert_printable(err: &DomainError) -> Result<(), TestCaseError> {
+        prop_assert!(!err.to_string().chars().any(char::is_control), "{err:?}");
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(hostile::config())]
+
+        #[test]
+        fn a_parsed_headline_is_one_clean_line_that_parses_to_itself(
+            input in hostile::text(TEXT)
+        ) {
+            match Headline::parse(&input) {
+                Ok(headline) => {
+                    let text = headline.as_str();
+                    prop_assert!(!text.chars().any(is_forbidden));
+                    prop_assert!(!text.chars().any(|c| c.is_whitespace() && c != ' '));
+                    prop_assert!(!text.contains("  ") && text == text.trim());
+                    prop_assert!((1..=HEADLINE_LIMIT).contains(&text.chars().count()));
+                    prop_assert_eq!(Headline::parse(text), Ok(headline.clone()));
+                }
+                Err(err) => {
+                    prop_assert!(matches!(
+                        err,
+                        DomainError::Empty { field: "headline" }
+                            | DomainError::TooLong { field: "headline", .. }
+                            | DomainError::ForbiddenCharacter { field: "headline", .. }
+                    ), "{err:?}");
+                    prop_assert_printable(&err)?;
+                }
+            }
+        }
+
+        #[test]
+        fn a_parsed_body_has_only_text_and_lf_and_parses_to_itself(input in hostile::text(TEXT)) {
+            match Body::parse(&input) {
+                Ok(body) => {
+                    let text = body.as_str();
+                    prop_assert!(!text.chars().any(|c| is_forbidden(c) || c == '\r'));
+                    prop_assert!(text == text.trim());
+                    prop_assert!((1..=BODY_LIMIT).contains(&text.chars().count()));
+                    prop_assert_eq!(Body::parse(text), Ok(body.clone()));
+                }
+                Err(err) => {
+                    prop_assert!(matches!(
+                        err,
+                        DomainError::Empty { field: "body" }
+                            | DomainError::TooLong { field: "body", .. }
+                            | DomainError::ForbiddenCharacter { field: "body", .. }
+                    ), "{err:?}");
+                    prop_assert_printable(&err)?;
+                }
+            }
+        }
+
+        #[test]
+        fn a_parsed_next_update_is_within_bounds_and_reads_back(input in hostile::text(WAITS)) {
+            match parse_next_update_in(&input) {
+                Ok(wait) => {
+                    prop_assert!((NEXT_UPDATE_SHORTEST..=NEXT_UPDATE_LONGEST).contains(&wait));
+                    let written = humantime::format_duration(wait).to_string();
+                    prop_assert_eq!(parse_next_update_in(&written), Ok(wait));
+                }
+                Err(err) => {
+                    prop_assert!(
+                        matches!(err, DomainError::InvalidNextUpdateIn { .. }),
+                        "{err:?}"
+                    );
+                    prop_assert_printable(&err)?;
+                }
+            }
+        }
     }
 }
