@@ -518,7 +518,18 @@ mod tests {
 
     #[test]
     fn malformed_phone_numbers_are_rejected() {
-        for bad in ["+44", "+4477009001234567", "+999123", "+44abc"] {
+        let very_long = format!("+44{}", "7".repeat(10_000));
+        for bad in [
+            "+44",
+            "+4477009001234567",
+            "+999123",
+            "+44abc",
+            "+",
+            "+()",
+            "+0",
+            "+00447700900123",
+            &very_long,
+        ] {
             assert!(
                 matches!(
                     PhoneNumber::parse(bad),
