@@ -88,8 +88,8 @@ pub struct ComposeArgs {
     /// Continue this incident (its id, as printed by an earlier send) instead of opening a new one.
     #[arg(long)]
     pub incident: Option<Ulid>,
-    /// Promise the next update within this long, like 2h or 30m (at most 30 days).
-    #[arg(long, value_parser = parse_next_update_in)]
+    /// Promise the next update within this long, like 2h or 30m (a minute to 30 days).
+    #[arg(long, value_parser = crate::domain::parse_next_update_in)]
     pub next_update_in: Option<Duration>,
     /// Send only to the subscribers of these orders (comma-separated). Of the broadcast
     /// channels only webhooks get it, marked as targeted.
@@ -191,20 +191,6 @@ pub struct RetryArgs {
 fn parse_state(text: &str) -> std::result::Result<IncidentState, String> {
     text.parse()
         .map_err(|e: crate::domain::DomainError| e.to_string())
-}
-
-/// The longest promise `--next-update-in` may make.
-const LONGEST_PROMISE: Duration = Duration::from_secs(30 * 24 * 3600);
-
-fn parse_next_update_in(text: &str) -> std::result::Result<Duration, String> {
-    let wait = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if wait.is_zero() {
-        return Err("a promise of the next update must be later than now".into());
-    }
-    if wait > LONGEST_PROMISE {
-        return Err("promise the next update within 30 days at most".into());
-    }
-    Ok(wait)
 }
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {

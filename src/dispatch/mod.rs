@@ -62,7 +62,7 @@ pub struct Dispatcher {
 /// What to do with one leased delivery.
 enum Prepared {
     Send {
-        message: MessageContext,
+        message: Box<MessageContext>,
         thread: Option<serde_json::Value>,
     },
     Settle(Outcome),
@@ -381,7 +381,7 @@ impl Dispatcher {
                 // thread this one replies to.
                 let incident = self.store.incident(source.update.incident).await?;
                 let thread = incident.remote_threads.get(&channel.id).cloned();
-                let message = self.composer.message(&source, None, now);
+                let message = Box::new(self.composer.message(&source, None, now));
                 return Ok(Prepared::Send { message, thread });
             }
             Recipient::Contact(contact) => contact,
@@ -405,7 +405,7 @@ impl Dispatcher {
             .composer
             .message(&source, Some((contact, &orders)), now);
         Ok(Prepared::Send {
-            message,
+            message: Box::new(message),
             thread: None,
         })
     }

@@ -20,7 +20,7 @@ pub async fn plan_update(
     let mut state = store.plan_state(update.id).await?;
     let selected: Vec<&ConfiguredChannel> = channels
         .iter()
-        .filter(|c| update.channels.iter().any(|id| *id == c.id))
+        .filter(|c| update.channels.contains(&c.id))
         .collect();
     let mut added = 0;
 

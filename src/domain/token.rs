@@ -74,13 +74,18 @@ impl TokenSigner {
     }
 
     /// Returns the subject of a genuine, unexpired token made for `purpose`.
+    ///
+    /// `token` may also be the whole link the token came in, as pasted from a message or its
+    /// List-Unsubscribe header: see `token_in`.
     pub fn verify(
         &self,
         purpose: TokenPurpose,
         token: &str,
         now: DateTime<Utc>,
     ) -> Result<String, TokenError> {
-        let (payload, signature) = token.trim().split_once('.').ok_or(TokenError::Malformed)?;
+        let (payload, signature) = token_in(token)
+            .split_once('.')
+            .ok_or(TokenError::Malformed)?;
         let payload = URL_SAFE_NO_PAD
             .decode(payload)
             .map_err(|_| TokenError::Malformed)?;
@@ -115,10 +120,32 @@ impl TokenSigner {
     }
 }
 
+/// The token in what was pasted: the token itself, or the end of the link it came in
+/// (`https://status.example.com/unsubscribe/<token>`), taken from the first `<…>` of a
+/// List-Unsubscribe header, without a trailing slash, query or fragment, or the full stop of
+/// the sentence it was in.
+///
+/// Only the signature decides what is genuine; this just finds the candidate: the last run of
+/// characters a token can have (base64url, and the dot between its two halves).
+fn token_in(pasted: &str) -> &str {
+    let mut text = pasted;
+    if let Some((_, bracketed)) = text.split_once('<') {
+        text = bracketed.split('>').next().unwrap_or(bracketed);
+    }
+    let in_token = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    // A token has neither ? nor #, so in a link they start what comes after it.
+    let text = text.split(['?', '#']).next().unwrap_or(text);
+    // A token never ends in its dot, so a trailing one is the sentence's.
+    let text = text.trim_end_matches(|c: char| !in_token(c) || c == '.');
+    text.rsplit(|c: char| !in_token(c)).next().unwrap_or(text)
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::update::hostile;
     use super::*;
     use chrono::Duration;
+    use proptest::prelude::*;
 
     fn signer() -> TokenSigner {
         TokenSigner::new(b"a test secret that is long enough")
@@ -196,5 +223,158 @@ mod tests {
             signer().verify(TokenPurpose::Unsubscribe, "garbage", now),
             Err(TokenError::Malformed)
         );
+    }
+
+    fn unsubscribe_token(now: DateTime<Utc>) -> String {
+        signer().issue(
+            TokenPurpose::Unsubscribe,
+            "ann@example.com",
+            now + Duration::days(1),
+        )
+    }
+
+    #[test]
+    fn the_whole_unsubscribe_link_verifies_as_its_token() {
+        let now = Utc::now();
+        let token = unsubscribe_token(now);
+        let link = format!("https://status.example.com/unsubscribe/{token}");
+        for pasted in [
+            link.clone(),
+            format!("<{link}>"),
+            format!("{link}/"),
+            format!("  {link}\r\n"),
+            format!("{link}?utm_source=email"),
+            format!("{link}/#top"),
+            format!("<{link}>, <mailto:unsubscribe@example.com?subject=stop>"),
+            format!("List-Unsubscribe: <{link}>"),
+            format!("Unsubscribe here: {link}."),
+            format!("\"{token}\""),
+            format!("/unsubscribe/{token}"),
+            format!("See {link}/."),
+            format!("Unsubscribe:\u{a0}→{token}"),
+        ] {
+            assert_eq!(
+                signer().verify(TokenPurpose::Unsubscribe, &pasted, now),
+                Ok("ann@example.com".to_owned()),
+                "{pasted}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_link_does_not_make_a_forged_expired_or_misused_token_good() {
+        let now = Utc::now();
+        let link = |token: &str| format!("<https://status.example.com/unsubscribe/{token}>");
+        let forged = TokenSigner::new(b"another secret").issue(
+            TokenPurpose::Unsubscribe,
+            "ann@example.com",
+            now + Duration::days(1),
+        );
+        assert_eq!(
+            signer().verify(TokenPurpose::Unsubscribe, &link(&forged), now),
+            Err(TokenError::BadSignature)
+        );
+        let expired = signer().issue(TokenPurpose::Unsubscribe, "ann@example.com", now);
+        assert!(matches!(
+            signer().verify(TokenPurpose::Unsubscribe, &link(&expired), now),
+            Err(TokenError::Expired(_))
+        ));
+        let confirm = signer().issue(
+            TokenPurpose::Confirm,
+            "ann@example.com",
+            now + Duration::days(1),
+        );
+        assert_eq!(
+            signer().verify(TokenPurpose::Unsubscribe, &link(&confirm), now),
+            Err(TokenError::WrongPurpose)
+        );
+        for empty in ["https://status.example.com/unsubscribe/", "<>", "/", ""] {
+            assert_eq!(
+                signer().verify(TokenPurpose::Unsubscribe, empty, now),
+                Err(TokenError::Malformed),
+                "{empty}"
+            );
+        }
+    }
+
+    /// A token with a genuine signature over `payload`, however odd the payload.
+    fn signed(payload: &str) -> String {
+        let mut mac = signer().mac();
+        mac.update(payload.as_bytes());
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(payload),
+            URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+        )
+    }
+
+    #[test]
+    fn an_expiry_no_date_can_hold_is_malformed_not_a_panic() {
+        let now = Utc::now();
+        for expiry in [
+            i64::MAX.to_string(),
+            i64::MIN.to_string(),
+            "8210266876800".to_owned(),
+            "-8334601228801".to_owned(),
+            "99999999999999999999".to_owned(),
+            "".to_owned(),
+        ] {
+            let token = signed(&format!("unsubscribe\n{expiry}\nann@example.com"));
+            assert_eq!(
+                signer().verify(TokenPurpose::Unsubscribe, &token, now),
+                Err(TokenError::Malformed),
+                "{expiry}"
+            );
+        }
+    }
+
+    const PASTES: &[&str] = &[
+        "https://status.example.com/unsubscribe/",
+        "<",
+        ">",
+        "/",
+        ".",
+        "?",
+        "#",
+        "dW5zdWJzY3JpYmUKMQphbm5AZXhhbXBsZS5jb20",
+        "AAAA",
+        "_-",
+    ];
+
+    proptest! {
+        #![proptest_config(hostile::config())]
+
+        #[test]
+        fn no_pasted_text_verifies_without_a_genuine_token(input in hostile::text(PASTES)) {
+            let result = signer().verify(TokenPurpose::Unsubscribe, &input, Utc::now());
+            prop_assert!(result.is_err(), "{result:?}");
+        }
+
+        #[test]
+        fn a_genuine_token_verifies_however_its_link_is_pasted(
+            subject in any::<String>(),
+            before in "[ \t\r\n]{0,2}(<)?(https://status\\.example\\.com/unsubscribe/)?",
+            after in "/?([?#][a-z=]{0,6})?(>)?[ \t\r\n.]{0,2}",
+        ) {
+            let now = Utc::now();
+            let token = signer().issue(TokenPurpose::Unsubscribe, &subject, now + Duration::days(1));
+            let pasted = format!("{before}{token}{after}");
+            prop_assert_eq!(
+                signer().verify(TokenPurpose::Unsubscribe, &pasted, now),
+                Ok(subject)
+            );
+        }
+
+        #[test]
+        fn any_signed_expiry_is_read_without_a_panic(expiry in any::<i64>(), subject in any::<String>()) {
+            let token = signed(&format!("unsubscribe\n{expiry}\n{subject}"));
+            match signer().verify(TokenPurpose::Unsubscribe, &token, Utc::now()) {
+                Ok(verified) => prop_assert_eq!(verified, subject),
+                Err(err) => prop_assert!(
+                    matches!(err, TokenError::Expired(_) | TokenError::Malformed),
+                    "{err:?}"
+                ),
+            }
+        }
     }
 }

@@ -357,7 +357,7 @@ impl State {
             record.attempts = record.attempts.saturating_add(1);
             // A fencing token compared for equality only: wrapping keeps consecutive leases
             // distinct even after four billion of them.
-            record.leases = record.leases.wrapping_add(1);
+            record.leases = record.leases.saturating_add(1);
             record.owner = Some(owner.to_owned());
             record.lease_until = Some(lease_until);
             self.put(record.clone(), Some(from));
@@ -605,7 +605,7 @@ impl Store for MemoryStore {
     async fn incidents(&self) -> Result<Vec<Incident>, StoreError> {
         let mut incidents: Vec<Incident> =
             self.with(|state| state.incidents.values().cloned().collect());
-        incidents.sort_by(|a, b| (b.updated_at, b.id).cmp(&(a.updated_at, a.id)));
+        incidents.sort_by_key(|incident| std::cmp::Reverse((incident.updated_at, incident.id)));
         Ok(incidents)
     }
 

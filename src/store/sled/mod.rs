@@ -425,7 +425,7 @@ impl Trees {
             .iter()
             .map(|entry| decode(&entry?.1))
             .collect::<Result<Vec<Incident>, StoreError>>()?;
-        incidents.sort_by_key(|incident| std::cmp::Reverse(incident.updated_at));
+        incidents.sort_by_key(|incident| std::cmp::Reverse((incident.updated_at, incident.id)));
         Ok(incidents)
     }
 

@@ -316,12 +316,13 @@ impl Trees {
                         }
                     }
                     Outcome::Sent { receipt } => {
-                        if let Some(thread) = &receipt.thread {
-                            let update_bytes = updates
-                                .get(record.update.to_string().as_bytes())?
-                                .ok_or_else(|| {
-                                abort(StoreError::UnknownUpdate(record.update))
-                            })?;
+                        // A thread whose update is gone (removed by hand?) is lost, never
+                        // the outcome: refusing the outcome would send the message again.
+                        let update = match &receipt.thread {
+                            Some(_) => updates.get(record.update.to_string().as_bytes())?,
+                            None => None,
+                        };
+                        if let (Some(thread), Some(update_bytes)) = (&receipt.thread, update) {
                             let update: Update = decode(&update_bytes).map_err(abort)?;
                             let incident_key = update.incident.to_string();
                             if let Some(bytes) = incidents.get(incident_key.as_bytes())? {
