@@ -11,6 +11,7 @@ use crate::runtime::{Delivered, StopSignal, deliver_queued};
 use crate::store::{DeliveryFilter, Store};
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -65,6 +66,8 @@ pub enum Command {
     Preview(PreviewArgs),
     /// Follow an order by email or phone.
     Subscribe(SubscribeArgs),
+    /// Subscribe many at once from a CSV (order,email,phone,confirmed) or JSON-lines file.
+    Import(ImportArgs),
     /// Stop updates for a contact (all of them, or one order's), or redeem an unsubscribe token.
     Unsubscribe(UnsubscribeArgs),
     /// Deliver whatever is queued (after a crash or Ctrl-C), then exit.
@@ -146,6 +149,33 @@ pub struct SubscribeArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "A CSV file starts with a header naming its columns: order, email, phone, \
+                        confirmed (order and email or phone required). A JSON-lines file holds one \
+                        object per line with the same keys. A row with an email and a phone \
+                        subscribes both. Bad rows are refused with their line number and the rest \
+                        imported; importing a file again changes nothing, so a killed import is \
+                        simply run again. Contacts that unsubscribed are never subscribed again \
+                        by an import. Exit code 1 when a row was refused."
+)]
+pub struct ImportArgs {
+    /// The file to import; - reads standard input.
+    pub file: PathBuf,
+    /// csv or jsonl [default: jsonl for .jsonl, .ndjson and .json files, csv otherwise].
+    #[arg(long, value_parser = ["csv", "jsonl"])]
+    pub format: Option<String>,
+    /// Check every row and report what would change, without storing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Rows written per durable commit.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch: u32,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("who").required(true).args(["email", "phone", "token"])))]
 pub struct UnsubscribeArgs {
     #[arg(long)]
@@ -198,6 +228,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::CheckConfig => check_config(&config),
         Command::Subscribe(args) => subscribe(config, args).await,
+        Command::Import(args) => import(config, args).await,
         Command::Unsubscribe(args) => unsubscribe(config, args).await,
         Command::Preview(args) => preview(config, args).await,
         Command::Send(args) => send(config, args).await,
@@ -267,6 +298,107 @@ async fn subscribe(config: Config, args: SubscribeArgs) -> Result<ExitCode> {
             .unwrap_or_default()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+async fn import(config: Config, args: ImportArgs) -> Result<ExitCode> {
+    use crate::import::Format;
+    let from_stdin = args.file == Path::new("-");
+    let format = match args.format.as_deref() {
+        Some("jsonl") => Format::JsonLines,
+        Some(_) => Format::Csv,
+        None => match args.file.extension().and_then(|e| e.to_str()) {
+            Some("jsonl" | "ndjson" | "json") => Format::JsonLines,
+            _ => Format::Csv,
+        },
+    };
+    let bar = if from_stdin {
+        ProgressBar::with_draw_target(None, progress_target())
+    } else {
+        let size = std::fs::metadata(&args.file)
+            .map_err(|e| Error::user(format!("cannot read {}: {e}", args.file.display())))?
+            .len();
+        ProgressBar::with_draw_target(Some(size), progress_target())
+    };
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] [{bar:30}] {bytes}/{total_bytes} {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let reader: Box<dyn Read + Send> = if from_stdin {
+        Box::new(std::io::stdin())
+    } else {
+        let file = std::fs::File::open(&args.file)
+            .map_err(|e| Error::user(format!("cannot read {}: {e}", args.file.display())))?;
+        Box::new(bar.wrap_read(std::io::BufReader::new(file)))
+    };
+    let store = open_store(&config).await?;
+    let report = crate::import::import(
+        store.as_ref(),
+        reader,
+        format,
+        &config.orders,
+        args.batch as usize,
+        args.dry_run,
+        |so_far| {
+            bar.set_message(format!(
+                "{} rows · {} imported · {} refused",
+                so_far.rows, so_far.imported, so_far.refused
+            ))
+        },
+    )
+    .await?;
+    bar.finish_and_clear();
+    if args.json {
+        say!(
+            "{}",
+            serde_json::json!({ "dry_run": args.dry_run, "report": &report })
+        );
+    } else {
+        let verb = if args.dry_run {
+            "would import"
+        } else {
+            "imported"
+        };
+        say!(
+            "{} rows: {verb} {} ({} new subscribers), {} duplicates merged, {} kept unsubscribed, {} refused",
+            report.rows,
+            report.imported,
+            report.new_subscribers,
+            report.duplicates,
+            report.kept_unsubscribed,
+            report.refused
+        );
+        for refusal in &report.refusals {
+            say!(
+                "  line {}: {}",
+                refusal.line,
+                terminal_safe(&refusal.reason)
+            );
+        }
+        if report.refused > report.refusals.len() as u64 {
+            say!(
+                "  … and {} more refused rows",
+                report.refused - report.refusals.len() as u64
+            );
+        }
+    }
+    if report.refused > 0 {
+        eprintln!(
+            "{} rows refused (listed above); the other rows are {}",
+            report.refused,
+            if args.dry_run { "fine" } else { "imported" }
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn progress_target() -> ProgressDrawTarget {
+    if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    }
 }
 
 async fn unsubscribe(config: Config, args: UnsubscribeArgs) -> Result<ExitCode> {

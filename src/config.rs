@@ -65,10 +65,10 @@ fn default_templates_dir() -> PathBuf {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoreFile {
-    /// The sled store's folder.
+    /// The embedded store's folder.
     #[serde(default = "default_store_path")]
     path: PathBuf,
-    /// sled's page cache in MiB (sled's own default is 1 GiB).
+    /// The embedded store's page cache in MiB (its own default would be 1 GiB).
     #[serde(default = "default_cache_capacity_mb")]
     cache_capacity_mb: u64,
 }

@@ -5,7 +5,7 @@
 //! with its outcome and receipt. `config` reads the main file; each channel kind in `channel`
 //! reads its own file, registered once in `channel::registry`. `store` is the interface every
 //! other module reads and writes through (durable when a call returns, never blocking the
-//! runtime), with the embedded sled backend and an in-memory one. `render` owns the handlebars
+//! runtime), with the embedded backend and an in-memory one. `render` owns the handlebars
 //! templates, `links` the public URLs and signed tokens, and `status_view` the public status
 //! projection. `dispatch` plans an update into deliveries and runs one worker per channel;
 //! `runtime` runs it for a command; `app` wires everything for the commands in `cli`. Errors
@@ -21,6 +21,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod error;
 pub mod files;
+pub mod import;
 pub mod links;
 pub mod render;
 pub mod runtime;

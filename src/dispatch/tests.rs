@@ -167,6 +167,11 @@ impl Harness {
 
     /// Runs the dispatcher until everything due within ten minutes is settled.
     async fn dispatch(&self) {
+        let left = self.try_dispatch().await.unwrap();
+        assert_eq!(left, None, "nothing is left for later");
+    }
+
+    async fn try_dispatch(&self) -> crate::Result<Option<DateTime<Utc>>> {
         let composer = Composer::with_links(
             "Example Mobile",
             LinkMaker::for_site(
@@ -184,7 +189,7 @@ impl Harness {
         )
         .with_clock(self.clock);
         let (_keep_running, shutdown) = watch::channel(false);
-        let left = Arc::new(dispatcher)
+        Arc::new(dispatcher)
             .run(
                 Mode::UntilDrained {
                     patience: Duration::from_secs(600),
@@ -192,8 +197,6 @@ impl Harness {
                 shutdown,
             )
             .await
-            .unwrap();
-        assert_eq!(left, None, "nothing is left for later");
     }
 }
 
@@ -337,4 +340,45 @@ async fn a_receipts_thread_is_kept_on_the_incident_and_handed_to_the_next_update
         "the follow-up replies in it"
     );
     assert!(calls.iter().all(|c| c.recipient == Recipient::Broadcast));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_fails_stops_the_worker_and_never_dead_letters_the_delivery() {
+    let mut harness = Harness::new();
+    let channel = Scripted::new(email(), harness.clock, |_, _| Ok(Receipt::none()));
+    harness.channel("email", 2, channel.clone());
+    harness.subscribe("ann@example.com").await;
+    let update = harness.send(None).await;
+    harness.store.fail_reads();
+
+    let error = harness
+        .try_dispatch()
+        .await
+        .expect_err("the store failing is the dispatcher's error");
+    assert_eq!(error.kind(), crate::ErrorKind::Unavailable);
+    assert!(channel.calls().is_empty(), "nothing was sent blind");
+    let counts = harness.store.counts(Some(update.id)).await.unwrap();
+    assert_eq!(
+        counts["email"].dead, 0,
+        "a store failure is not the message's fault"
+    );
+    assert_eq!(
+        counts["email"].in_flight, 1,
+        "it stays leased, and comes back when its lease is recovered"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_is_finished_when_its_attempt_ends_not_when_it_starts() {
+    let mut harness = Harness::new();
+    let channel = Scripted::new(email(), harness.clock, |_, _| Ok(Receipt::none()));
+    harness.channel("email", 1, channel.clone());
+    harness.subscribe("ann@example.com").await;
+    harness.send(None).await;
+    harness.dispatch().await;
+
+    let call = &channel.calls()[0];
+    let sent = harness.store.delivery(&call.key).await.unwrap().unwrap();
+    let took = sent.finished_at.unwrap() - call.started;
+    assert_eq!(took.num_seconds(), 1, "the attempt took a second: {took}");
 }

@@ -8,6 +8,7 @@
 
 use super::{
     Cursor, DeliveryFilter, MemoryStore, PlanState, Recorded, SledStore, Store, StoreError,
+    Subscribed, Subscription,
 };
 use crate::config::StoreSettings;
 use crate::delivery::{
@@ -90,6 +91,8 @@ macro_rules! conformance {
             an_absurdly_long_lease_saturates_instead_of_panicking,
             a_page_of_deliveries_that_finds_nothing_has_no_cursor,
             a_page_of_zero_holds_nothing,
+            a_batch_of_subscriptions_reports_what_each_row_changed,
+            a_batch_never_subscribes_a_contact_that_left_again,
         );
     };
     (@tests $backend:ident, $open:expr; $($test:ident),* $(,)?) => {
@@ -1544,4 +1547,91 @@ async fn a_page_of_zero_holds_nothing(store: &dyn Store) {
             .unwrap()
             .is_empty()
     );
+}
+
+// ---- bulk subscriptions -------------------------------------------------------------------------
+
+fn row(raw_contact: &str, raw_order: &str, confirmed: bool) -> Subscription {
+    Subscription {
+        contact: contact(raw_contact),
+        order: order(raw_order),
+        confirmed,
+    }
+}
+
+async fn a_batch_of_subscriptions_reports_what_each_row_changed(store: &dyn Store) {
+    store
+        .subscribe(&contact("old@example.com"), &order("AB-0001"), false, at(0))
+        .await
+        .unwrap();
+    let rows = [
+        row("new@example.com", "AB-0001", true),
+        // The same row twice in one batch: the second is a duplicate.
+        row("new@example.com", "AB-0001", true),
+        row("new@example.com", "AB-0002", true),
+        // Confirming a pending subscriber changes it.
+        row("old@example.com", "AB-0001", true),
+        row("old@example.com", "AB-0001", false),
+        row("+447700900123", "AB-0003", false),
+    ];
+    let outcomes = store.subscribe_batch(&rows, at(1)).await.unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            Subscribed::Created,
+            Subscribed::Unchanged,
+            Subscribed::Updated,
+            Subscribed::Updated,
+            Subscribed::Unchanged,
+            Subscribed::Created,
+        ]
+    );
+    assert_eq!(store.subscriber_count().await.unwrap(), 3);
+    let new = store
+        .subscriber(&contact("new@example.com"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(new.state, SubscriberState::Confirmed);
+    assert_eq!(new.orders.len(), 2);
+    let old = store
+        .subscriber(&contact("old@example.com"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.state, SubscriberState::Confirmed);
+    // The order index knows the new followers.
+    let followers = store
+        .subscriber_page(
+            &Audience::Orders(BTreeSet::from([order("AB-0002")])),
+            None,
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(followers.items.len(), 1);
+    // Importing the same rows again changes nothing.
+    let again = store.subscribe_batch(&rows, at(2)).await.unwrap();
+    assert!(
+        again.iter().all(|o| *o == Subscribed::Unchanged),
+        "{again:?}"
+    );
+    assert_eq!(store.subscriber_count().await.unwrap(), 3);
+}
+
+async fn a_batch_never_subscribes_a_contact_that_left_again(store: &dyn Store) {
+    let ann = contact("ann@example.com");
+    store
+        .subscribe(&ann, &order("AB-0001"), true, at(0))
+        .await
+        .unwrap();
+    store.unsubscribe(&ann, None, at(1)).await.unwrap();
+    let outcomes = store
+        .subscribe_batch(&[row("ann@example.com", "AB-0002", true)], at(2))
+        .await
+        .unwrap();
+    assert_eq!(outcomes, [Subscribed::KeptUnsubscribed]);
+    let ann = store.subscriber(&ann).await.unwrap().unwrap();
+    assert_eq!(ann.state, SubscriberState::Unsubscribed);
+    assert!(ann.orders.is_empty());
 }

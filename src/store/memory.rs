@@ -3,7 +3,10 @@
 //! backend. Nothing outlives the process, so a change is as durable as it will ever be the
 //! moment it is made; the dispatcher tests use it.
 
-use super::{Cursor, DeliveryFilter, Page, PlanState, Recorded, Store, StoreError};
+use super::{
+    Cursor, DeliveryFilter, Page, PlanState, Recorded, Store, StoreError, Subscribed, Subscription,
+    apply_subscription,
+};
 use crate::clock;
 use crate::delivery::{Counts, DeliveryKey, DeliveryRecord, DeliveryState, FailureKind, Outcome};
 use crate::domain::{
@@ -23,6 +26,8 @@ use ulid::Ulid;
 pub struct MemoryStore {
     state: Mutex<State>,
     queue_changes: watch::Sender<u64>,
+    /// When set, reading an update or a subscriber fails as an unreachable database would.
+    reads_fail: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
@@ -30,7 +35,25 @@ impl MemoryStore {
         Self {
             state: Mutex::new(State::default()),
             queue_changes: watch::Sender::new(0),
+            reads_fail: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Makes reads of updates and subscribers fail from now on, so a test can show what a
+    /// store failure does to the work in flight.
+    pub fn fail_reads(&self) {
+        self.reads_fail
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check_reads(&self) -> Result<(), StoreError> {
+        if self.reads_fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                place: "memory".into(),
+                reason: "reads are failing (as asked by a test)".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Runs `change` under the lock, then ticks `queue_changes` if it queued anything.
@@ -557,6 +580,7 @@ impl Store for MemoryStore {
     // ---- subscribers ----------------------------------------------------------------------
 
     async fn subscriber(&self, contact: &Contact) -> Result<Option<Subscriber>, StoreError> {
+        self.check_reads()?;
         Ok(self.with(|state| state.subscribers.get(contact.as_str()).cloned()))
     }
 
@@ -568,6 +592,31 @@ impl Store for MemoryStore {
         now: DateTime<Utc>,
     ) -> Result<Subscriber, StoreError> {
         Ok(self.with(|state| state.subscribe(contact, order, confirmed, now)))
+    }
+
+    async fn subscribe_batch(
+        &self,
+        rows: &[Subscription],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Subscribed>, StoreError> {
+        Ok(self.with(|state| {
+            rows.iter()
+                .map(|row| {
+                    let key = row.contact.as_str().to_owned();
+                    let existing = state.subscribers.get(&key).cloned();
+                    let created = existing.is_none();
+                    let (write, outcome) = apply_subscription(existing, row, now);
+                    if let Some(subscriber) = write {
+                        if created {
+                            state.subscriber_count = state.subscriber_count.saturating_add(1);
+                        }
+                        state.order_index.insert((row.order.clone(), key.clone()));
+                        state.subscribers.insert(key, subscriber);
+                    }
+                    outcome
+                })
+                .collect()
+        }))
     }
 
     async fn unsubscribe(
@@ -610,6 +659,7 @@ impl Store for MemoryStore {
     }
 
     async fn update(&self, id: Ulid) -> Result<Update, StoreError> {
+        self.check_reads()?;
         self.with(|state| state.updates.get(&id).cloned())
             .ok_or(StoreError::UnknownUpdate(id))
     }

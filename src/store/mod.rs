@@ -97,6 +97,57 @@ pub struct PlanState {
     pub done: bool,
 }
 
+/// One row of a bulk import: follow `order` with `contact`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub contact: Contact,
+    pub order: OrderNumber,
+    /// The contact was verified elsewhere (the order system).
+    pub confirmed: bool,
+}
+
+/// What one subscription of a batch changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscribed {
+    /// A new subscriber.
+    Created,
+    /// An existing subscriber now follows the order, or was confirmed.
+    Updated,
+    /// Nothing changed: it already followed the order in that state (a duplicate).
+    Unchanged,
+    /// The contact unsubscribed earlier: an import never subscribes it again, only the
+    /// customer can.
+    KeptUnsubscribed,
+}
+
+/// Applies one import row to the subscriber it concerns (if any): the record to write, if
+/// anything changed, and what changed. The one rule both backends follow.
+pub fn apply_subscription(
+    existing: Option<Subscriber>,
+    row: &Subscription,
+    now: DateTime<Utc>,
+) -> (Option<Subscriber>, Subscribed) {
+    match existing {
+        None => {
+            let mut subscriber = Subscriber::new(row.contact.clone(), now);
+            subscriber.follow(row.order.clone(), row.confirmed, now);
+            (Some(subscriber), Subscribed::Created)
+        }
+        Some(subscriber) if subscriber.state == crate::domain::SubscriberState::Unsubscribed => {
+            (None, Subscribed::KeptUnsubscribed)
+        }
+        Some(mut subscriber) => {
+            let (orders, state) = (subscriber.orders.len(), subscriber.state);
+            subscriber.follow(row.order.clone(), row.confirmed, now);
+            if subscriber.orders.len() == orders && subscriber.state == state {
+                (None, Subscribed::Unchanged)
+            } else {
+                (Some(subscriber), Subscribed::Updated)
+            }
+        }
+    }
+}
+
 /// Which deliveries of an update to list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryFilter {
@@ -128,6 +179,14 @@ pub trait Store: Send + Sync + 'static {
         confirmed: bool,
         now: DateTime<Utc>,
     ) -> Result<Subscriber, StoreError>;
+
+    /// Applies many subscriptions at once, in order, with one durable commit: what a bulk
+    /// import writes. Returns what each row changed.
+    async fn subscribe_batch(
+        &self,
+        rows: &[Subscription],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Subscribed>, StoreError>;
 
     /// Stops updates for one order, or for everything when `order` is `None`.
     async fn unsubscribe(

@@ -115,6 +115,36 @@ async fn a_missing_secret_variable_or_an_invalid_value_is_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_settings_that_contradict_each_other_are_refused_with_the_key() {
+    let cases = [
+        (
+            "[delivery]\nbackoff_base = \"10m\"\nbackoff_max = \"1m\"\n",
+            "delivery.backoff_base: 10m is longer than delivery.backoff_max (1m)",
+        ),
+        (
+            "[delivery]\nmax_age = \"5s\"\ntimeout = \"10s\"\n",
+            "delivery.max_age: 5s is shorter than one attempt may take",
+        ),
+        ("id = \"Not An Id\"\n", "id: use lower-case letters"),
+    ];
+    for (extra, message) in cases {
+        let crier = Crier::new().webhook("http://127.0.0.1:9/hooks", extra);
+        crier
+            .run(&["check-config"])
+            .await
+            .assert_user_error(message);
+    }
+    let crier = Crier::new().status_page().channel(
+        "page",
+        "kind = \"status_page\"\nid = \"status\"\ndir = \"var/page\"\n",
+    );
+    crier
+        .run(&["check-config"])
+        .await
+        .assert_user_error("id: 'status' is already the id of");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_or_over_long_update_is_refused_before_anything_is_stored() {
     let hooks = WebhookSink::start(&[]).await;
     let crier = Crier::new().webhook(&hooks.url, "").status_page();

@@ -5,6 +5,8 @@ mod audience;
 mod bad_input;
 mod crash;
 mod email;
+mod hardening;
+mod import;
 mod status_page;
 mod support;
 mod webhook;

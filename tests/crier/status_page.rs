@@ -80,3 +80,47 @@ async fn the_page_the_feed_and_the_json_show_every_update_newest_first_with_its_
         "atomic writes leave no temporary files"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renaming_a_channel_file_keeps_its_past_updates_when_it_keeps_its_id() {
+    let crier = Crier::new().status_page();
+    crier.send(&[], "First: we're on it.").await;
+    std::fs::remove_file(crier.path("channels/status.toml")).unwrap();
+    let crier = crier.channel(
+        "public-page",
+        "kind = \"status_page\"\nid = \"status\"\ndir = \"var/status\"\n",
+    );
+    crier.send(&[], "Second: found it.").await;
+    let page = std::fs::read_to_string(crier.path("var/status/status.html")).unwrap();
+    assert!(page.contains("Second: found it."));
+    assert!(
+        page.contains("First: we"),
+        "the update sent before the rename is still on the page"
+    );
+
+    // Without the id, the renamed file is another channel, whose page starts empty.
+    std::fs::remove_file(crier.path("channels/public-page.toml")).unwrap();
+    let crier = crier.channel("renamed", "kind = \"status_page\"\ndir = \"var/renamed\"\n");
+    crier.send(&[], "Third: fixed.").await;
+    let page = std::fs::read_to_string(crier.path("var/renamed/status.html")).unwrap();
+    assert!(page.contains("Third: fixed.") && !page.contains("First: we"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_senders_login_never_reaches_the_public_page_or_a_partner() {
+    let hooks = crate::support::WebhookSink::start(&[]).await;
+    let crier = Crier::new().status_page().webhook(&hooks.url, "");
+    crier
+        .send(&["--author", "jsmith-login"], "We're on it.")
+        .await;
+    let dir = crier.path("var/status");
+    for file in ["status.html", "feed.atom", "status.json"] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        assert!(text.contains("We"), "{file} holds the update");
+        assert!(!text.contains("jsmith-login"), "{file} shows the author");
+    }
+    let received = hooks.received();
+    assert_eq!(received.len(), 1);
+    let body = String::from_utf8_lossy(&received[0].body);
+    assert!(!body.contains("jsmith-login"), "{body}");
+}

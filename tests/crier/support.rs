@@ -514,3 +514,12 @@ link_secret_env = "CRIER_LINK_SECRET"
         .expect("the store opens")
     }
 }
+
+impl Crier {
+    /// Sets (or replaces) an environment variable crier runs with.
+    pub fn with_env(mut self, name: &str, value: &str) -> Self {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.into(), value.into()));
+        self
+    }
+}

@@ -8,7 +8,10 @@
 mod commit;
 mod outbox;
 
-use super::{Cursor, DeliveryFilter, Page, PlanState, Recorded, Store, StoreError};
+use super::{
+    Cursor, DeliveryFilter, Page, PlanState, Recorded, Store, StoreError, Subscribed, Subscription,
+    apply_subscription,
+};
 use crate::config::StoreSettings;
 use crate::delivery::{Counts, DeliveryKey, DeliveryRecord, Outcome};
 use crate::domain::{
@@ -296,6 +299,42 @@ impl Trees {
         Ok(subscriber)
     }
 
+    fn subscribe_batch(
+        &self,
+        rows: &[Subscription],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Subscribed>, StoreError> {
+        let outcomes = (&self.subscribers, &self.order_index, &self.meta).transaction(
+            |(subscribers, index, meta)| {
+                let mut created = 0u64;
+                let mut outcomes = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let key = row.contact.as_str();
+                    let existing = match subscribers.get(key)? {
+                        Some(bytes) => Some(decode::<Subscriber>(&bytes).map_err(abort)?),
+                        None => None,
+                    };
+                    let (write, outcome) = apply_subscription(existing, row, now);
+                    if let Some(subscriber) = write {
+                        subscribers.insert(key, encode(&subscriber).map_err(abort)?)?;
+                        index.insert(order_index_key(&row.order, &row.contact), &[])?;
+                    }
+                    created += u64::from(outcome == Subscribed::Created);
+                    outcomes.push(outcome);
+                }
+                if created > 0 {
+                    let count: u64 = match meta.get(SUBSCRIBER_COUNT)? {
+                        Some(bytes) => decode(&bytes).map_err(abort)?,
+                        None => 0,
+                    };
+                    meta.insert(SUBSCRIBER_COUNT, encode(&(count + created)).map_err(abort)?)?;
+                }
+                Ok(outcomes)
+            },
+        )?;
+        Ok(outcomes)
+    }
+
     fn unsubscribe(
         &self,
         contact: &Contact,
@@ -489,6 +528,16 @@ impl Store for SledStore {
     ) -> Result<Subscriber, StoreError> {
         let (contact, order) = (contact.clone(), order.clone());
         self.write(move |trees| trees.subscribe(&contact, &order, confirmed, now))
+            .await
+    }
+
+    async fn subscribe_batch(
+        &self,
+        rows: &[Subscription],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Subscribed>, StoreError> {
+        let rows = rows.to_vec();
+        self.write(move |trees| trees.subscribe_batch(&rows, now))
             .await
     }
 
