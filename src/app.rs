@@ -7,7 +7,6 @@ use crate::channel::{
 use crate::clock;
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
-use crate::dispatch::plan::plan_update;
 use crate::domain::{Audience, Body, Contact, Headline, Incident, IncidentState, Update};
 use crate::render::{Composer, MessageSource, Renderer};
 use crate::status_view::StatusProjection;
@@ -37,15 +36,6 @@ pub struct Composed {
     pub incident: Incident,
     pub new_incident: bool,
     pub previews: Vec<(String, Vec<RenderedPart>)>,
-}
-
-/// What a start-up recovery put back in the queue.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Recovered {
-    /// Deliveries a process that died left leased.
-    pub orphaned: usize,
-    /// Deliveries planned for updates whose planning a crash interrupted.
-    pub planned: usize,
 }
 
 pub struct App {
@@ -175,36 +165,13 @@ impl App {
             .collect()
     }
 
-    /// Stores the update durably, then plans its deliveries.
-    pub async fn accept(&self, composed: &Composed) -> crate::Result<usize> {
+    /// Stores the update durably; its planning starts with the next dispatch
+    /// ([`crate::runtime::deliver_queued`]), which delivers while it plans.
+    pub async fn accept(&self, composed: &Composed) -> crate::Result<()> {
         let new_incident = composed.new_incident.then_some(&composed.incident);
         self.store
             .accept_update(&composed.update, new_incident)
             .await?;
-        self.plan(&composed.update).await
-    }
-
-    /// Plans an accepted update (again, after a crash: planning resumes where it stopped).
-    pub async fn plan(&self, update: &Update) -> crate::Result<usize> {
-        Ok(plan_update(
-            self.store.as_ref(),
-            update,
-            &self.channels,
-            self.config.plan_batch,
-            Utc::now(),
-        )
-        .await?)
-    }
-
-    /// Gets the store ready to dispatch: leases a dead process left go back to the queue, and
-    /// planning that a crash interrupted is finished.
-    pub async fn recover(&self) -> crate::Result<Recovered> {
-        let orphaned = self.store.recover_orphaned(&self.owner, Utc::now()).await?;
-        let mut planned = 0;
-        for id in self.store.unfinished_plans().await? {
-            let update = self.store.update(id).await?;
-            planned += self.plan(&update).await?;
-        }
-        Ok(Recovered { orphaned, planned })
+        Ok(())
     }
 }

@@ -593,12 +593,13 @@ async fn send(config: Config, args: SendArgs) -> Result<ExitCode> {
     // From here on a stop request waits for a clean point instead of killing the process.
     let stop = StopSignal::install()?;
     app.accept(&composed).await?;
+    let accepted_at = std::time::Instant::now();
     let update = &composed.update;
     eprintln!(
         "accepted update {} (incident {})",
         update.id, update.incident
     );
-    let delivered = deliver_queued(&app, &stop).await?;
+    let delivered = deliver_queued(&app, &stop, Some((update.id, accepted_at))).await?;
     report(app.store.as_ref(), update.id, args.json).await?;
     Ok(exit_after(&delivered))
 }
@@ -606,7 +607,7 @@ async fn send(config: Config, args: SendArgs) -> Result<ExitCode> {
 async fn dispatch(config: Config, args: DispatchArgs) -> Result<ExitCode> {
     let app = App::open(config).await?;
     let stop = StopSignal::install()?;
-    let delivered = deliver_queued(&app, &stop).await?;
+    let delivered = deliver_queued(&app, &stop, None).await?;
     let counts = app.store.counts(None).await?;
     if args.json {
         say!("{}", serde_json::json!({ "channels": counts }));
@@ -627,7 +628,7 @@ async fn retry(config: Config, args: RetryArgs) -> Result<ExitCode> {
         }
     }
     eprintln!("{} dead letter(s) queued again", requeued.len());
-    let delivered = deliver_queued(&app, &stop).await?;
+    let delivered = deliver_queued(&app, &stop, None).await?;
     let counts = app.store.counts(args.update).await?;
     if args.json {
         say!(

@@ -3,13 +3,16 @@
 
 use crate::app::App;
 use crate::delivery::DeliveryState;
+use crate::dispatch::plan::plan_update_counting;
 use crate::dispatch::{Dispatcher, Mode, Settled};
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
+use ulid::Ulid;
 
 /// How long `send` and `dispatch` wait for a retry before leaving it for a later
 /// `crier dispatch`: they hold the store while they wait.
@@ -29,45 +32,97 @@ pub struct Delivered {
 
 /// Runs the dispatcher until everything queued is delivered or dead-lettered (or waits for
 /// longer than [`PATIENCE`]), with a progress bar when standard error is a terminal.
-pub async fn deliver_queued(app: &App, stop: &StopSignal) -> crate::Result<Delivered> {
-    let recovered = app.recover().await?;
-    if recovered.orphaned > 0 {
-        eprintln!(
-            "{} deliveries left in flight by an earlier run are queued again",
-            recovered.orphaned
-        );
+///
+/// First it puts back in the queue the leases a process that died left, then it plans every
+/// update whose planning has not finished (the one `send` just accepted, or one a crash
+/// interrupted) while the dispatcher already delivers what is planned: the first message does
+/// not wait for the last subscriber to be planned. `accepted` is the update `send` just
+/// accepted, and when.
+pub async fn deliver_queued(
+    app: &App,
+    stop: &StopSignal,
+    accepted: Option<(Ulid, Instant)>,
+) -> crate::Result<Delivered> {
+    let started = accepted.map_or_else(Instant::now, |(_, at)| at);
+    let orphaned = app.store.recover_orphaned(&app.owner, Utc::now()).await?;
+    if orphaned > 0 {
+        eprintln!("{orphaned} deliveries left in flight by an earlier run are queued again");
     }
-    if recovered.planned > 0 {
-        eprintln!(
-            "finished planning interrupted earlier: {} deliveries queued",
-            recovered.planned
-        );
-    }
-    let total: u64 = app
+    let unfinished = app.store.unfinished_plans().await?;
+    let resumed = unfinished
+        .iter()
+        .filter(|id| Some(**id) != accepted.map(|(id, _)| id))
+        .count();
+    let (planning_tx, planning_rx) = watch::channel(!unfinished.is_empty());
+    let planned = Arc::new(AtomicU64::new(0));
+    let planner = {
+        let (store, channels) = (app.store.clone(), app.channels.clone());
+        let (batch, planned) = (app.config.plan_batch, planned.clone());
+        tokio::spawn(async move {
+            let result = async {
+                for id in unfinished {
+                    let update = store.update(id).await?;
+                    plan_update_counting(
+                        store.as_ref(),
+                        &update,
+                        &channels,
+                        batch,
+                        Utc::now(),
+                        &planned,
+                    )
+                    .await?;
+                }
+                Ok::<_, crate::store::StoreError>(())
+            }
+            .await;
+            tracing::info!(
+                deliveries = planned.load(Ordering::Relaxed),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "planning finished"
+            );
+            let _ = planning_tx.send(false);
+            result
+        })
+    };
+
+    let queued: u64 = app
         .store
         .counts(None)
         .await?
         .values()
         .map(|c| c.unsettled())
         .sum();
-    let bar = ProgressBar::with_draw_target(Some(total), progress_target());
+    let bar = ProgressBar::with_draw_target(Some(queued), progress_target());
     if let Ok(style) =
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{bar:30}] {pos}/{len} {msg}")
     {
         bar.set_style(style.progress_chars("=> "));
     }
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Settled>();
-    let dispatcher: Arc<Dispatcher> = Arc::new(app.dispatcher().report_to(settled_tx));
+    let dispatcher: Arc<Dispatcher> = Arc::new(
+        app.dispatcher()
+            .report_to(settled_tx)
+            .while_planning(planning_rx),
+    );
     let progress = {
-        let bar = bar.clone();
+        let (bar, planned) = (bar.clone(), planned.clone());
         tokio::spawn(async move {
             let mut tally = Delivered::default();
             while let Some(settled) = settled_rx.recv().await {
                 match settled.state {
-                    DeliveryState::Sent => tally.sent += 1,
+                    DeliveryState::Sent => {
+                        if tally.sent == 0 {
+                            tracing::info!(
+                                elapsed_ms = started.elapsed().as_millis() as u64,
+                                "first delivery settled"
+                            );
+                        }
+                        tally.sent += 1;
+                    }
                     DeliveryState::Dead => tally.dead += 1,
                     _ => tally.skipped += 1,
                 }
+                bar.set_length(queued + planned.load(Ordering::Relaxed));
                 bar.set_message(format!(
                     "sent {} · dead {} · skipped {}",
                     tally.sent, tally.dead, tally.skipped
@@ -80,10 +135,24 @@ pub async fn deliver_queued(app: &App, stop: &StopSignal) -> crate::Result<Deliv
     let result = dispatcher
         .run(Mode::UntilDrained { patience: PATIENCE }, stop.receiver())
         .await;
+    // The dispatcher waits for planning to end unless it was stopped (or failed) first: then
+    // planning stops too, between two of its writes. It resumes at the next dispatch.
+    if stop.was_requested() || result.is_err() {
+        planner.abort();
+    }
+    let planning = planner.await;
     let mut delivered = progress.await.unwrap_or_default();
     bar.finish_and_clear();
+    match planning {
+        Ok(planned) => planned?,
+        Err(stopped) if stopped.is_cancelled() => {}
+        Err(failed) => return Err(failed.into()),
+    }
     delivered.left_for_later = result?;
     delivered.interrupted = stop.was_requested();
+    if resumed > 0 {
+        eprintln!("finished planning {resumed} update(s) interrupted earlier");
+    }
     Ok(delivered)
 }
 

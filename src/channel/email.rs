@@ -2,6 +2,7 @@
 //! It owns its settings (the `from` mailbox and the transport URL) and their validation.
 
 use super::registry::{ChannelKind, ChannelSettings, SettingsInput};
+use super::smtp_pool::{SendError, SmtpPool, SmtpServer};
 use super::{Attempt, BuildContext, Channel, Reach, Rejection, RenderedPart};
 use crate::config::{self, ConfigError, DeliveryPolicy, SecretSource};
 use crate::delivery::{DeliveryError, FailureKind, Receipt};
@@ -107,7 +108,10 @@ enum Sender {
     /// Writes each message as `<update>.<hash of the key>.eml`: a retry overwrites its own
     /// file instead of adding a copy.
     Folder(PathBuf),
-    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    /// `smtp://`: crier's own connections (see `smtp_pool`), STARTTLS when offered.
+    Smtp(SmtpPool),
+    /// `smtps://`: lettre's pooled transport, which wraps TLS from the first byte.
+    Smtps(AsyncSmtpTransport<Tokio1Executor>),
 }
 
 pub struct EmailChannel {
@@ -135,24 +139,32 @@ impl EmailChannel {
             } => {
                 let tls_parameters = TlsParameters::new(host.clone())
                     .map_err(|e| crate::Error::user(format!("TLS for {host}: {e}")))?;
-                let tls = if *implicit_tls {
-                    Tls::Wrapper(tls_parameters)
+                let credentials = credentials.as_ref().map(|(user, password)| {
+                    Credentials::new(user.clone(), password.expose_secret().to_owned())
+                });
+                if *implicit_tls {
+                    let pool_size = u32::try_from(policy.concurrency).unwrap_or(u32::MAX);
+                    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+                        .port(*port)
+                        .tls(Tls::Wrapper(tls_parameters))
+                        .timeout(Some(policy.timeout))
+                        .pool_config(PoolConfig::new().max_size(pool_size));
+                    if let Some(credentials) = credentials {
+                        builder = builder.credentials(credentials);
+                    }
+                    Sender::Smtps(builder.build())
                 } else {
-                    Tls::Opportunistic(tls_parameters)
-                };
-                let pool_size = u32::try_from(policy.concurrency).unwrap_or(u32::MAX);
-                let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
-                    .port(*port)
-                    .tls(tls)
-                    .timeout(Some(policy.timeout))
-                    .pool_config(PoolConfig::new().max_size(pool_size));
-                if let Some((user, password)) = credentials {
-                    builder = builder.credentials(Credentials::new(
-                        user.clone(),
-                        password.expose_secret().to_owned(),
-                    ));
+                    Sender::Smtp(SmtpPool::new(
+                        SmtpServer {
+                            host: host.clone(),
+                            port: *port,
+                            tls: tls_parameters,
+                            credentials,
+                            timeout: policy.timeout,
+                        },
+                        policy.concurrency,
+                    ))
                 }
-                Sender::Smtp(builder.build())
             }
         };
         Ok(Self {
@@ -220,6 +232,19 @@ impl EmailChannel {
             ))
             .multipart(MultiPart::alternative_plain_html(text, html))
             .map_err(|e| DeliveryError::permanent(format!("cannot build the message: {e}")))
+    }
+}
+
+/// The server's queue id, when its answer carries one ("250 2.0.0 Ok: queued as X").
+fn receipt_of(response: &lettre::transport::smtp::response::Response) -> Receipt {
+    let provider_id = response
+        .message()
+        .last()
+        .and_then(|line| line.rsplit_once("queued as "))
+        .map(|(_, id)| id.trim().to_owned());
+    Receipt {
+        provider_id,
+        thread: None,
     }
 }
 
@@ -293,18 +318,21 @@ impl Channel for EmailChannel {
                     })?;
                 Ok(Receipt::none())
             }
-            Sender::Smtp(transport) => {
+            Sender::Smtp(pool) => {
+                let response = pool
+                    .send(email.envelope(), &email.formatted())
+                    .await
+                    .map_err(|error| match error {
+                        SendError::Smtp(error) => classify_smtp(error),
+                        SendError::Connect(error) => DeliveryError::transient(format!(
+                            "cannot connect to the SMTP server: {error}"
+                        )),
+                    })?;
+                Ok(receipt_of(&response))
+            }
+            Sender::Smtps(transport) => {
                 let response = transport.send(email).await.map_err(classify_smtp)?;
-                // The server's queue id, when its answer carries one ("250 2.0.0 Ok: queued as X").
-                let provider_id = response
-                    .message()
-                    .last()
-                    .and_then(|line| line.rsplit_once("queued as "))
-                    .map(|(_, id)| id.trim().to_owned());
-                Ok(Receipt {
-                    provider_id,
-                    thread: None,
-                })
+                Ok(receipt_of(&response))
             }
         }
     }

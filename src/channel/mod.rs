@@ -7,6 +7,7 @@
 mod email;
 pub mod http;
 pub mod registry;
+mod smtp_pool;
 mod status_page;
 pub mod webhook;
 

@@ -57,6 +57,8 @@ pub struct Dispatcher {
     cache: Mutex<HashMap<Ulid, Arc<MessageSource>>>,
     /// Per channel, when a provider's rate limit lets it send again.
     throttled_until: Mutex<HashMap<String, DateTime<Utc>>>,
+    /// True while planning still queues deliveries: a drained queue is not the end yet.
+    planning: watch::Receiver<bool>,
 }
 
 /// What to do with one leased delivery.
@@ -86,7 +88,15 @@ impl Dispatcher {
             settled: None,
             cache: Mutex::new(HashMap::new()),
             throttled_until: Mutex::new(HashMap::new()),
+            planning: watch::channel(false).1,
         }
+    }
+
+    /// Starts delivering while planning runs: until `planning` turns false, an empty queue
+    /// means "wait for more", not "done".
+    pub fn while_planning(mut self, planning: watch::Receiver<bool>) -> Self {
+        self.planning = planning;
+        self
     }
 
     /// Reads time from `clock` instead of the system's (tests drive it with tokio's time).
@@ -179,13 +189,17 @@ impl Dispatcher {
         let mut in_flight: JoinSet<crate::Result<()>> = JoinSet::new();
         let concurrency = channel.policy.concurrency;
         let mut queue_changes = self.store.queue_changes();
+        let mut planning = self.planning.clone();
         // The store failing stops the leasing, never the attempts already under way: they
         // finish and are recorded, or their leases come back at the next start.
         let mut failure: Option<crate::Error> = None;
         loop {
             let stopping = *shutdown.borrow() || failure.is_some();
-            // Seen now: anything queued from here on wakes the wait below.
+            // Seen now, before looking at the queue: anything queued (or planning ending) from
+            // here on wakes the wait below.
             queue_changes.borrow_and_update();
+            // A planner that went away without saying it finished (it failed) plans no more.
+            let still_planning = *planning.borrow_and_update() && planning.has_changed().is_ok();
             let now = self.clock.now();
             let throttled = self
                 .throttled_until(&channel.id)
@@ -210,7 +224,10 @@ impl Dispatcher {
             if idle && stopping {
                 return failure.map_or(Ok(None), Err);
             }
-            if idle && let Mode::UntilDrained { patience } = mode {
+            if idle
+                && !still_planning
+                && let Mode::UntilDrained { patience } = mode
+            {
                 match next_due {
                     None => return Ok(None),
                     Some(due) if clock::until(now, due) > patience => return Ok(Some(due)),
@@ -232,6 +249,7 @@ impl Dispatcher {
                 }
                 _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
                 _ = queue_changes.changed(), if !stopping && in_flight.len() < concurrency => {}
+                _ = planning.changed(), if !stopping && still_planning => {}
                 _ = shutdown.changed(), if !stopping => {}
             }
         }

@@ -6,6 +6,7 @@ use crate::domain::{Audience, OrderNumber, Subscriber, Update};
 use crate::store::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Plans `update` to completion, one durable store write per batch of subscribers, and returns
 /// how many deliveries were added. Safe to call again after a crash: it resumes at the cursor,
@@ -16,6 +17,18 @@ pub async fn plan_update(
     channels: &[ConfiguredChannel],
     batch: usize,
     now: DateTime<Utc>,
+) -> Result<usize, StoreError> {
+    plan_update_counting(store, update, channels, batch, now, &AtomicU64::new(0)).await
+}
+
+/// [`plan_update`], adding to `planned` after every batch, for a progress bar to follow.
+pub async fn plan_update_counting(
+    store: &dyn Store,
+    update: &Update,
+    channels: &[ConfiguredChannel],
+    batch: usize,
+    now: DateTime<Utc>,
+    planned: &AtomicU64,
 ) -> Result<usize, StoreError> {
     let mut state = store.plan_state(update.id).await?;
     let selected: Vec<&ConfiguredChannel> = channels
@@ -61,7 +74,9 @@ pub async fn plan_update(
         }
         state.done = page.items.len() < batch;
         state.cursor = page.next.or(state.cursor);
-        added += store.enqueue_planned(update.id, &records, &state).await?;
+        let new = store.enqueue_planned(update.id, &records, &state).await?;
+        planned.fetch_add(new as u64, Ordering::Relaxed);
+        added += new;
     }
     Ok(added)
 }
