@@ -176,6 +176,33 @@ impl DeliveryRecord {
         DeliveryKey::new(self.update, &self.channel, &self.recipient)
     }
 
+    /// Leases it to `owner` until `until`: one more attempt, and a new fencing token.
+    pub fn lease(&mut self, owner: &str, until: DateTime<Utc>) {
+        self.state = DeliveryState::InFlight;
+        self.attempts = self.attempts.saturating_add(1);
+        self.leases = self.leases.saturating_add(1);
+        self.owner = Some(owner.to_owned());
+        self.lease_until = Some(until);
+    }
+
+    /// Takes back a lease nobody will finish (it expired, or its process died): due now, the
+    /// attempt it had counted stays counted.
+    pub fn release(&mut self, now: DateTime<Utc>) {
+        self.state = DeliveryState::Queued;
+        self.lease_until = None;
+        self.owner = None;
+        self.due_at = now;
+    }
+
+    /// Queues a dead letter again, as if newly planned: a fresh attempt budget and age.
+    pub fn revive(&mut self, now: DateTime<Utc>) {
+        self.state = DeliveryState::Queued;
+        self.attempts = 0;
+        self.queued_at = now;
+        self.due_at = now;
+        self.finished_at = None;
+    }
+
     /// Applies an outcome to the record (the store decides whether it may).
     pub fn apply(&mut self, outcome: &Outcome, now: DateTime<Utc>) {
         self.lease_until = None;

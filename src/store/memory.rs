@@ -376,13 +376,7 @@ impl State {
             };
             let from = record.state;
             self.unlink(&record);
-            record.state = DeliveryState::InFlight;
-            record.attempts = record.attempts.saturating_add(1);
-            // A fencing token compared for equality only: wrapping keeps consecutive leases
-            // distinct even after four billion of them.
-            record.leases = record.leases.saturating_add(1);
-            record.owner = Some(owner.to_owned());
-            record.lease_until = Some(lease_until);
+            record.lease(owner, lease_until);
             self.put(record.clone(), Some(from));
             leased.push(record);
         }
@@ -490,10 +484,7 @@ impl State {
             };
             let from = record.state;
             self.unlink(&record);
-            record.state = DeliveryState::Queued;
-            record.due_at = now;
-            record.owner = None;
-            record.lease_until = None;
+            record.release(now);
             self.put(record, Some(from));
             requeued += 1;
         }
@@ -515,11 +506,7 @@ impl State {
             };
             let from = record.state;
             self.unlink(&record);
-            record.state = DeliveryState::Queued;
-            record.attempts = 0;
-            record.queued_at = now;
-            record.due_at = now;
-            record.finished_at = None;
+            record.revive(now);
             self.put(record.clone(), Some(from));
             requeued.push(record);
         }

@@ -211,11 +211,7 @@ impl Trees {
                         return Ok(None);
                     };
                     let was = record.state;
-                    record.state = DeliveryState::InFlight;
-                    record.attempts = record.attempts.saturating_add(1);
-                    record.leases = record.leases.saturating_add(1);
-                    record.owner = Some(owner.to_owned());
-                    record.lease_until = Some(lease_until);
+                    record.lease(owner, lease_until);
                     if let Some(key) = lease_key(&record) {
                         leases.insert(key, &[])?;
                     }
@@ -381,10 +377,7 @@ impl Trees {
                         return Ok(false);
                     }
                     let was = record.state;
-                    record.state = DeliveryState::Queued;
-                    record.lease_until = None;
-                    record.owner = None;
-                    record.due_at = now;
+                    record.release(now);
                     outbox.insert(outbox_key(&record), &[])?;
                     write_record(deliveries, &record)?;
                     count_move(counts, &record, Some(was), DeliveryState::Queued)?;
@@ -414,11 +407,7 @@ impl Trees {
                         return Ok(None);
                     };
                     let was = record.state;
-                    record.state = DeliveryState::Queued;
-                    record.attempts = 0;
-                    record.queued_at = now;
-                    record.due_at = now;
-                    record.finished_at = None;
+                    record.revive(now);
                     outbox.insert(outbox_key(&record), &[])?;
                     write_record(deliveries, &record)?;
                     count_move(counts, &record, Some(was), DeliveryState::Queued)?;
