@@ -194,6 +194,13 @@ impl DeliveryRecord {
         self.due_at = now;
     }
 
+    /// Returns a lease its holder never started an attempt under: queued again, due now, and
+    /// the attempt the lease counted is not counted.
+    pub fn give_back(&mut self, now: DateTime<Utc>) {
+        self.release(now);
+        self.attempts = self.attempts.saturating_sub(1);
+    }
+
     /// Queues a dead letter again, as if newly planned: a fresh attempt budget and age.
     pub fn revive(&mut self, now: DateTime<Utc>) {
         self.state = DeliveryState::Queued;

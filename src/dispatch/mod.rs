@@ -12,10 +12,11 @@ use crate::clock::{self, Clock};
 use crate::delivery::{
     DeliveryError, DeliveryRecord, DeliveryState, FailureKind, Outcome, Recipient,
 };
+use crate::domain::{Contact, Subscriber};
 use crate::render::{Composer, MessageContext, MessageSource};
 use crate::store::{Store, StoreError};
 use chrono::{DateTime, Utc};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -59,6 +60,14 @@ pub struct Dispatcher {
     throttled_until: Mutex<HashMap<String, DateTime<Utc>>>,
     /// True while planning still queues deliveries: a drained queue is not the end yet.
     planning: watch::Receiver<bool>,
+}
+
+/// A leased delivery, with what its batch read about it when it was leased: whether its
+/// channel is disabled, and its subscriber (for a delivery to a contact).
+struct Leased {
+    record: DeliveryRecord,
+    disabled: Option<String>,
+    subscriber: Option<Subscriber>,
 }
 
 /// What to do with one leased delivery.
@@ -187,6 +196,8 @@ impl Dispatcher {
         mut shutdown: watch::Receiver<bool>,
     ) -> crate::Result<Option<DateTime<Utc>>> {
         let mut in_flight: JoinSet<crate::Result<()>> = JoinSet::new();
+        // Leased ahead, waiting for a free slot (see `fill`).
+        let mut ready: VecDeque<Leased> = VecDeque::new();
         let concurrency = channel.policy.concurrency;
         let mut queue_changes = self.store.queue_changes();
         let mut planning = self.planning.clone();
@@ -205,9 +216,19 @@ impl Dispatcher {
                 .throttled_until(&channel.id)
                 .filter(|until| *until > now);
             let mut next_due = None;
+            // Leases held ahead go back when the worker stops or the provider throttles: the
+            // wait could outlast them.
+            if (stopping || throttled.is_some())
+                && !ready.is_empty()
+                && let Err(error) = self.give_back(&mut ready, now).await
+            {
+                failure.get_or_insert(error);
+            }
             if !stopping {
                 if throttled.is_none()
-                    && let Err(error) = self.fill(&channel, &mut in_flight, concurrency, now).await
+                    && let Err(error) = self
+                        .fill(&channel, &mut in_flight, &mut ready, concurrency, now)
+                        .await
                 {
                     failure = Some(error);
                     continue;
@@ -220,7 +241,7 @@ impl Dispatcher {
                     }
                 }
             }
-            let idle = in_flight.is_empty();
+            let idle = in_flight.is_empty() && ready.is_empty();
             if idle && stopping {
                 return failure.map_or(Ok(None), Err);
             }
@@ -255,11 +276,18 @@ impl Dispatcher {
         }
     }
 
-    /// Leases due deliveries, one batch, up to the channel's free concurrency.
+    /// Starts attempts in the channel's free slots, from the deliveries leased ahead, leasing
+    /// a new batch when none is left.
+    ///
+    /// Leasing is a store write: a batch of a whole concurrency's worth at a time, instead of
+    /// one lease per freed slot, makes it one write per batch. Only when the lease outlasts two
+    /// attempts back to back (a leased-ahead delivery waits for at most one attempt to end)
+    /// does the worker lease ahead; otherwise it leases just what it can start.
     async fn fill(
         self: &Arc<Self>,
         channel: &ConfiguredChannel,
         in_flight: &mut JoinSet<crate::Result<()>>,
+        ready: &mut VecDeque<Leased>,
         concurrency: usize,
         now: DateTime<Utc>,
     ) -> crate::Result<()> {
@@ -267,13 +295,67 @@ impl Dispatcher {
         if free == 0 {
             return Ok(());
         }
-        let leased = self
-            .store
-            .lease_due(&channel.id, &self.owner, free, self.lease, now)
-            .await?;
-        for delivery in leased {
+        if ready.is_empty() {
+            let attempt_limit = channel.policy.timeout + Duration::from_secs(1);
+            let batch = if self.lease >= attempt_limit * 2 {
+                concurrency.max(free)
+            } else {
+                free
+            };
+            let leased = self
+                .store
+                .lease_due(&channel.id, &self.owner, batch, self.lease, now)
+                .await?;
+            if !leased.is_empty() {
+                ready.extend(self.read_for(channel, leased).await?);
+            }
+        }
+        for _ in 0..free {
+            let Some(delivery) = ready.pop_front() else {
+                break;
+            };
             in_flight.spawn(self.clone().attempt(channel.clone(), delivery));
         }
+        Ok(())
+    }
+
+    /// Reads what a batch of leased deliveries needs from the store, in two calls for the
+    /// whole batch rather than two per delivery.
+    async fn read_for(
+        &self,
+        channel: &ConfiguredChannel,
+        leased: Vec<DeliveryRecord>,
+    ) -> Result<Vec<Leased>, StoreError> {
+        let disabled = self.store.channel_disabled(&channel.id).await?;
+        let contacts: Vec<Contact> = leased
+            .iter()
+            .filter_map(|record| record.recipient.contact().cloned())
+            .collect();
+        let mut subscribers = self.store.subscribers(&contacts).await?.into_iter();
+        Ok(leased
+            .into_iter()
+            .map(|record| {
+                let subscriber = match record.recipient {
+                    Recipient::Broadcast => None,
+                    Recipient::Contact(_) => subscribers.next().flatten(),
+                };
+                Leased {
+                    record,
+                    disabled: disabled.clone(),
+                    subscriber,
+                }
+            })
+            .collect())
+    }
+
+    /// Returns the deliveries leased ahead to the queue.
+    async fn give_back(
+        &self,
+        ready: &mut VecDeque<Leased>,
+        now: DateTime<Utc>,
+    ) -> crate::Result<()> {
+        let leased: Vec<DeliveryRecord> = ready.drain(..).map(|leased| leased.record).collect();
+        self.store.give_back(&leased, now).await?;
         Ok(())
     }
 
@@ -308,18 +390,19 @@ impl Dispatcher {
     async fn attempt(
         self: Arc<Self>,
         channel: ConfiguredChannel,
-        delivery: DeliveryRecord,
+        leased: Leased,
     ) -> crate::Result<()> {
-        let outcome = match self.prepare(&channel, &delivery).await? {
+        let delivery = &leased.record;
+        let outcome = match self.prepare(&channel, &leased).await? {
             Prepared::Settle(outcome) => outcome,
             Prepared::Send { message, thread } => {
-                self.send(&channel, &delivery, &message, thread.as_ref())
+                self.send(&channel, delivery, &message, thread.as_ref())
                     .await
             }
         };
         // The attempt ends here: that is when it finished.
         let now = self.clock.now();
-        let recorded = self.store.record_outcome(&delivery, &outcome, now).await?;
+        let recorded = self.store.record_outcome(delivery, &outcome, now).await?;
         let record = &recorded.record;
         if recorded.applied
             && record.state.is_settled()
@@ -384,9 +467,10 @@ impl Dispatcher {
     async fn prepare(
         &self,
         channel: &ConfiguredChannel,
-        delivery: &DeliveryRecord,
+        leased: &Leased,
     ) -> Result<Prepared, StoreError> {
-        if let Some(reason) = self.store.channel_disabled(&channel.id).await? {
+        let delivery = &leased.record;
+        if let Some(reason) = &leased.disabled {
             return Ok(Prepared::Settle(Outcome::Dead {
                 failure: DeliveryError::permanent(format!("channel {} is {reason}", channel.id)),
             }));
@@ -404,7 +488,7 @@ impl Dispatcher {
             }
             Recipient::Contact(contact) => contact,
         };
-        let Some(subscriber) = self.store.subscriber(contact).await? else {
+        let Some(subscriber) = &leased.subscriber else {
             return Ok(Prepared::Settle(Outcome::Skipped {
                 reason: "the subscriber no longer exists".into(),
             }));

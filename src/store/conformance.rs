@@ -93,6 +93,8 @@ macro_rules! conformance {
             a_page_of_zero_holds_nothing,
             a_batch_of_subscriptions_reports_what_each_row_changed,
             a_batch_never_subscribes_a_contact_that_left_again,
+            a_lease_given_back_is_queued_again_without_its_attempt,
+            many_subscribers_are_read_at_once_in_order,
         );
     };
     (@tests $backend:ident, $open:expr; $($test:ident),* $(,)?) => {
@@ -1634,4 +1636,63 @@ async fn a_batch_never_subscribes_a_contact_that_left_again(store: &dyn Store) {
     let ann = store.subscriber(&ann).await.unwrap().unwrap();
     assert_eq!(ann.state, SubscriberState::Unsubscribed);
     assert!(ann.orders.is_empty());
+}
+
+async fn a_lease_given_back_is_queued_again_without_its_attempt(store: &dyn Store) {
+    let queued = queue_one(store, at(0)).await;
+    let leased = lease_one(store, "me", at(0)).await;
+    assert_eq!(leased.attempts, 1);
+    assert_eq!(
+        store
+            .give_back(std::slice::from_ref(&leased), at(1))
+            .await
+            .unwrap(),
+        1
+    );
+    let back = stored(store, &queued).await;
+    assert_eq!(back.state, DeliveryState::Queued);
+    assert_eq!(back.attempts, 0, "the attempt never happened");
+    assert_eq!(back.owner, None);
+    assert_eq!(store.counts(None).await.unwrap()[CHANNEL].queued, 1);
+    assert_eq!(store.counts(None).await.unwrap()[CHANNEL].in_flight, 0);
+    // Giving it back twice, or after another lease took it, changes nothing.
+    assert_eq!(
+        store
+            .give_back(std::slice::from_ref(&leased), at(1))
+            .await
+            .unwrap(),
+        0
+    );
+    let again = lease_one(store, "me", at(1)).await;
+    assert_eq!(store.give_back(&[leased], at(2)).await.unwrap(), 0);
+    assert_eq!(stored(store, &again).await.state, DeliveryState::InFlight);
+}
+
+async fn many_subscribers_are_read_at_once_in_order(store: &dyn Store) {
+    for raw in ["a@example.com", "b@example.com"] {
+        store
+            .subscribe(&contact(raw), &order("AB-0001"), true, at(0))
+            .await
+            .unwrap();
+    }
+    let found = store
+        .subscribers(&[
+            contact("b@example.com"),
+            contact("nobody@example.com"),
+            contact("a@example.com"),
+        ])
+        .await
+        .unwrap();
+    let found: Vec<Option<String>> = found
+        .iter()
+        .map(|s| s.as_ref().map(|s| s.contact.to_string()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            Some("b@example.com".to_owned()),
+            None,
+            Some("a@example.com".to_owned())
+        ]
+    );
 }

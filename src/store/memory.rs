@@ -571,6 +571,19 @@ impl Store for MemoryStore {
         Ok(self.with(|state| state.subscribers.get(contact.as_str()).cloned()))
     }
 
+    async fn subscribers(
+        &self,
+        contacts: &[Contact],
+    ) -> Result<Vec<Option<Subscriber>>, StoreError> {
+        self.check_reads()?;
+        Ok(self.with(|state| {
+            contacts
+                .iter()
+                .map(|contact| state.subscribers.get(contact.as_str()).cloned())
+                .collect()
+        }))
+    }
+
     async fn subscribe(
         &self,
         contact: &Contact,
@@ -720,6 +733,30 @@ impl Store for MemoryStore {
         now: DateTime<Utc>,
     ) -> Result<Recorded, StoreError> {
         self.with(|state| state.record_outcome(leased, outcome, now))
+    }
+
+    async fn give_back(
+        &self,
+        leased: &[DeliveryRecord],
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        Ok(self.with(|state| {
+            let mut given = 0;
+            for lease in leased {
+                let Some(mut record) = state.deliveries.get(lease.key().as_str()).cloned() else {
+                    continue;
+                };
+                if record.state != DeliveryState::InFlight || record.leases != lease.leases {
+                    continue;
+                }
+                let from = record.state;
+                state.unlink(&record);
+                record.give_back(now);
+                state.put(record, Some(from));
+                given += 1;
+            }
+            given
+        }))
     }
 
     async fn requeue_expired(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {

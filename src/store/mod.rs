@@ -171,6 +171,12 @@ pub trait Store: Send + Sync + 'static {
 
     async fn subscriber(&self, contact: &Contact) -> Result<Option<Subscriber>, StoreError>;
 
+    /// Many subscribers in one call, in the order of `contacts`.
+    async fn subscribers(
+        &self,
+        contacts: &[Contact],
+    ) -> Result<Vec<Option<Subscriber>>, StoreError>;
+
     /// Adds `order` to the contact's followed orders, creating the subscriber if needed.
     async fn subscribe(
         &self,
@@ -271,6 +277,15 @@ pub trait Store: Send + Sync + 'static {
         outcome: &Outcome,
         now: DateTime<Utc>,
     ) -> Result<Recorded, StoreError>;
+
+    /// Returns leases their holder never used (it leased ahead, then stopped or was
+    /// throttled): queued again at once, without the attempt counted. A lease that was taken
+    /// over meanwhile is left alone. Returns how many went back.
+    async fn give_back(
+        &self,
+        leased: &[DeliveryRecord],
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError>;
 
     /// Puts deliveries whose lease expired by `now` back in the queue.
     async fn requeue_expired(&self, now: DateTime<Utc>) -> Result<usize, StoreError>;

@@ -2,11 +2,12 @@
 //! cursors, the delivery outbox and its counters, each change that spans trees in one sled
 //! transaction.
 //!
-//! Every call runs on tokio's blocking pool (sled's reads may fault pages in, its transactions
-//! may retry), and every change waits for the group commit before it returns.
+//! Every call runs on the store's own thread (sled's reads may fault pages in, its flushes
+//! wait for the disk), and every change returns once a flush it shares with the other changes
+//! of the moment has put it on disk.
 
-mod commit;
 mod outbox;
+mod thread;
 
 use super::{
     Cursor, DeliveryFilter, Page, PlanState, Recorded, Store, StoreError, Subscribed, Subscription,
@@ -20,13 +21,13 @@ use crate::domain::{
 use ::sled::Transactional;
 use ::sled::transaction::{ConflictableTransactionError, TransactionError};
 use chrono::{DateTime, Utc};
-use commit::GroupCommit;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use thread::{Done, Job, StoreThread};
 use tokio::sync::watch;
 use ulid::Ulid;
 
@@ -125,9 +126,8 @@ pub(crate) struct Trees {
 }
 
 pub struct SledStore {
-    trees: Arc<Trees>,
     path: PathBuf,
-    group_commit: GroupCommit,
+    thread: StoreThread,
     queue_changes: watch::Sender<u64>,
 }
 
@@ -145,11 +145,10 @@ impl SledStore {
                 })?
         };
         let trees = Arc::new(opened.map_err(|e| placed(e, &path))?);
-        let group_commit = GroupCommit::start(trees.db.clone()).map_err(|e| placed(e, &path))?;
+        let thread = StoreThread::start(trees).map_err(|e| placed(e, &path))?;
         Ok(Self {
-            trees,
             path,
-            group_commit,
+            thread,
             queue_changes: watch::Sender::new(0),
         })
     }
@@ -187,34 +186,53 @@ impl SledStore {
         })
     }
 
-    /// Runs `work` on the blocking pool.
+    /// Runs `work` on the store's thread and answers at once: a read, or a change nobody is
+    /// told is durable (a lease).
     async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
     {
-        let trees = self.trees.clone();
-        tokio::task::spawn_blocking(move || work(&trees))
-            .await
-            .map_err(|e| StoreError::Unavailable {
-                place: String::new(),
-                reason: format!("a store task failed: {e}"),
-            })?
-            .map_err(|e| placed(e, &self.path))
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.thread.submit(Job::Run(Box::new(move |trees| {
+            let result = work(trees);
+            Done::Now(Box::new(move || {
+                let _ = answer.send(result);
+            }))
+        })))?;
+        self.answer(answered).await
     }
 
-    /// Runs `work` on the blocking pool, then waits until its writes are on disk.
+    /// Runs `work` on the store's thread, and answers once its writes are on disk.
     async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
     {
-        let result = self.blocking(work).await?;
-        self.group_commit
-            .commit()
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.thread
+            .submit(Job::Run(Box::new(move |trees| match work(trees) {
+                Ok(value) => Done::AfterFlush(Box::new(move |flushed| {
+                    let _ = answer.send(flushed.map(|()| value));
+                })),
+                Err(error) => Done::Now(Box::new(move || {
+                    let _ = answer.send(Err(error));
+                })),
+            })))?;
+        self.answer(answered).await
+    }
+
+    async fn answer<T>(
+        &self,
+        answered: tokio::sync::oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        answered
             .await
-            .map_err(|e| placed(e.into(), &self.path))?;
-        Ok(result)
+            .map_err(|_| StoreError::Unavailable {
+                place: String::new(),
+                reason: "the store's thread stopped".into(),
+            })?
+            .map_err(|e| placed(e, &self.path))
     }
 
     fn queue_changed(&self) {
@@ -519,6 +537,15 @@ impl Store for SledStore {
         self.blocking(move |trees| trees.subscriber(&contact)).await
     }
 
+    async fn subscribers(
+        &self,
+        contacts: &[Contact],
+    ) -> Result<Vec<Option<Subscriber>>, StoreError> {
+        let contacts = contacts.to_vec();
+        self.blocking(move |trees| contacts.iter().map(|c| trees.subscriber(c)).collect())
+            .await
+    }
+
     async fn subscribe(
         &self,
         contact: &Contact,
@@ -634,11 +661,20 @@ impl Store for SledStore {
         lease: Duration,
         now: DateTime<Utc>,
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
-        let (channel, owner) = (channel.to_owned(), owner.to_owned());
         // A lease is not an acknowledgement to anyone: if it is lost in a crash, the delivery
         // simply was never leased. So leasing does not wait for the disk.
-        self.blocking(move |trees| trees.lease_due(&channel, &owner, max, lease, now))
-            .await
+        let request = outbox::LeaseRequest {
+            channel: channel.to_owned(),
+            owner: owner.to_owned(),
+            max,
+            lease,
+            now,
+        };
+        self.blocking(move |trees| {
+            let mut leased = trees.lease_many(std::slice::from_ref(&request))?;
+            Ok(leased.pop().unwrap_or_default())
+        })
+        .await
     }
 
     async fn record_outcome(
@@ -647,15 +683,35 @@ impl Store for SledStore {
         outcome: &Outcome,
         now: DateTime<Utc>,
     ) -> Result<Recorded, StoreError> {
-        let (leased, outcome) = (leased.clone(), outcome.clone());
         let requeued = matches!(outcome, Outcome::Retry { .. });
-        let recorded = self
-            .write(move |trees| trees.record_outcome(&leased, &outcome, now))
-            .await?;
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.thread
+            .submit(Job::Outcome(Box::new(thread::OutcomeJob {
+                leased: leased.clone(),
+                outcome: outcome.clone(),
+                now,
+                answer,
+            })))?;
+        let recorded = self.answer(answered).await?;
         if requeued && recorded.applied {
             self.queue_changed();
         }
         Ok(recorded)
+    }
+
+    async fn give_back(
+        &self,
+        leased: &[DeliveryRecord],
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        let leased = leased.to_vec();
+        let given = self
+            .blocking(move |trees| trees.give_back(&leased, now))
+            .await?;
+        if given > 0 {
+            self.queue_changed();
+        }
+        Ok(given)
     }
 
     async fn requeue_expired(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {

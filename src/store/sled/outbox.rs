@@ -19,6 +19,16 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use ulid::Ulid;
 
+/// One worker's request for deliveries to lease.
+#[derive(Debug, Clone)]
+pub(super) struct LeaseRequest {
+    pub channel: String,
+    pub owner: String,
+    pub max: usize,
+    pub lease: Duration,
+    pub now: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct ChannelState {
     disabled_at: DateTime<Utc>,
@@ -181,57 +191,127 @@ impl Trees {
         }
     }
 
-    pub(super) fn lease_due(
+    /// Leases for many requests at once, in one transaction: each request gets up to its
+    /// `max` deliveries of its channel due at its `now`, earliest first, never one another
+    /// request of the batch got. Only the store's thread writes, so the scan is current.
+    pub(super) fn lease_many(
         &self,
-        channel: &str,
-        owner: &str,
-        max: usize,
-        lease: Duration,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<DeliveryRecord>, StoreError> {
-        let lease_until = clock::after(now, lease);
-        let mut leased = Vec::new();
-        for entry in self.outbox.scan_prefix(outbox_prefix(channel)) {
-            if leased.len() >= max {
-                break;
+        requests: &[LeaseRequest],
+    ) -> Result<Vec<Vec<DeliveryRecord>>, StoreError> {
+        let mut claimed: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+        let mut plans = Vec::with_capacity(requests.len());
+        for request in requests {
+            let mut keys = Vec::new();
+            for entry in self.outbox.scan_prefix(outbox_prefix(&request.channel)) {
+                if keys.len() >= request.max {
+                    break;
+                }
+                let (queue_key, _) = entry?;
+                let (due, _) = split_outbox_key(&request.channel, &queue_key)
+                    .ok_or_else(|| corrupt("an outbox key"))?;
+                if due > request.now {
+                    break;
+                }
+                if claimed.insert(queue_key.to_vec()) {
+                    keys.push(queue_key.to_vec());
+                }
             }
-            let (queue_key, _) = entry?;
-            let (due, delivery_key) =
-                split_outbox_key(channel, &queue_key).ok_or_else(|| corrupt("an outbox key"))?;
-            if due > now {
-                break;
-            }
-            let record = (&self.outbox, &self.leases, &self.deliveries, &self.counts).transaction(
-                |(outbox, leases, deliveries, counts)| {
-                    // Another worker may have taken it since the scan.
-                    if outbox.remove(&*queue_key)?.is_none() {
-                        return Ok(None);
-                    }
-                    let Some(mut record) = read_record(deliveries, delivery_key)? else {
-                        return Ok(None);
-                    };
-                    let was = record.state;
-                    record.lease(owner, lease_until);
-                    if let Some(key) = lease_key(&record) {
-                        leases.insert(key, &[])?;
-                    }
-                    write_record(deliveries, &record)?;
-                    count_move(counts, &record, Some(was), DeliveryState::InFlight)?;
-                    Ok(Some(record))
-                },
-            )?;
-            leased.extend(record);
+            plans.push(keys);
         }
+        if plans.iter().all(Vec::is_empty) {
+            return Ok(plans.into_iter().map(|_| Vec::new()).collect());
+        }
+        // One transaction for all of them: each sled transaction writes log buffers of its
+        // own, so a transaction per delivery cost two disk writes per delivery.
+        let leased = (&self.outbox, &self.leases, &self.deliveries, &self.counts).transaction(
+            |(outbox, leases, deliveries, counts)| {
+                let mut all = Vec::with_capacity(requests.len());
+                for (request, keys) in requests.iter().zip(&plans) {
+                    let lease_until = clock::after(request.now, request.lease);
+                    let mut leased = Vec::with_capacity(keys.len());
+                    for queue_key in keys {
+                        if outbox.remove(queue_key.as_slice())?.is_none() {
+                            continue;
+                        }
+                        let Some((_, delivery_key)) = split_outbox_key(&request.channel, queue_key)
+                        else {
+                            continue;
+                        };
+                        let Some(mut record) = read_record(deliveries, delivery_key)? else {
+                            continue;
+                        };
+                        let was = record.state;
+                        record.lease(&request.owner, lease_until);
+                        if let Some(key) = lease_key(&record) {
+                            leases.insert(key, &[])?;
+                        }
+                        write_record(deliveries, &record)?;
+                        count_move(counts, &record, Some(was), DeliveryState::InFlight)?;
+                        leased.push(record);
+                    }
+                    all.push(leased);
+                }
+                Ok(all)
+            },
+        )?;
         Ok(leased)
     }
 
-    pub(super) fn record_outcome(
+    pub(super) fn give_back(
         &self,
-        leased: &DeliveryRecord,
-        outcome: &Outcome,
+        leased: &[DeliveryRecord],
         now: DateTime<Utc>,
-    ) -> Result<Recorded, StoreError> {
-        let key = leased.key();
+    ) -> Result<usize, StoreError> {
+        let given = (&self.outbox, &self.leases, &self.deliveries, &self.counts).transaction(
+            |(outbox, leases, deliveries, counts)| {
+                let mut given = 0;
+                for lease in leased {
+                    let key = lease.key();
+                    let Some(mut record) = read_record(deliveries, key.as_str().as_bytes())? else {
+                        continue;
+                    };
+                    if record.state != DeliveryState::InFlight || record.leases != lease.leases {
+                        continue;
+                    }
+                    unlink(outbox, leases, &record)?;
+                    let was = record.state;
+                    record.give_back(now);
+                    outbox.insert(outbox_key(&record), &[])?;
+                    write_record(deliveries, &record)?;
+                    count_move(counts, &record, Some(was), record.state)?;
+                    given += 1;
+                }
+                Ok(given)
+            },
+        )?;
+        Ok(given)
+    }
+
+    /// Records many outcomes in one transaction (one transaction's log writes instead of one
+    /// each). If any of them cannot be recorded, each is recorded on its own instead, so one
+    /// bad record never fails the others.
+    pub(super) fn record_outcomes(
+        &self,
+        batch: &[(DeliveryRecord, Outcome, DateTime<Utc>)],
+    ) -> Vec<Result<Recorded, StoreError>> {
+        if batch.len() > 1
+            && let Ok(recorded) = self.outcome_transaction(batch)
+        {
+            return recorded.into_iter().map(Ok).collect();
+        }
+        batch
+            .iter()
+            .map(|one| {
+                self.outcome_transaction(std::slice::from_ref(one))
+                    .map(|mut recorded| recorded.remove(0))
+            })
+            .collect()
+    }
+
+    fn outcome_transaction(
+        &self,
+        batch: &[(DeliveryRecord, Outcome, DateTime<Utc>)],
+    ) -> Result<Vec<Recorded>, StoreError> {
         let trees = (
             &self.deliveries,
             &self.outbox,
@@ -255,92 +335,99 @@ impl Trees {
                 subscribers,
                 channel_state,
             )| {
-                // Read afresh: if the lease expired meanwhile, the record went back to the
-                // queue (or to another attempt), and that must be undone on success, or it
-                // would be sent again.
-                let Some(mut record) = read_record(deliveries, key.as_str().as_bytes())? else {
-                    return Err(abort(StoreError::Corrupt(format!(
-                        "delivery {key} vanished"
-                    ))));
-                };
-                let superseded = record.leases != leased.leases || record.state.is_settled();
-                let sent = matches!(outcome, Outcome::Sent { .. });
-                if record.state == DeliveryState::Sent || (superseded && !sent) {
-                    return Ok(Recorded {
-                        record,
-                        applied: false,
-                    });
-                }
-                unlink(outbox, leases, &record)?;
-                if record.state == DeliveryState::Dead {
-                    dead.remove(key.as_str().as_bytes())?;
-                }
-                let was = record.state;
-                record.apply(outcome, now);
-                match outcome {
-                    Outcome::Retry { .. } => {
-                        outbox.insert(outbox_key(&record), &[])?;
+                let mut all = Vec::with_capacity(batch.len());
+                for (leased, outcome, now) in batch {
+                    let now = *now;
+                    let key = leased.key();
+                    // Read afresh: if the lease expired meanwhile, the record went back to the
+                    // queue (or to another attempt), and that must be undone on success, or it
+                    // would be sent again.
+                    let Some(mut record) = read_record(deliveries, key.as_str().as_bytes())? else {
+                        return Err(abort(StoreError::Corrupt(format!(
+                            "delivery {key} vanished"
+                        ))));
+                    };
+                    let superseded = record.leases != leased.leases || record.state.is_settled();
+                    let sent = matches!(outcome, Outcome::Sent { .. });
+                    if record.state == DeliveryState::Sent || (superseded && !sent) {
+                        all.push(Recorded {
+                            record,
+                            applied: false,
+                        });
+                        continue;
                     }
-                    Outcome::Dead { failure } => {
-                        dead.insert(key.as_str().as_bytes(), &[])?;
-                        match failure.kind {
-                            FailureKind::EndpointGone => {
-                                let state = ChannelState {
-                                    disabled_at: now,
-                                    reason: failure.reason.clone(),
-                                };
-                                channel_state.insert(
-                                    record.channel.as_bytes(),
-                                    encode(&state).map_err(abort)?,
-                                )?;
+                    unlink(outbox, leases, &record)?;
+                    if record.state == DeliveryState::Dead {
+                        dead.remove(key.as_str().as_bytes())?;
+                    }
+                    let was = record.state;
+                    record.apply(outcome, now);
+                    match outcome {
+                        Outcome::Retry { .. } => {
+                            outbox.insert(outbox_key(&record), &[])?;
+                        }
+                        Outcome::Dead { failure } => {
+                            dead.insert(key.as_str().as_bytes(), &[])?;
+                            match failure.kind {
+                                FailureKind::EndpointGone => {
+                                    let state = ChannelState {
+                                        disabled_at: now,
+                                        reason: failure.reason.clone(),
+                                    };
+                                    channel_state.insert(
+                                        record.channel.as_bytes(),
+                                        encode(&state).map_err(abort)?,
+                                    )?;
+                                }
+                                FailureKind::RecipientGone => {
+                                    if let Some(contact) = record.recipient.contact()
+                                        && let Some(bytes) = subscribers.get(contact.as_str())?
+                                    {
+                                        let mut subscriber: Subscriber =
+                                            decode(&bytes).map_err(abort)?;
+                                        subscriber.stopped_on.insert(record.channel.clone());
+                                        subscriber.updated_at = now;
+                                        subscribers.insert(
+                                            contact.as_str(),
+                                            encode(&subscriber).map_err(abort)?,
+                                        )?;
+                                    }
+                                }
+                                _ => {}
                             }
-                            FailureKind::RecipientGone => {
-                                if let Some(contact) = record.recipient.contact()
-                                    && let Some(bytes) = subscribers.get(contact.as_str())?
-                                {
-                                    let mut subscriber: Subscriber =
-                                        decode(&bytes).map_err(abort)?;
-                                    subscriber.stopped_on.insert(record.channel.clone());
-                                    subscriber.updated_at = now;
-                                    subscribers.insert(
-                                        contact.as_str(),
-                                        encode(&subscriber).map_err(abort)?,
+                        }
+                        Outcome::Sent { receipt } => {
+                            // A thread whose update is gone (removed by hand?) is lost, never
+                            // the outcome: refusing the outcome would send the message again.
+                            let update = match &receipt.thread {
+                                Some(_) => updates.get(record.update.to_string().as_bytes())?,
+                                None => None,
+                            };
+                            if let (Some(thread), Some(update_bytes)) = (&receipt.thread, update) {
+                                let update: Update = decode(&update_bytes).map_err(abort)?;
+                                let incident_key = update.incident.to_string();
+                                if let Some(bytes) = incidents.get(incident_key.as_bytes())? {
+                                    let mut incident: Incident = decode(&bytes).map_err(abort)?;
+                                    incident
+                                        .remote_threads
+                                        .insert(record.channel.clone(), thread.clone());
+                                    incidents.insert(
+                                        incident_key.as_bytes(),
+                                        encode(&incident).map_err(abort)?,
                                     )?;
                                 }
                             }
-                            _ => {}
                         }
+                        Outcome::Skipped { .. } => {}
                     }
-                    Outcome::Sent { receipt } => {
-                        // A thread whose update is gone (removed by hand?) is lost, never
-                        // the outcome: refusing the outcome would send the message again.
-                        let update = match &receipt.thread {
-                            Some(_) => updates.get(record.update.to_string().as_bytes())?,
-                            None => None,
-                        };
-                        if let (Some(thread), Some(update_bytes)) = (&receipt.thread, update) {
-                            let update: Update = decode(&update_bytes).map_err(abort)?;
-                            let incident_key = update.incident.to_string();
-                            if let Some(bytes) = incidents.get(incident_key.as_bytes())? {
-                                let mut incident: Incident = decode(&bytes).map_err(abort)?;
-                                incident
-                                    .remote_threads
-                                    .insert(record.channel.clone(), thread.clone());
-                                incidents.insert(
-                                    incident_key.as_bytes(),
-                                    encode(&incident).map_err(abort)?,
-                                )?;
-                            }
-                        }
-                    }
-                    Outcome::Skipped { .. } => {}
+                    write_record(deliveries, &record)?;
+                    count_move(counts, &record, Some(was), record.state)?;
+                    all.push(Recorded {
+                        record,
+                        applied: true,
+                    });
                 }
-                write_record(deliveries, &record)?;
-                count_move(counts, &record, Some(was), record.state)?;
-                Ok(Recorded {
-                    record,
-                    applied: true,
-                })
+                Ok(all)
             },
         )?;
         Ok(recorded)

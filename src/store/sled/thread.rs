@@ -1,0 +1,169 @@
+//! The sled store's own thread: every store call runs there, one after another, and the
+//! writes among a run of calls share one flush (group commit).
+//!
+//! Why one thread rather than tokio's blocking pool: each hand-off to a pool thread and back
+//! costs two context switches, a store call per delivery step made that the bottleneck of a
+//! send, and writes from many pool threads to the same counters made sled's optimistic
+//! transactions conflict and retry. Here the thread stays busy while calls keep coming, no two
+//! transactions ever run at once, and one flush answers every write made since the last.
+
+use super::Trees;
+use crate::delivery::{DeliveryRecord, Outcome};
+use crate::store::{Recorded, StoreError};
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// What the thread does once a call has run.
+pub(super) enum Done {
+    /// Answer now: a read, a lease (no one is told it is durable), or a write that failed.
+    Now(Box<dyn FnOnce() + Send>),
+    /// Answer once the write is on disk, with the flush's result.
+    AfterFlush(AfterFlush),
+}
+
+/// Answers a write with the result of the flush that made it durable.
+type AfterFlush = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// An attempt's outcome, to record.
+pub(super) struct OutcomeJob {
+    pub leased: DeliveryRecord,
+    pub outcome: Outcome,
+    pub now: DateTime<Utc>,
+    pub answer: oneshot::Sender<Result<Recorded, StoreError>>,
+}
+
+/// One store call.
+pub(super) enum Job {
+    Run(Box<dyn FnOnce(&Trees) -> Done + Send>),
+    /// Outcomes that arrive together are recorded in one transaction: every sled transaction
+    /// writes log buffers of its own, the dominant cost of a send.
+    Outcome(Box<OutcomeJob>),
+}
+
+/// How many calls may run before a flush must answer the writes among them, so that a stream
+/// of calls cannot hold a write's answer back for long.
+const MOST_BEFORE_FLUSH: usize = 512;
+
+/// How long a write waits for others to share its flush.
+const COMMIT_DELAY: Duration = Duration::from_micros(500);
+
+pub(super) struct StoreThread {
+    jobs: Option<std_mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StoreThread {
+    pub(super) fn start(trees: Arc<Trees>) -> Result<Self, StoreError> {
+        let (jobs, incoming) = std_mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("crier-store".into())
+            .spawn(move || run(&trees, &incoming))
+            .map_err(|e| StoreError::Unavailable {
+                place: String::new(),
+                reason: format!("cannot start the store's thread: {e}"),
+            })?;
+        Ok(Self {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    pub(super) fn submit(&self, job: Job) -> Result<(), StoreError> {
+        let stopped = || StoreError::Unavailable {
+            place: String::new(),
+            reason: "the store is closing".into(),
+        };
+        self.jobs
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(job)
+            .map_err(|_| stopped())
+    }
+}
+
+/// Runs calls until every sender is gone, that is until the store is dropped.
+fn run(trees: &Trees, incoming: &std_mpsc::Receiver<Job>) {
+    while let Ok(first) = incoming.recv() {
+        let mut waiting: Vec<AfterFlush> = Vec::new();
+        let mut outcomes = Vec::new();
+        let mut answers = Vec::new();
+        let mut perform = |job: Job| match job {
+            Job::Run(work) => match work(trees) {
+                Done::Now(answer) => answer(),
+                Done::AfterFlush(answer) => waiting.push(answer),
+            },
+            Job::Outcome(job) => {
+                let OutcomeJob {
+                    leased,
+                    outcome,
+                    now,
+                    answer,
+                } = *job;
+                outcomes.push((leased, outcome, now));
+                answers.push(answer);
+            }
+        };
+        perform(first);
+        let mut performed = 1;
+        for job in incoming.try_iter().take(MOST_BEFORE_FLUSH - 1) {
+            perform(job);
+            performed += 1;
+        }
+        // A flush costs the same for one write as for a hundred: give the writes of the next
+        // moment a chance to share it, as a database's commit delay does.
+        let deadline = Instant::now() + COMMIT_DELAY;
+        while performed < MOST_BEFORE_FLUSH {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match incoming.recv_timeout(left) {
+                Ok(job) => {
+                    perform(job);
+                    performed += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        let recorded = trees.record_outcomes(&outcomes);
+        for (answer, result) in answers.into_iter().zip(recorded) {
+            match result {
+                Ok(recorded) => waiting.push(Box::new(move |flushed| {
+                    let _ = answer.send(flushed.map(|()| recorded));
+                })),
+                Err(error) => {
+                    let _ = answer.send(Err(error));
+                }
+            }
+        }
+        if waiting.is_empty() {
+            continue;
+        }
+        // A flush's failure is kept as its I/O kind and text, so each writer gets its own
+        // copy of it (a full disk still reads as a full disk).
+        let flushed = trees.db.flush().map(|_| ()).map_err(|e| match e {
+            ::sled::Error::Io(io) => (io.kind(), io.to_string()),
+            other => (std::io::ErrorKind::Other, other.to_string()),
+        });
+        for answer in waiting {
+            answer(
+                flushed
+                    .clone()
+                    .map_err(|(kind, reason)| super::io_error(std::io::Error::new(kind, reason))),
+            );
+        }
+    }
+}
+
+impl Drop for StoreThread {
+    /// Stops the thread and waits for it, so its handle on the database is gone (and sled's
+    /// lock on the folder released) by the time the store is dropped.
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
