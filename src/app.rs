@@ -65,7 +65,7 @@ impl App {
             composer: composer.clone(),
             status,
         };
-        let channels = build_channels(&config, &context)?;
+        let channels = build_channels(&config, &context).await?;
         Ok(Self {
             config,
             store,

@@ -164,6 +164,8 @@ struct DeliveryFile {
     backoff_base: Option<String>,
     /// No retry waits longer than this (unless the provider's Retry-After asks for more).
     backoff_max: Option<String>,
+    /// At most this many attempts per period, like "300/5m" or "1/s".
+    rate: Option<String>,
 }
 
 /// The validated configuration.
@@ -215,6 +217,49 @@ pub struct DeliveryPolicy {
     pub timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// At most this many attempts per period (a provider's limit per account), none if unset.
+    pub rate: Option<Rate>,
+    /// Fixed waits before each retry (the first after the first failure), with jitter,
+    /// instead of exponential backoff; `max_attempts` is then one more than its length.
+    pub schedule: Option<&'static [Duration]>,
+}
+
+/// `count` attempts per `period`, as `rate = "300/5m"` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub period: Duration,
+}
+
+impl Rate {
+    pub const fn new(count: u32, period: Duration) -> Self {
+        Self { count, period }
+    }
+
+    /// Reads `N/period`, like `300/5m` or `1/s`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (count, period) = text
+            .split_once('/')
+            .ok_or_else(|| format!("'{text}' is not a rate like 300/5m or 1/s"))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("'{text}': the count must be a whole number above zero"))?;
+        let period = period.trim();
+        // "1/s" means one per second: a bare unit is one of it.
+        let period = if period.starts_with(|c: char| c.is_ascii_digit()) {
+            period.to_owned()
+        } else {
+            format!("1{period}")
+        };
+        let period = humantime::parse_duration(&period)
+            .ok()
+            .filter(|p| !p.is_zero() && *p <= Duration::from_secs(24 * 3600))
+            .ok_or_else(|| format!("'{text}': the period must be a duration of at most a day"))?;
+        Ok(Self { count, period })
+    }
 }
 
 impl DeliveryPolicy {
@@ -227,7 +272,29 @@ impl DeliveryPolicy {
             timeout: Duration::from_secs(30),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
+            rate: None,
+            schedule: None,
         }
+    }
+
+    /// The same defaults with a rate limit.
+    pub const fn with_rate(mut self, rate: Rate) -> Self {
+        self.rate = Some(rate);
+        self
+    }
+
+    /// The same defaults with a request timeout.
+    pub const fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The same defaults with a fixed retry schedule, `max_attempts` and `max_age` to match.
+    pub const fn with_schedule(mut self, schedule: &'static [Duration], max_age: Duration) -> Self {
+        self.schedule = Some(schedule);
+        self.max_attempts = schedule.len() as u32 + 1;
+        self.max_age = max_age;
+        self
     }
 }
 
@@ -582,6 +649,10 @@ fn delivery_policy(
     mut policy: DeliveryPolicy,
     raw: DeliveryFile,
 ) -> Result<DeliveryPolicy, ConfigError> {
+    // A file that sets its own backoff or attempts means exponential backoff, not the kind's
+    // fixed schedule.
+    let sets_own_backoff =
+        raw.backoff_base.is_some() || raw.backoff_max.is_some() || raw.max_attempts.is_some();
     if let Some(concurrency) = raw.concurrency {
         if concurrency == 0 || concurrency > 1024 {
             return Err(ConfigError::at(
@@ -632,6 +703,13 @@ fn delivery_policy(
         if let Some(text) = text {
             *target = duration(file, key, &text, longest)?;
         }
+    }
+    if let Some(rate) = raw.rate {
+        policy.rate =
+            Some(Rate::parse(&rate).map_err(|e| ConfigError::at(file, "delivery.rate", e))?);
+    }
+    if sets_own_backoff {
+        policy.schedule = None;
     }
     let show = |d: Duration| humantime::format_duration(d).to_string();
     if policy.backoff_base > policy.backoff_max {

@@ -80,6 +80,7 @@ impl EmailSettings {
     }
 }
 
+#[async_trait::async_trait]
 impl ChannelSettings for EmailSettings {
     fn check(&self) -> Result<(), String> {
         match &self.transport {
@@ -90,7 +91,7 @@ impl ChannelSettings for EmailSettings {
         }
     }
 
-    fn build(
+    async fn build(
         &self,
         _id: &str,
         policy: &DeliveryPolicy,

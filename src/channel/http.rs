@@ -34,16 +34,53 @@ pub fn retry_after(response: &reqwest::Response) -> Option<Duration> {
     parse_retry_after(value, Utc::now())
 }
 
-/// What a non-success status means for the delivery: 408 and 5xx are worth retrying, 429 slows
-/// the whole channel, 410 says the endpoint is gone, any other 4xx will never succeed.
+/// What a non-success status means for the delivery: 408 and 5xx (but 501) are worth
+/// retrying, 429 slows the whole channel, 410 says the endpoint is gone, any other 4xx (and a
+/// 501, which a retry will not implement) will never succeed.
 pub fn failure_for_status(status: StatusCode) -> FailureKind {
     match status {
         StatusCode::TOO_MANY_REQUESTS => FailureKind::Throttled,
         StatusCode::REQUEST_TIMEOUT => FailureKind::Transient,
         StatusCode::GONE => FailureKind::EndpointGone,
+        StatusCode::NOT_IMPLEMENTED => FailureKind::Permanent,
         status if status.is_server_error() => FailureKind::Transient,
         _ => FailureKind::Permanent,
     }
+}
+
+/// The failure for a provider's non-success answer, with its status kept as data and the
+/// wait it asks for (`Retry-After`, or `X-RateLimit-Reset` when nothing remains). 401 and 403
+/// say the credentials were refused, so the reason says so.
+pub fn failure_for_response(response: &reqwest::Response, what: &str) -> DeliveryError {
+    let status = response.status();
+    let reason = match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            format!("{what} refused the credentials ({status}): check the channel's secret")
+        }
+        _ => format!("{what} answered {status}"),
+    };
+    DeliveryError::new(failure_for_status(status), reason)
+        .with_status(status.as_u16())
+        .with_retry_after(retry_after(response).or_else(|| rate_limit_reset(response)))
+}
+
+/// The wait until `X-RateLimit-Reset` when `X-RateLimit-Remaining` says nothing is left:
+/// the reset as Unix seconds or an RFC 3339 time (Mastodon), capped like `Retry-After`.
+pub fn rate_limit_reset(response: &reqwest::Response) -> Option<Duration> {
+    let header = |name: &str| response.headers().get(name)?.to_str().ok();
+    let remaining: u64 = header("x-ratelimit-remaining")?.trim().parse().ok()?;
+    if remaining > 0 {
+        return None;
+    }
+    let reset = header("x-ratelimit-reset")?.trim();
+    let now = Utc::now();
+    let at = match reset.parse::<i64>() {
+        Ok(seconds) => DateTime::from_timestamp(seconds, 0)?,
+        Err(_) => DateTime::parse_from_rfc3339(reset)
+            .ok()?
+            .with_timezone(&Utc),
+    };
+    Some(crate::clock::until(now, at).min(LONGEST_RETRY_AFTER))
 }
 
 /// The failure for a request that got no answer.
@@ -79,6 +116,75 @@ pub fn redact_url(url: &reqwest::Url) -> String {
     }
     shown.set_fragment(None);
     shown.to_string()
+}
+
+/// The HTTP client of one channel: the policy's timeout, crier's user agent, and no redirects
+/// (a redirect would carry the channel's credentials or payload somewhere the operator did
+/// not configure).
+pub fn client(timeout: Duration) -> crate::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .user_agent(concat!("crier/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| crate::Error::internal(anyhow::anyhow!("HTTP client: {e}")))
+}
+
+/// A response's body, cut at `limit` bytes: no honest answer is larger, and a hostile one
+/// must not fill the memory.
+pub async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= limit {
+            break;
+        }
+    }
+    Ok(body)
+}
+
+/// A provider's base URL, as a channel file gives it, to append API paths to (it may live in
+/// a subfolder): http or https, no query or fragment, its path without a trailing slash.
+pub fn api_base(text: &str) -> Result<reqwest::Url, String> {
+    let mut url = reqwest::Url::parse(text).map_err(|e| format!("'{text}' is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("must be an http or https URL".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must be the service's address, without a query or fragment".into());
+    }
+    let path = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&path);
+    Ok(url)
+}
+
+/// `base` with the absolute `path` appended to its own path.
+pub fn endpoint(base: &reqwest::Url, path: &str) -> reqwest::Url {
+    let mut url = base.clone();
+    let joined = format!("{}{path}", base.path().trim_end_matches('/'));
+    url.set_path(&joined);
+    url
+}
+
+/// The most of a provider's own words kept in a failure's reason.
+const PROVIDER_TEXT_LIMIT: usize = 300;
+
+/// A provider's own words (an error message from its answer), fit for a one-line reason:
+/// control characters and runs of whitespace become one space, and it is cut short.
+pub fn provider_text(text: &str) -> String {
+    let words: Vec<&str> = text
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|word| !word.is_empty())
+        .collect();
+    let line = words.join(" ");
+    match line.char_indices().nth(PROVIDER_TEXT_LIMIT) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
+    }
 }
 
 #[cfg(test)]

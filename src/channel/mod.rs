@@ -6,6 +6,7 @@
 
 mod email;
 pub mod http;
+pub mod limits;
 pub mod registry;
 mod smtp_pool;
 mod status_page;
@@ -136,25 +137,25 @@ pub fn check_templates(config: &Config, renderer: &Renderer) -> Result<(), Rende
     Ok(())
 }
 
-/// Builds every configured channel. This may do I/O: it creates output folders.
-pub fn build_channels(
+/// Builds every configured channel. This may do I/O: it creates output folders, and may ask
+/// a provider for its limits.
+pub async fn build_channels(
     config: &Config,
     context: &BuildContext,
 ) -> crate::Result<Vec<ConfiguredChannel>> {
-    config
-        .channels
-        .iter()
-        .map(|channel| {
-            let adapter = channel
-                .settings
-                .build(&channel.id, &channel.policy, context)
-                .map_err(|e| e.context(format!("channel {}", channel.id)))?;
-            Ok(ConfiguredChannel {
-                id: channel.id.clone(),
-                kind: channel.kind.name,
-                policy: channel.policy.clone(),
-                adapter,
-            })
-        })
-        .collect()
+    let mut channels = Vec::with_capacity(config.channels.len());
+    for channel in &config.channels {
+        let adapter = channel
+            .settings
+            .build(&channel.id, &channel.policy, context)
+            .await
+            .map_err(|e| e.context(format!("channel {}", channel.id)))?;
+        channels.push(ConfiguredChannel {
+            id: channel.id.clone(),
+            kind: channel.kind.name,
+            policy: channel.policy.clone(),
+            adapter,
+        });
+    }
+    Ok(channels)
 }

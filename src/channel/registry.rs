@@ -8,10 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// A channel file's settings, once parsed; builds the adapter.
+#[async_trait::async_trait]
 pub trait ChannelSettings: std::fmt::Debug + Send + Sync {
     /// Builds the adapter of the channel `id`. This may do I/O (create a folder, set up a
-    /// client).
-    fn build(
+    /// client, ask a provider for its limits).
+    async fn build(
         &self,
         id: &str,
         policy: &DeliveryPolicy,

@@ -59,12 +59,13 @@ impl StatusPageSettings {
     }
 }
 
+#[async_trait::async_trait]
 impl ChannelSettings for StatusPageSettings {
     fn check(&self) -> Result<(), String> {
         crate::files::can_create_dir(&self.dir).map_err(|reason| format!("dir: {reason}"))
     }
 
-    fn build(
+    async fn build(
         &self,
         id: &str,
         _policy: &DeliveryPolicy,

@@ -6,7 +6,7 @@ use super::http::{failure_for_request, failure_for_status, redact_url, retry_aft
 use super::registry::{ChannelKind, ChannelSettings, SettingsInput};
 use super::{Attempt, BuildContext, Channel, Reach, Rejection, RenderedPart};
 use crate::config::{self, ConfigError, DeliveryPolicy};
-use crate::delivery::{DeliveryError, Receipt};
+use crate::delivery::{DeliveryError, FailureKind, Receipt};
 use crate::render::MessageContext;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -17,13 +17,29 @@ use secrecy::{ExposeSecret, SecretSlice};
 use serde::Deserialize;
 use sha2::Sha256;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub static KIND: ChannelKind = ChannelKind {
     name: "webhook",
     templates: &[],
-    default_policy: DeliveryPolicy::with_concurrency(4),
+    default_policy: DeliveryPolicy::with_concurrency(4)
+        .with_timeout(Duration::from_secs(15))
+        .with_schedule(RETRY_SCHEDULE, Duration::from_secs(28 * 3600)),
     parse: WebhookSettings::parse,
 };
+
+/// The waits between attempts that Svix publishes for its webhooks: the first attempt at
+/// once, then after 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h (about 27.5 hours in all), so a
+/// partner that fixes its endpoint within the day still gets the message.
+const RETRY_SCHEDULE: &[Duration] = &[
+    Duration::from_secs(5),
+    Duration::from_secs(5 * 60),
+    Duration::from_secs(30 * 60),
+    Duration::from_secs(2 * 3600),
+    Duration::from_secs(5 * 3600),
+    Duration::from_secs(10 * 3600),
+    Duration::from_secs(10 * 3600),
+];
 
 /// The largest body a partner is sent.
 pub const BODY_LIMIT: usize = 20 * 1024;
@@ -95,8 +111,9 @@ impl WebhookSettings {
     }
 }
 
+#[async_trait::async_trait]
 impl ChannelSettings for WebhookSettings {
-    fn build(
+    async fn build(
         &self,
         _id: &str,
         policy: &DeliveryPolicy,
@@ -277,12 +294,35 @@ impl Channel for WebhookChannel {
         if status.is_success() {
             return Ok(Receipt::none());
         }
-        Err(DeliveryError::new(
-            failure_for_status(status),
-            format!("the endpoint answered {status}"),
-        )
-        .with_status(status.as_u16())
-        .with_retry_after(retry_after(&response)))
+        // The Standard Webhooks way for a receiver to steer the sender.
+        let steer = response
+            .headers()
+            .get("webhook-delivery")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase());
+        let (kind, reason) = match steer.as_deref() {
+            Some("abort-message") => (
+                FailureKind::Permanent,
+                format!("the endpoint answered {status} and asked to abort this message"),
+            ),
+            Some("disable") => (
+                FailureKind::EndpointGone,
+                format!("the endpoint answered {status} and asked to be disabled"),
+            ),
+            // A redirect is not followed (it would move a signed payload elsewhere) but, as
+            // Svix treats it, it is a failed attempt on the schedule, not a dead letter.
+            _ if status.is_redirection() => (
+                FailureKind::Transient,
+                format!("the endpoint answered {status}; redirects are not followed"),
+            ),
+            _ => (
+                failure_for_status(status),
+                format!("the endpoint answered {status}"),
+            ),
+        };
+        Err(DeliveryError::new(kind, reason)
+            .with_status(status.as_u16())
+            .with_retry_after(retry_after(&response)))
     }
 }
 

@@ -9,6 +9,7 @@ mod tests;
 
 use crate::channel::{Attempt, ConfiguredChannel};
 use crate::clock::{self, Clock};
+use crate::config::Rate;
 use crate::delivery::{
     DeliveryError, DeliveryRecord, DeliveryState, FailureKind, Outcome, Recipient,
 };
@@ -16,7 +17,10 @@ use crate::domain::{Contact, Subscriber};
 use crate::render::{Composer, MessageContext, MessageSource};
 use crate::store::{Store, StoreError};
 use chrono::{DateTime, Utc};
+use governor::clock::{Clock as _, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -60,6 +64,8 @@ pub struct Dispatcher {
     throttled_until: Mutex<HashMap<String, DateTime<Utc>>>,
     /// True while planning still queues deliveries: a drained queue is not the end yet.
     planning: watch::Receiver<bool>,
+    /// Per channel with a `rate`, its limiter: a permit per attempt, taken before the lease.
+    limiters: HashMap<String, Arc<DefaultDirectRateLimiter>>,
 }
 
 /// A leased delivery, with what its batch read about it when it was leased: whether its
@@ -79,6 +85,21 @@ enum Prepared {
     Settle(Outcome),
 }
 
+/// A limiter per rate-limited channel: one permit every `period / count`, without bursts.
+/// Providers count their limits in windows ("300 per 5 minutes"); evenly spaced attempts keep
+/// under the limit in every window, where a burst of `count` and then the steady pace would
+/// nearly double it in one.
+fn channels_limiters(rates: &[(String, Rate)]) -> HashMap<String, Arc<DefaultDirectRateLimiter>> {
+    rates
+        .iter()
+        .filter_map(|(id, rate)| {
+            NonZeroU32::new(rate.count)?;
+            let quota = Quota::with_period(rate.period / rate.count)?;
+            Some((id.clone(), Arc::new(RateLimiter::direct(quota))))
+        })
+        .collect()
+}
+
 impl Dispatcher {
     pub fn new(
         store: Arc<dyn Store>,
@@ -87,6 +108,10 @@ impl Dispatcher {
         lease: Duration,
         owner: String,
     ) -> Self {
+        let channels_rates: Vec<(String, Rate)> = channels
+            .iter()
+            .filter_map(|c| c.policy.rate.map(|rate| (c.id.clone(), rate)))
+            .collect();
         Self {
             store,
             channels,
@@ -98,6 +123,7 @@ impl Dispatcher {
             cache: Mutex::new(HashMap::new()),
             throttled_until: Mutex::new(HashMap::new()),
             planning: watch::channel(false).1,
+            limiters: channels_limiters(&channels_rates),
         }
     }
 
@@ -297,11 +323,31 @@ impl Dispatcher {
         }
         if ready.is_empty() {
             let attempt_limit = channel.policy.timeout + Duration::from_secs(1);
-            let batch = if self.lease >= attempt_limit * 2 {
+            let mut batch = if self.lease >= attempt_limit * 2 {
                 concurrency.max(free)
             } else {
                 free
             };
+            if let Some(limiter) = self.limiters.get(&channel.id) {
+                // A permit per delivery leased, taken before the lease, so no lease waits
+                // for the rate. Permits left over when the queue runs dry are lost: the rate
+                // is never exceeded, at worst underused once per drained queue.
+                let mut permits = 0;
+                while permits < batch.min(free) {
+                    match limiter.check() {
+                        Ok(()) => permits += 1,
+                        Err(not_until) => {
+                            if permits == 0 {
+                                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                                self.throttle(&channel.id, clock::after(now, wait));
+                                return Ok(());
+                            }
+                            break;
+                        }
+                    }
+                }
+                batch = permits;
+            }
             let leased = self
                 .store
                 .lease_due(&channel.id, &self.owner, batch, self.lease, now)

@@ -36,8 +36,13 @@ pub fn after_failure(
             if delivery.attempts >= policy.max_attempts {
                 return gave_up(format!("gave up after {} attempts", delivery.attempts));
             }
-            let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
-            let jittered = Duration::from_millis(rng.random_range(0..=ceiling_ms));
+            let jittered = match policy.schedule {
+                Some(schedule) => scheduled_wait(schedule, delivery.attempts, rng),
+                None => {
+                    let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+                    Duration::from_millis(rng.random_range(0..=ceiling_ms))
+                }
+            };
             error
                 .retry_after
                 .map_or(jittered, |asked| asked.max(jittered))
@@ -56,6 +61,16 @@ pub fn after_failure(
         failure: error.clone(),
         counts_as_attempt: error.kind != FailureKind::Throttled,
     }
+}
+
+/// The schedule's wait after failed attempt number `attempt` (the last wait repeats), within
+/// 20 % either way, so retries of many messages do not arrive together.
+fn scheduled_wait(schedule: &[Duration], attempt: u32, rng: &mut impl Rng) -> Duration {
+    let index = (attempt.saturating_sub(1) as usize).min(schedule.len().saturating_sub(1));
+    let Some(wait) = schedule.get(index) else {
+        return Duration::ZERO;
+    };
+    wait.mul_f64(rng.random_range(0.8..=1.2))
 }
 
 /// `min(backoff_max, backoff_base * 2^(attempt - 1))`.
@@ -85,6 +100,8 @@ mod tests {
             timeout: Duration::from_secs(5),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
+            rate: None,
+            schedule: None,
         }
     }
 
@@ -232,6 +249,41 @@ mod tests {
             &mut StdRng::seed_from_u64(1),
         );
         assert!(matches!(outcome, Outcome::Dead { .. }), "{outcome:?}");
+    }
+
+    #[test]
+    fn a_schedule_sets_each_retrys_wait_within_a_fifth_and_ends_after_its_last_step() {
+        const SCHEDULE: &[Duration] = &[Duration::from_secs(5), Duration::from_secs(300)];
+        let scheduled =
+            DeliveryPolicy::with_concurrency(1).with_schedule(SCHEDULE, Duration::from_secs(3600));
+        assert_eq!(scheduled.max_attempts, 3);
+        let now = Utc::now();
+        let mut rng = StdRng::seed_from_u64(3);
+        for (attempt, expected) in [(1, 5.0), (2, 300.0)] {
+            let outcome = after_failure(
+                &scheduled,
+                &delivery(attempt, now),
+                &transient("503", None),
+                now,
+                &mut rng,
+            );
+            let Outcome::Retry { at, .. } = outcome else {
+                panic!("expected a retry, got {outcome:?}")
+            };
+            let waited = (at - now).num_milliseconds() as f64 / 1000.0;
+            assert!(
+                (expected * 0.8..=expected * 1.2).contains(&waited),
+                "{waited}"
+            );
+        }
+        let last = after_failure(
+            &scheduled,
+            &delivery(3, now),
+            &transient("503", None),
+            now,
+            &mut rng,
+        );
+        assert!(matches!(last, Outcome::Dead { .. }));
     }
 
     proptest! {

@@ -41,6 +41,8 @@ struct Scripted {
     clock: Clock,
     calls: Mutex<Vec<Call>>,
     script: Box<Script>,
+    /// How long each call takes.
+    takes: Duration,
 }
 
 impl Scripted {
@@ -54,6 +56,18 @@ impl Scripted {
             clock,
             calls: Mutex::new(Vec::new()),
             script: Box::new(script),
+            takes: Duration::from_secs(1),
+        })
+    }
+
+    /// A channel that answers at once, every time with success.
+    fn instant(reach: Reach, clock: Clock) -> Arc<Self> {
+        Arc::new(Self {
+            reach,
+            clock,
+            calls: Mutex::new(Vec::new()),
+            script: Box::new(|_, _| Ok(Receipt::none())),
+            takes: Duration::ZERO,
         })
     }
 
@@ -87,7 +101,7 @@ impl Channel for Scripted {
             });
             calls.len() - 1
         };
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(self.takes).await;
         (self.script)(index, attempt.recipient)
     }
 }
@@ -108,8 +122,19 @@ impl Harness {
     }
 
     fn channel(&mut self, id: &str, concurrency: usize, adapter: Arc<Scripted>) {
+        self.channel_with_rate(id, concurrency, adapter, None);
+    }
+
+    fn channel_with_rate(
+        &mut self,
+        id: &str,
+        concurrency: usize,
+        adapter: Arc<Scripted>,
+        rate: Option<crate::config::Rate>,
+    ) {
         let mut policy = DeliveryPolicy::with_concurrency(concurrency);
         policy.max_attempts = 3;
+        policy.rate = rate;
         self.channels.push(ConfiguredChannel {
             id: id.into(),
             kind: "scripted",
@@ -381,4 +406,31 @@ async fn a_delivery_is_finished_when_its_attempt_ends_not_when_it_starts() {
     let sent = harness.store.delivery(&call.key).await.unwrap().unwrap();
     let took = sent.finished_at.unwrap() - call.started;
     assert_eq!(took.num_seconds(), 1, "the attempt took a second: {took}");
+}
+
+/// In real time: the rate limiter reads the system's monotonic clock.
+#[tokio::test]
+async fn a_channels_rate_spaces_its_attempts_evenly_whatever_its_concurrency() {
+    let mut harness = Harness {
+        clock: Clock::System,
+        ..Harness::new()
+    };
+    let channel = Scripted::instant(email(), harness.clock);
+    let rate = crate::config::Rate::new(10, Duration::from_secs(1));
+    harness.channel_with_rate("email", 4, channel.clone(), Some(rate));
+    for i in 0..6 {
+        harness.subscribe(&format!("c{i}@example.com")).await;
+    }
+    harness.send(None).await;
+    harness.dispatch().await;
+
+    let calls = channel.calls();
+    assert_eq!(calls.len(), 6);
+    let mut starts: Vec<DateTime<Utc>> = calls.iter().map(|c| c.started).collect();
+    starts.sort();
+    for pair in starts.windows(2) {
+        let gap = (pair[1] - pair[0]).num_milliseconds();
+        // One permit every 100 ms; a little slack for the clocks' granularity.
+        assert!(gap >= 90, "attempts {gap} ms apart: {starts:?}");
+    }
 }

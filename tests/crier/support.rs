@@ -157,6 +157,8 @@ pub struct Answer {
     status: u16,
     retry_after: Option<u64>,
     delay: Duration,
+    /// One more header on the answer.
+    header: Option<(&'static str, &'static str)>,
 }
 
 impl Answer {
@@ -165,6 +167,7 @@ impl Answer {
             status,
             retry_after: None,
             delay: Duration::ZERO,
+            header: None,
         }
     }
 
@@ -173,6 +176,7 @@ impl Answer {
             status,
             retry_after: Some(seconds),
             delay: Duration::ZERO,
+            header: None,
         }
     }
 
@@ -182,7 +186,14 @@ impl Answer {
             status: 204,
             retry_after: None,
             delay,
+            header: None,
         }
+    }
+
+    /// The same answer with one more header.
+    pub const fn with_header(mut self, name: &'static str, value: &'static str) -> Self {
+        self.header = Some((name, value));
+        self
     }
 }
 
@@ -234,6 +245,7 @@ impl WebhookSink {
                     let Answer {
                         status,
                         retry_after,
+                        header,
                         ..
                     } = answer;
                     let mut response = StatusCode::from_u16(status).unwrap().into_response();
@@ -241,6 +253,9 @@ impl WebhookSink {
                         response
                             .headers_mut()
                             .insert("retry-after", seconds.to_string().parse().unwrap());
+                    }
+                    if let Some((name, value)) = header {
+                        response.headers_mut().insert(name, value.parse().unwrap());
                     }
                     response
                 }

@@ -179,3 +179,64 @@ async fn a_partner_that_times_out_is_retried_with_the_same_webhook_id() {
         received[1].header("webhook-id")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_not_followed_but_retried_as_a_failed_attempt() {
+    let sink = WebhookSink::start(&[
+        Answer::status(302).with_header("location", "http://127.0.0.1:9/elsewhere")
+    ])
+    .await;
+    let crier = Crier::new().webhook(&sink.url, FAST_RETRIES);
+    let summary = crier.send(&[], "We're on it.").await;
+    assert_eq!(summary["channels"]["partners"]["sent"], 1, "{summary}");
+    let received = sink.received();
+    let answers: Vec<u16> = received.iter().map(|h| h.answered).collect();
+    assert_eq!(answers, [302, 204], "retried at the same endpoint");
+    assert_eq!(
+        received[0].header("webhook-id"),
+        received[1].header("webhook-id")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_can_abort_one_message_or_disable_itself() {
+    let sink = WebhookSink::start(&[
+        Answer::status(500).with_header("webhook-delivery", "abort-message"),
+        Answer::status(500).with_header("webhook-delivery", "disable"),
+    ])
+    .await;
+    let crier = Crier::new().webhook(&sink.url, FAST_RETRIES);
+    let first = crier.send_to_no_avail("First.").await;
+    assert_eq!(first["channels"]["partners"]["dead"], 1);
+    assert_eq!(
+        sink.received().len(),
+        1,
+        "an aborted message is not retried"
+    );
+    let failed = crier
+        .run(&["deliveries", "--failed", "--json"])
+        .await
+        .json();
+    assert!(
+        failed["failures"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("asked to abort this message"),
+        "{failed}"
+    );
+
+    crier.send_to_no_avail("Second.").await;
+    crier.send_to_no_avail("Third.").await;
+    assert_eq!(
+        sink.received().len(),
+        2,
+        "after asking to be disabled, the endpoint gets nothing more"
+    );
+    let retried = crier.run(&["retry", "--json"]).await;
+    assert!(retried.stderr.contains("channel partners is enabled again"));
+    assert_eq!(
+        sink.received().len(),
+        5,
+        "retry delivers the three dead letters"
+    );
+}
