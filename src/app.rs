@@ -45,6 +45,10 @@ pub struct App {
     pub composer: Composer,
     /// This process, as recorded on the leases it takes.
     pub owner: String,
+    /// The public status view, which the status page channel writes and the server serves.
+    pub status: Arc<StatusProjection>,
+    /// Every template, the web pages' among them.
+    pub renderer: Arc<Renderer>,
 }
 
 impl App {
@@ -61,9 +65,9 @@ impl App {
             composer.links().clone(),
         ));
         let context = BuildContext {
-            renderer,
+            renderer: renderer.clone(),
             composer: composer.clone(),
-            status,
+            status: status.clone(),
         };
         let channels = build_channels(&config, &context).await?;
         Ok(Self {
@@ -72,6 +76,8 @@ impl App {
             channels,
             composer,
             owner: format!("crier-{}-{}", std::process::id(), Ulid::new()),
+            status,
+            renderer,
         })
     }
 
@@ -163,6 +169,18 @@ impl App {
                     })
             })
             .collect()
+    }
+
+    /// The first status page channel, and how many incidents it shows: what `crier serve`
+    /// serves at `/`.
+    pub fn status_page(&self) -> Option<(String, usize)> {
+        self.config.channels.iter().find_map(|channel| {
+            channel
+                .settings
+                .as_any()
+                .downcast_ref::<crate::channel::status_page::StatusPageSettings>()
+                .map(|settings| (channel.id.clone(), settings.incidents))
+        })
     }
 
     /// Stores the update durably; its planning starts with the next dispatch

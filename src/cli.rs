@@ -60,6 +60,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the status page and health checks, and deliver whatever is queued, until Ctrl-C
+    /// or SIGTERM.
+    Serve,
     /// Store an update and deliver it to every channel, with a progress bar.
     Send(SendArgs),
     /// Render an update for every channel and check each channel's limits, without sending.
@@ -72,6 +75,9 @@ pub enum Command {
     Unsubscribe(UnsubscribeArgs),
     /// Deliver whatever is queued (after a crash or Ctrl-C), then exit.
     Dispatch(DispatchArgs),
+    /// For support: the latest update that applies to an order, how it reached each contact
+    /// following the order (masked), and a reply to paste.
+    Order(OrderArgs),
     /// Show delivery counts per channel, and the failures.
     Deliveries(DeliveriesArgs),
     /// Queue dead letters again and deliver them.
@@ -198,6 +204,14 @@ pub struct DispatchArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct OrderArgs {
+    /// The order number, as the customer gives it.
+    pub order: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct DeliveriesArgs {
     /// The update to report on [default: the latest].
     #[arg(long)]
@@ -227,12 +241,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let config = Config::load(&cli.config, &ProcessEnv)?;
     match cli.command {
         Command::CheckConfig => check_config(&config),
+        Command::Serve => serve(config).await,
         Command::Subscribe(args) => subscribe(config, args).await,
         Command::Import(args) => import(config, args).await,
         Command::Unsubscribe(args) => unsubscribe(config, args).await,
         Command::Preview(args) => preview(config, args).await,
         Command::Send(args) => send(config, args).await,
         Command::Dispatch(args) => dispatch(config, args).await,
+        Command::Order(args) => order(config, args).await,
         Command::Deliveries(args) => deliveries(config, args).await,
         Command::Retry(args) => retry(config, args).await,
     }
@@ -577,6 +593,17 @@ fn confirm_send(composed: &Composed) -> Result<()> {
     Ok(())
 }
 
+async fn serve(config: Config) -> Result<ExitCode> {
+    let app = App::open(config).await?;
+    let stop = StopSignal::install()?;
+    crate::runtime::serve(&app, &stop, |address| {
+        eprintln!("crier serves http://{address}/ (Ctrl-C or SIGTERM to stop)");
+    })
+    .await?;
+    eprintln!("stopped; whatever was still queued stays queued for the next start");
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn send(config: Config, args: SendArgs) -> Result<ExitCode> {
     let reads_stdin = args.compose.body.as_deref() == Some("-");
     let draft = draft(&config, args.compose)?;
@@ -707,6 +734,125 @@ fn print_counts(counts: &BTreeMap<String, Counts>) -> Result<()> {
         say!("(no deliveries)");
     }
     Ok(())
+}
+
+/// How far back `order` looks for an update that applies.
+const UPDATES_SEARCHED: usize = 1000;
+/// How many contacts of one order `order` lists at most.
+const CONTACTS_LISTED: usize = 100;
+
+async fn order(config: Config, args: OrderArgs) -> Result<ExitCode> {
+    let order = OrderNumber::parse(&args.order, &config.orders)?;
+    let store = open_store(&config).await?;
+    let latest = store
+        .recent_updates(UPDATES_SEARCHED)
+        .await?
+        .into_iter()
+        .find(|update| match &update.audience {
+            Audience::Everyone => true,
+            Audience::Orders(orders) => orders.contains(&order),
+        });
+    let audience = Audience::Orders(BTreeSet::from([order.clone()]));
+    let followers = store
+        .subscriber_page(&audience, None, CONTACTS_LISTED)
+        .await?
+        .items;
+    let mut contacts = Vec::new();
+    for subscriber in &followers {
+        let mut deliveries = BTreeMap::new();
+        if let Some(update) = &latest {
+            for channel in &update.channels {
+                let recipient = crate::delivery::Recipient::Contact(subscriber.contact.clone());
+                let key = crate::delivery::DeliveryKey::new(update.id, channel, &recipient);
+                if let Some(record) = store.delivery(&key).await? {
+                    deliveries.insert(channel.clone(), record.state);
+                }
+            }
+        }
+        contacts.push(serde_json::json!({
+            "contact": subscriber.contact.masked(),
+            "state": subscriber.state,
+            "deliveries": deliveries,
+        }));
+    }
+    let status_page = format!("{}/", config.brand.public_url);
+    let snippet = latest.as_ref().map(|update| {
+        let mut text = format!(
+            "Here is the latest on your order {order}: {}\n\n{}",
+            update.headline.as_str(),
+            update.body.as_str()
+        );
+        if let Some(next) = update.next_update_by {
+            text.push_str(&format!("\n\nNext update by {}.", human_time(next)));
+        }
+        text.push_str(&format!("\n\nEvery update, as it happens: {status_page}"));
+        text
+    });
+    if args.json {
+        say!(
+            "{}",
+            serde_json::json!({
+                "order": order.as_str(),
+                "update": latest.as_ref().map(|u| serde_json::json!({
+                    "id": u.id.to_string(),
+                    "incident": u.incident.to_string(),
+                    "state": u.state.as_str(),
+                    "headline": u.headline.as_str(),
+                    "next_update_by": u.next_update_by.map(crate::render::rfc3339),
+                    "created_at": crate::render::rfc3339(u.created_at),
+                })),
+                "contacts": contacts,
+                "snippet": snippet,
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    match &latest {
+        Some(update) => {
+            say!(
+                "order {order} · latest update {} ({}) · {}",
+                update.id,
+                human_time(update.created_at),
+                update.state
+            );
+            say!("  {}", terminal_safe(update.headline.as_str()));
+            if let Some(next) = update.next_update_by {
+                say!("  next update promised by {}", human_time(next));
+            }
+        }
+        None => say!("order {order}: no update applies to it yet"),
+    }
+    if contacts.is_empty() {
+        say!("nobody follows order {order}");
+    } else {
+        say!("contacts following {order}:");
+        for contact in &contacts {
+            let deliveries: Vec<String> = contact["deliveries"]
+                .as_object()
+                .map(|d| {
+                    d.iter()
+                        .map(|(channel, state)| {
+                            format!("{channel}: {}", state.as_str().unwrap_or("?"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            say!(
+                "  {} ({}){}",
+                contact["contact"].as_str().unwrap_or_default(),
+                contact["state"].as_str().unwrap_or_default(),
+                if deliveries.is_empty() {
+                    String::new()
+                } else {
+                    format!(" · {}", deliveries.join(", "))
+                }
+            );
+        }
+    }
+    if let Some(snippet) = snippet {
+        say!("\nreply to paste:\n{}", terminal_safe(&snippet));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// How many failures `deliveries --failed` lists at most.

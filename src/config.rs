@@ -52,6 +52,28 @@ struct ConfigFile {
     tokens: TokensFile,
     #[serde(default)]
     dispatch: DispatchFile,
+    #[serde(default)]
+    server: ServerFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerFile {
+    /// The address `crier serve` listens on (port 0 picks a free one).
+    #[serde(default = "default_listen")]
+    listen: String,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
 }
 
 fn default_channels_dir() -> PathBuf {
@@ -180,6 +202,8 @@ pub struct Config {
     pub unsubscribe_ttl: Duration,
     pub lease: Duration,
     pub plan_batch: usize,
+    /// Where `crier serve` listens.
+    pub listen: std::net::SocketAddr,
     pub channels: Vec<ChannelConfig>,
 }
 
@@ -369,6 +393,16 @@ impl Config {
             ));
         }
 
+        let listen = raw.server.listen.parse().map_err(|e| {
+            ConfigError::at(
+                file,
+                "server.listen",
+                format!(
+                    "'{}' is not an address like 127.0.0.1:8080: {e}",
+                    raw.server.listen
+                ),
+            )
+        })?;
         let channels_dir = base.join(&raw.channels_dir);
         let channels = load_channels(&channels_dir, &base, secrets)?;
         // A lease shorter than an attempt may take would hand a delivery that is still being
@@ -403,6 +437,7 @@ impl Config {
             unsubscribe_ttl,
             lease,
             plan_batch: raw.dispatch.plan_batch,
+            listen,
             channels,
         })
     }
@@ -634,7 +669,11 @@ fn load_channel(
         table: toml::Value::Table(table),
         secrets,
     })?;
-    let policy = delivery_policy(file, kind.default_policy.clone(), delivery)?;
+    let policy = delivery_policy(
+        file,
+        settings.default_policy(&kind.default_policy),
+        delivery,
+    )?;
     Ok(ChannelConfig {
         id,
         file: file.to_owned(),

@@ -8,7 +8,7 @@
 //! runtime), with the embedded backend and an in-memory one. `render` owns the handlebars
 //! templates, `links` the public URLs and signed tokens, and `status_view` the public status
 //! projection. `dispatch` plans an update into deliveries and runs one worker per channel;
-//! `runtime` runs it for a command; `app` wires everything for the commands in `cli`. Errors
+//! `runtime` runs it for a command, and `web` serves the status page for `crier serve`; `app` wires everything for the commands in `cli`. Errors
 //! are classified once, in `error`.
 
 pub mod app;
@@ -27,5 +27,6 @@ pub mod render;
 pub mod runtime;
 pub mod status_view;
 pub mod store;
+pub mod web;
 
 pub use error::{Error, ErrorKind, Result};

@@ -156,6 +156,97 @@ pub async fn deliver_queued(
     Ok(delivered)
 }
 
+/// Runs `crier serve`: the web server on `config.listen` and the dispatcher, until a stop
+/// request. Then it stops accepting requests, lets the attempts in flight finish (leases held
+/// ahead go back to the queue), and returns. `ready` hears the address it listens on.
+pub async fn serve(
+    app: &App,
+    stop: &StopSignal,
+    ready: impl FnOnce(std::net::SocketAddr),
+) -> crate::Result<()> {
+    let listener = tokio::net::TcpListener::bind(app.config.listen)
+        .await
+        .map_err(|e| crate::Error::user(format!("cannot listen on {}: {e}", app.config.listen)))?;
+    let address = listener.local_addr()?;
+    app.renderer.require(crate::web::pages::TEMPLATES)?;
+    let status = Arc::new(match app.status_page() {
+        Some((channel, incidents)) => {
+            crate::web::StatusCache::new(app.status.clone(), Some(channel), incidents)
+        }
+        None => crate::web::StatusCache::new(app.status.clone(), None, 0),
+    });
+    status.refresh().await?;
+
+    let orphaned = app.store.recover_orphaned(&app.owner, Utc::now()).await?;
+    if orphaned > 0 {
+        tracing::warn!(
+            orphaned,
+            "deliveries left in flight by an earlier run are queued again"
+        );
+    }
+    let unfinished = app.store.unfinished_plans().await?;
+    let planner = {
+        let (store, channels, batch) = (
+            app.store.clone(),
+            app.channels.clone(),
+            app.config.plan_batch,
+        );
+        tokio::spawn(async move {
+            for id in unfinished {
+                let update = store.update(id).await?;
+                plan_update_counting(
+                    store.as_ref(),
+                    &update,
+                    &channels,
+                    batch,
+                    Utc::now(),
+                    &AtomicU64::new(0),
+                )
+                .await?;
+            }
+            Ok::<_, crate::store::StoreError>(())
+        })
+    };
+
+    // The page is rendered again whenever its channel settles a delivery.
+    let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Settled>();
+    let refresher = {
+        let status = status.clone();
+        tokio::spawn(async move {
+            while let Some(settled) = settled_rx.recv().await {
+                if Some(settled.channel.as_str()) == status.channel()
+                    && let Err(error) = status.refresh().await
+                {
+                    tracing::error!(%error, "cannot render the status page");
+                }
+            }
+        })
+    };
+    let dispatcher = Arc::new(app.dispatcher().report_to(settled_tx));
+    let dispatching = tokio::spawn(dispatcher.run(Mode::Forever, stop.receiver()));
+
+    ready(address);
+    let mut stopped = stop.receiver();
+    let pages = crate::web::pages::Pages {
+        renderer: app.renderer.clone(),
+        brand: app.composer.brand().clone(),
+        links: app.composer.links().clone(),
+        signer: app.composer.link_maker().signer().clone(),
+    };
+    let router = crate::web::router(status, app.store.clone(), pages);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })
+        .await?;
+    let dispatched = dispatching.await?;
+    planner.abort();
+    let _ = planner.await;
+    refresher.abort();
+    dispatched?;
+    Ok(())
+}
+
 fn progress_target() -> ProgressDrawTarget {
     if std::io::stderr().is_terminal() {
         ProgressDrawTarget::stderr()

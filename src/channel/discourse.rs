@@ -158,8 +158,9 @@ impl ChannelSettings for DiscourseSettings {
         policy: &DeliveryPolicy,
         context: &BuildContext,
     ) -> crate::Result<Arc<dyn Channel>> {
-        let api_key = api_key_header(&self.api_key)
-            .map_err(|_| crate::Error::user("the API key has characters an HTTP header cannot carry"))?;
+        let api_key = api_key_header(&self.api_key).map_err(|_| {
+            crate::Error::user("the API key has characters an HTTP header cannot carry")
+        })?;
         let api_username = HeaderValue::from_str(&self.api_username)
             .map_err(|_| crate::Error::user("api_username cannot be sent as a header"))?;
         Ok(Arc::new(DiscourseChannel {
@@ -408,8 +409,6 @@ mod tests {
         assert!(parse(MINIMAL).is_ok());
         let error = parse(&MINIMAL.replace("category = 7", "category = 0")).unwrap_err();
         assert!(error.contains("category"), "{error}");
-        let error = parse(&MINIMAL.replace("category = 7", "category = \"status\"")).unwrap_err();
-        assert!(error.contains("category") || error.contains("integer"), "{error}");
         let error = parse(&MINIMAL.replace("\"status\"", "\"\"")).unwrap_err();
         assert!(error.contains("api_username"), "{error}");
         let error = parse(&format!("{MINIMAL}min_post_length = 0\n")).unwrap_err();

@@ -230,4 +230,31 @@ mod tests {
         );
         assert!(shown.starts_with("https://hooks.example.com/in"), "{shown}");
     }
+
+    #[test]
+    fn a_providers_words_become_one_short_line() {
+        assert_eq!(
+            provider_text("Body is too similar\n\tto what\u{1b}[31m you posted"),
+            "Body is too similar to what [31m you posted"
+        );
+        let long = provider_text(&"word ".repeat(200));
+        assert_eq!(long.chars().count(), PROVIDER_TEXT_LIMIT + 1);
+        assert!(long.ends_with('…'));
+    }
+
+    #[test]
+    fn api_paths_are_appended_to_a_base_in_a_subfolder_or_not() {
+        let root = api_base("https://social.example/").unwrap();
+        assert_eq!(
+            endpoint(&root, "/api/v1/statuses").as_str(),
+            "https://social.example/api/v1/statuses"
+        );
+        let nested = api_base("https://example.com/forum/").unwrap();
+        assert_eq!(
+            endpoint(&nested, "/posts.json").as_str(),
+            "https://example.com/forum/posts.json"
+        );
+        assert!(api_base("forum.example.com").is_err());
+        assert!(api_base("https://forum.example.com/?key=1").is_err());
+    }
 }

@@ -35,6 +35,18 @@ pub fn fit(
     link: &str,
     measure: &dyn Measure,
 ) -> Result<String, Rejection> {
+    fit_with(text, overflow, link, "…", measure)
+}
+
+/// [`fit`] with another ellipsis before the link: an SMS in GSM-7 uses `...`, since `…` is
+/// not in that alphabet and would force the whole text into UCS-2, less than half the room.
+pub fn fit_with(
+    text: &str,
+    overflow: Overflow,
+    link: &str,
+    ellipsis: &str,
+    measure: &dyn Measure,
+) -> Result<String, Rejection> {
     let length = measure.measure(text);
     if length <= measure.limit() {
         return Ok(text.to_owned());
@@ -49,7 +61,7 @@ pub fn fit(
     if overflow == Overflow::Refuse {
         return Err(refused());
     }
-    let suffix = format!("… {link}");
+    let suffix = format!("{ellipsis} {link}");
     // Word boundaries, longest first; a prefix only shrinks, so the first that fits is best.
     let mut cuts: Vec<usize> = text
         .char_indices()

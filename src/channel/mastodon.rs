@@ -115,15 +115,17 @@ impl MastodonSettings {
     fn parse(input: &SettingsInput) -> Result<Arc<dyn ChannelSettings>, ConfigError> {
         let file = input.file;
         let raw: MastodonFile = input.parse()?;
-        let instance = api_base(&raw.instance)
-            .map_err(|reason| ConfigError::at(file, "instance", reason))?;
+        let instance =
+            api_base(&raw.instance).map_err(|reason| ConfigError::at(file, "instance", reason))?;
         let visibility = match raw.visibility.as_deref() {
             None => Visibility::default(),
             Some(text) => Visibility::parse(text).ok_or_else(|| {
                 ConfigError::at(
                     file,
                     "visibility",
-                    format!("'{text}' is not a visibility: use public, unlisted, private or direct"),
+                    format!(
+                        "'{text}' is not a visibility: use public, unlisted, private or direct"
+                    ),
                 )
             })?,
         };
@@ -546,7 +548,10 @@ mod tests {
             "{error}"
         );
         let error = parse(&format!("{MINIMAL}language = \"eng\"\n"), "token").unwrap_err();
-        assert!(error.contains("language") && error.contains("ISO 639-1"), "{error}");
+        assert!(
+            error.contains("language") && error.contains("ISO 639-1"),
+            "{error}"
+        );
         assert!(parse(&format!("{MINIMAL}language = \"DE\"\n"), "token").is_ok());
         let error = parse(
             "instance = \"mastodon.example\"\ntoken_env = \"T\"\n",
@@ -566,23 +571,12 @@ mod tests {
     }
 
     #[test]
-    fn api_paths_are_appended_to_the_instance_address() {
-        let base = api_base("https://social.example/").unwrap();
-        assert_eq!(
-            endpoint(&base, "/api/v1/statuses").as_str(),
-            "https://social.example/api/v1/statuses"
-        );
-        let nested = api_base("https://example.com/mastodon/").unwrap();
-        assert_eq!(
-            endpoint(&nested, "/api/v2/instance").as_str(),
-            "https://example.com/mastodon/api/v2/instance"
-        );
-    }
-
-    #[test]
     fn a_thread_that_is_not_a_status_is_a_permanent_failure() {
         let good = serde_json::json!({"status_id": "109"});
-        assert_eq!(previous_status(Some(&good)).unwrap().as_deref(), Some("109"));
+        assert_eq!(
+            previous_status(Some(&good)).unwrap().as_deref(),
+            Some("109")
+        );
         let bad = serde_json::json!({"topic_id": 4});
         assert!(previous_status(Some(&bad)).is_err());
         assert_eq!(previous_status(None).unwrap(), None);

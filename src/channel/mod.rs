@@ -4,12 +4,15 @@
 //! An adapter knows its provider and nothing else: not its own name, not its retry policy,
 //! not the store. The dispatcher owns those (see [`ConfiguredChannel`]).
 
+mod discourse;
 mod email;
 pub mod http;
 pub mod limits;
+mod mastodon;
 pub mod registry;
+mod sms;
 mod smtp_pool;
-mod status_page;
+pub mod status_page;
 pub mod webhook;
 
 use crate::config::{Config, DeliveryPolicy};
@@ -50,12 +53,12 @@ pub enum Rejection {
     Render(#[from] RenderError),
 }
 
-/// A rejection, with the channel that made it.
+/// A rejection, with the channel that made it. The rejection is shown in the message, so it
+/// is not also a `source` (that would print its reason twice).
 #[derive(Debug, thiserror::Error)]
 #[error("channel {channel}: {rejection}")]
 pub struct RejectError {
     pub channel: String,
-    #[source]
     pub rejection: Rejection,
 }
 

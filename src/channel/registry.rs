@@ -19,6 +19,19 @@ pub trait ChannelSettings: std::fmt::Debug + Send + Sync {
         context: &BuildContext,
     ) -> crate::Result<Arc<dyn Channel>>;
 
+    /// The settings as `Any`, for a kind whose settings another part reads back (the server
+    /// reads the status page's); other kinds keep the default, which downcasts to nothing.
+    fn as_any(&self) -> &dyn std::any::Any {
+        &()
+    }
+
+    /// The policy a channel starts from before its file's `[delivery]` applies: the kind's
+    /// default, unless these settings ask for another (an SMS through Twilio has Twilio's
+    /// rate, one through Kannel none).
+    fn default_policy(&self, kind_default: &DeliveryPolicy) -> DeliveryPolicy {
+        kind_default.clone()
+    }
+
     /// Checks what can be checked without building: that a folder it will write to can be
     /// created. Reads only; `check-config` runs it.
     fn check(&self) -> Result<(), String> {
@@ -37,11 +50,16 @@ pub struct SettingsInput<'a> {
 
 impl SettingsInput<'_> {
     /// Deserializes the table into a kind's file struct (which denies unknown fields).
+    /// Deserializes the table into a kind's file struct (which denies unknown fields). A
+    /// value of the wrong type is reported with its key, which toml's own message leaves out.
     pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
-        self.table
-            .clone()
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::new(self.file, None, e.message().trim()))
+        serde_path_to_error::deserialize(self.table.clone()).map_err(|e| {
+            let key = e.path().to_string();
+            let reason = e.into_inner().message().trim().to_owned();
+            // serde_path_to_error names the top level ".": no key to name then.
+            let key = (!key.is_empty() && key != ".").then_some(key);
+            ConfigError::new(self.file, key, reason)
+        })
     }
 }
 
@@ -65,6 +83,9 @@ pub static KINDS: &[&ChannelKind] = &[
     &super::email::KIND,
     &super::webhook::KIND,
     &super::status_page::KIND,
+    &super::sms::KIND,
+    &super::mastodon::KIND,
+    &super::discourse::KIND,
 ];
 
 pub fn kind(name: &str) -> Option<&'static ChannelKind> {

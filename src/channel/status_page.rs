@@ -61,6 +61,10 @@ impl StatusPageSettings {
 
 #[async_trait::async_trait]
 impl ChannelSettings for StatusPageSettings {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn check(&self) -> Result<(), String> {
         crate::files::can_create_dir(&self.dir).map_err(|reason| format!("dir: {reason}"))
     }

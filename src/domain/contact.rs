@@ -248,6 +248,28 @@ pub enum Contact {
 }
 
 impl Contact {
+    /// The contact as shown to support and on pages: `a***@example.com`, `+44*******123`.
+    /// Enough to recognise one's own, not enough to learn someone else's.
+    pub fn masked(&self) -> String {
+        match self {
+            Contact::Email(email) => {
+                let text = email.as_str();
+                let (local, domain) = text.split_once('@').unwrap_or((text, ""));
+                let first: String = local.chars().take(1).collect();
+                format!("{first}***@{domain}")
+            }
+            Contact::Phone(phone) => {
+                let digits: Vec<char> = phone.as_str().chars().collect();
+                let keep_start = 3.min(digits.len());
+                let keep_end = 3.min(digits.len().saturating_sub(keep_start));
+                let hidden = digits.len() - keep_start - keep_end;
+                let start: String = digits[..keep_start].iter().collect();
+                let end: String = digits[digits.len() - keep_end..].iter().collect();
+                format!("{start}{}{end}", "*".repeat(hidden))
+            }
+        }
+    }
+
     /// Parses either form: an `@` means an email address, else a leading `+` a phone number.
     ///
     /// The `@` is looked at first because a local part may start with `+`, and every stored
@@ -306,6 +328,18 @@ mod tests {
     use super::super::update::hostile;
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_contact_is_masked_for_pages_and_support() {
+        assert_eq!(
+            Contact::parse("ann@example.com").unwrap().masked(),
+            "a***@example.com"
+        );
+        assert_eq!(
+            Contact::parse("+447700900123").unwrap().masked(),
+            "+44*******123"
+        );
+    }
 
     #[test]
     fn an_email_address_is_trimmed_and_lower_cased() {

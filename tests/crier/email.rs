@@ -95,7 +95,7 @@ fn raw_header(data: &str, name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name} header in:\n{head}"))
 }
 
-fn unsubscribe_token(data: &str) -> String {
+pub fn unsubscribe_token(data: &str) -> String {
     let link = raw_header(data, "List-Unsubscribe");
     link.trim_matches(['<', '>'])
         .rsplit('/')

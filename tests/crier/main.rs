@@ -4,9 +4,14 @@
 mod audience;
 mod bad_input;
 mod crash;
+mod discourse;
 mod email;
 mod hardening;
 mod import;
+mod mastodon;
+mod order;
+mod serve;
+mod sms;
 mod status_page;
 mod support;
 mod webhook;

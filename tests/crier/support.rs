@@ -538,3 +538,213 @@ impl Crier {
         self
     }
 }
+
+// ---- fake provider APIs -------------------------------------------------------------------------
+
+/// One request a [`FakeApi`] received.
+#[derive(Debug, Clone)]
+pub struct ApiRequest {
+    pub method: String,
+    /// The path, with the query if there is one.
+    pub path: String,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+    pub at: Instant,
+}
+
+impl ApiRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("the request body is JSON")
+    }
+
+    /// The top-level keys of the JSON body, sorted.
+    pub fn json_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .json()
+            .as_object()
+            .expect("the request body is a JSON object")
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
+    }
+}
+
+/// What a [`FakeApi`] answers: a status, headers, perhaps a JSON body, perhaps after a delay.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: Option<serde_json::Value>,
+    delay: Duration,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: None,
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn json(status: u16, body: serde_json::Value) -> Self {
+        Self {
+            body: Some(body),
+            ..Self::status(status)
+        }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.push((name, value.to_owned()));
+        self
+    }
+
+    /// The same answer, given only after `delay`: a provider that times out.
+    pub fn after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+type Answerer = dyn Fn(&ApiRequest, usize) -> Reply + Send + Sync;
+
+/// An axum server on 127.0.0.1 that records every request and answers it through a function
+/// of the request and how many earlier requests had the same method and path.
+pub struct FakeApi {
+    /// The base URL, without a trailing slash.
+    pub url: String,
+    received: Arc<Mutex<Vec<ApiRequest>>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl FakeApi {
+    pub async fn start(
+        answer: impl Fn(&ApiRequest, usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let received: Arc<Mutex<Vec<ApiRequest>>> = Arc::default();
+        let answer: Arc<Answerer> = Arc::new(answer);
+        let handler_received = received.clone();
+        let app = axum::Router::new().fallback(
+            move |method: axum::http::Method,
+                  uri: axum::http::Uri,
+                  headers: HeaderMap,
+                  body: Bytes| {
+                let received = handler_received.clone();
+                let answer = answer.clone();
+                async move {
+                    let request = ApiRequest {
+                        method: method.to_string(),
+                        path: uri
+                            .path_and_query()
+                            .map(|p| p.as_str().to_owned())
+                            .unwrap_or_default(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| {
+                                (
+                                    k.as_str().to_owned(),
+                                    v.to_str().unwrap_or_default().to_owned(),
+                                )
+                            })
+                            .collect(),
+                        body: body.to_vec(),
+                        at: Instant::now(),
+                    };
+                    let reply = {
+                        let mut received = received.lock().unwrap();
+                        let earlier = received
+                            .iter()
+                            .filter(|r| r.method == request.method && r.path == request.path)
+                            .count();
+                        let reply = answer(&request, earlier);
+                        received.push(request);
+                        reply
+                    };
+                    tokio::time::sleep(reply.delay).await;
+                    let mut response = match &reply.body {
+                        Some(body) => axum::Json(body.clone()).into_response(),
+                        None => ().into_response(),
+                    };
+                    *response.status_mut() = StatusCode::from_u16(reply.status).unwrap();
+                    for (name, value) in &reply.headers {
+                        response.headers_mut().insert(*name, value.parse().unwrap());
+                    }
+                    response
+                }
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            url,
+            received,
+            stop: Some(stop),
+        }
+    }
+
+    pub fn received(&self) -> Vec<ApiRequest> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// The requests with this method and path, in the order they came.
+    pub fn requests(&self, method: &str, path: &str) -> Vec<ApiRequest> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.method == method && r.path == path)
+            .collect()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Crier {
+    /// Renders with a copy of the templates in which `name` (like `discourse.title.hbs`) says
+    /// `text` instead: an operator's own template.
+    pub fn with_template(self, name: &str, text: &str) -> Self {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+        let copy = self.path("templates");
+        std::fs::create_dir_all(&copy).unwrap();
+        for entry in std::fs::read_dir(&source).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        std::fs::write(copy.join(name), text).unwrap();
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let config: Vec<String> = config
+            .lines()
+            .map(|line| {
+                if line.starts_with("templates_dir") {
+                    "templates_dir = \"templates\"".to_owned()
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect();
+        std::fs::write(&self.config, config.join("\n") + "\n").unwrap();
+        self
+    }
+}

@@ -50,14 +50,6 @@ impl Encoding {
             self.segment_limit() * segments
         }
     }
-
-    /// What the unit of length is called for a reader: an extension character counts two.
-    pub fn unit(self) -> &'static str {
-        match self {
-            Encoding::Gsm7 => "GSM-7 characters",
-            Encoding::Ucs2 => "UCS-2 characters",
-        }
-    }
 }
 
 /// A text's encoding, its length in that encoding's units, and its segments.
@@ -145,7 +137,10 @@ mod tests {
     fn one_hundred_and_sixty_gsm7_characters_are_one_segment_and_one_more_makes_two() {
         assert_eq!(measure(&"a".repeat(160)).segments, 1);
         let over = measure(&"a".repeat(161));
-        assert_eq!((over.encoding, over.units, over.segments), (Encoding::Gsm7, 161, 2));
+        assert_eq!(
+            (over.encoding, over.units, over.segments),
+            (Encoding::Gsm7, 161, 2)
+        );
     }
 
     #[test]
@@ -180,7 +175,14 @@ mod tests {
 
     #[test]
     fn a_character_outside_the_alphabet_forces_ucs2() {
-        for text in ["Sorry – we're late", "It’s fixed", "ça va", "`code`", "日本", "🙂"] {
+        for text in [
+            "Sorry – we're late",
+            "It’s fixed",
+            "ça va",
+            "`code`",
+            "日本",
+            "🙂",
+        ] {
             assert_eq!(measure(text).encoding, Encoding::Ucs2, "{text}");
         }
     }
@@ -189,7 +191,10 @@ mod tests {
     fn ucs2_counts_utf16_units_with_70_in_one_message_and_67_per_segment() {
         let text = format!("{}🙂", "a".repeat(68));
         let measured = measure(&text);
-        assert_eq!((measured.encoding, measured.units, measured.segments), (Encoding::Ucs2, 70, 1));
+        assert_eq!(
+            (measured.encoding, measured.units, measured.segments),
+            (Encoding::Ucs2, 70, 1)
+        );
         let text = format!("{}🙂", "a".repeat(69));
         assert_eq!((measure(&text).units, measure(&text).segments), (71, 2));
         assert_eq!(measure(&format!("{}é", "ж".repeat(133))).segments, 2);
@@ -203,7 +208,10 @@ mod tests {
         let text = format!("{}€{}", "a".repeat(152), "a".repeat(152));
         let measured = measure(&text);
         assert_eq!(measured.units, 306);
-        assert_eq!(measured.segments, 3, "306 septets, yet the € moves to the second");
+        assert_eq!(
+            measured.segments, 3,
+            "306 septets, yet the € moves to the second"
+        );
         let text = format!("{}🙂{}", "ж".repeat(66), "ж".repeat(66));
         assert_eq!(measure(&text).units, 134);
         assert_eq!(measure(&text).segments, 3);

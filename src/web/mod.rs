@@ -1,0 +1,255 @@
+//! The web server of `crier serve`: the public status page, feed and JSON served from memory,
+//! the unsubscribe page every message links to, and the health checks. The status view is rendered once per change (when the status page
+//! channel delivers an update) and every reader gets the same bytes with an `ETag`, so a surge
+//! of readers costs no store read and no rendering per request.
+
+pub mod pages;
+
+use crate::status_view::StatusProjection;
+use crate::store::Store;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use chrono::Utc;
+use sha2::{Digest, Sha256};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+/// One rendering of the status page, its feed and its JSON, with their ETags.
+struct Rendered {
+    html: Representation,
+    atom: Representation,
+    json: Representation,
+}
+
+#[derive(Clone)]
+struct Representation {
+    body: axum::body::Bytes,
+    etag: HeaderValue,
+    content_type: &'static str,
+}
+
+impl Representation {
+    fn new(body: Vec<u8>, content_type: &'static str) -> Self {
+        let digest = Sha256::digest(&body);
+        let tag: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            body: body.into(),
+            // A quoted hex digest is always a valid header value.
+            etag: HeaderValue::from_str(&format!("\"{tag}\""))
+                .unwrap_or_else(|_| HeaderValue::from_static("\"0\"")),
+            content_type,
+        }
+    }
+
+    /// 304 when the reader already has these bytes, else the bytes.
+    fn answer(&self, request_headers: &HeaderMap) -> Response {
+        let fresh = request_headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|tags| {
+                tags.split(',')
+                    .any(|tag| tag.trim() == "*" || tag.trim().as_bytes() == self.etag.as_bytes())
+            });
+        let mut response = if fresh {
+            StatusCode::NOT_MODIFIED.into_response()
+        } else {
+            let mut response = Response::new(Body::from(self.body.clone()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(self.content_type),
+            );
+            response
+        };
+        let headers = response.headers_mut();
+        headers.insert(header::ETAG, self.etag.clone());
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=15"),
+        );
+        response
+    }
+}
+
+/// The status page as readers get it, replaced whole when the view changes.
+pub struct StatusCache {
+    projection: Arc<StatusProjection>,
+    /// The status page channel whose updates the page shows; none means no page.
+    channel: Option<String>,
+    incidents: usize,
+    current: RwLock<Option<Arc<Rendered>>>,
+}
+
+impl StatusCache {
+    pub fn new(
+        projection: Arc<StatusProjection>,
+        channel: Option<String>,
+        incidents: usize,
+    ) -> Self {
+        Self {
+            projection,
+            channel,
+            incidents,
+            current: RwLock::new(None),
+        }
+    }
+
+    /// The channel whose deliveries change the page.
+    pub fn channel(&self) -> Option<&str> {
+        self.channel.as_deref()
+    }
+
+    /// Renders the view again from the store, and swaps it in whole.
+    pub async fn refresh(&self) -> crate::Result<()> {
+        let Some(channel) = &self.channel else {
+            return Ok(());
+        };
+        let view = self
+            .projection
+            .view(channel, self.incidents, Utc::now())
+            .await?;
+        let files = self.projection.files(&view)?;
+        let rendered = Arc::new(Rendered {
+            html: Representation::new(files.html.into_bytes(), "text/html; charset=utf-8"),
+            atom: Representation::new(files.atom.into_bytes(), "application/atom+xml"),
+            json: Representation::new(files.json, "application/json"),
+        });
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(rendered);
+        Ok(())
+    }
+
+    fn current(&self) -> Option<Arc<Rendered>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    status: Arc<StatusCache>,
+    store: Arc<dyn Store>,
+    pages: Arc<pages::Pages>,
+}
+
+/// The routes of `crier serve`.
+pub fn router(status: Arc<StatusCache>, store: Arc<dyn Store>, pages: pages::Pages) -> Router {
+    Router::new()
+        .route("/", get(status_page))
+        .route("/feed.atom", get(feed))
+        .route("/status.json", get(status_json))
+        .route(
+            "/unsubscribe/{token}",
+            get(pages::unsubscribe_page).post(pages::unsubscribe),
+        )
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(middleware::from_fn(log_request))
+        .with_state(Shared {
+            status,
+            store,
+            pages: Arc::new(pages),
+        })
+}
+
+async fn status_page(State(shared): State<Shared>, headers: HeaderMap) -> Response {
+    serve_rendered(&shared, &headers, |r| &r.html)
+}
+
+async fn feed(State(shared): State<Shared>, headers: HeaderMap) -> Response {
+    serve_rendered(&shared, &headers, |r| &r.atom)
+}
+
+async fn status_json(State(shared): State<Shared>, headers: HeaderMap) -> Response {
+    serve_rendered(&shared, &headers, |r| &r.json)
+}
+
+fn serve_rendered(
+    shared: &Shared,
+    headers: &HeaderMap,
+    pick: impl Fn(&Rendered) -> &Representation,
+) -> Response {
+    match shared.status.current() {
+        Some(rendered) => pick(&rendered).answer(headers),
+        None => (
+            StatusCode::NOT_FOUND,
+            "no status page channel is configured\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Liveness: the process answers.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Readiness: the store answers.
+async fn readyz(State(shared): State<Shared>) -> Response {
+    match shared.store.subscriber_count().await {
+        Ok(_) => "ready\n".into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "not ready: the store does not answer");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store does not answer\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+/// One log line per request. Paths that carry a token show only where it was.
+async fn log_request(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = loggable_path(request.uri().path());
+    let response = next.run(request).await;
+    tracing::info!(
+        %method,
+        path,
+        status = response.status().as_u16(),
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    response
+}
+
+/// `/unsubscribe/<token>` logs as `/unsubscribe/…`: a token in a log is a key to an account.
+fn loggable_path(path: &str) -> String {
+    const CARRY_TOKENS: [&str; 3] = ["/unsubscribe/", "/confirm/", "/s/"];
+    for prefix in CARRY_TOKENS {
+        if path.starts_with(prefix) {
+            return format!("{prefix}…");
+        }
+    }
+    path.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_in_a_path_never_reaches_the_log() {
+        assert_eq!(loggable_path("/unsubscribe/abc.def"), "/unsubscribe/…");
+        assert_eq!(loggable_path("/s/abc"), "/s/…");
+        assert_eq!(loggable_path("/feed.atom"), "/feed.atom");
+    }
+
+    #[test]
+    fn a_reader_with_the_current_etag_gets_304_and_others_the_bytes() {
+        let page = Representation::new(b"<html>".to_vec(), "text/html");
+        let mut headers = HeaderMap::new();
+        assert_eq!(page.answer(&headers).status(), StatusCode::OK);
+        headers.insert(header::IF_NONE_MATCH, page.etag.clone());
+        assert_eq!(page.answer(&headers).status(), StatusCode::NOT_MODIFIED);
+        headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"other\""));
+        assert_eq!(page.answer(&headers).status(), StatusCode::OK);
+    }
+}

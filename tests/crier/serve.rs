@@ -1,0 +1,221 @@
+//! `crier serve`: the status page, feed and JSON served from memory with ETags, the health
+//! checks, and a clean stop on SIGTERM.
+
+use crate::support::Crier;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// A running `crier serve` and the address it listens on; killed if the test ends early.
+struct Server {
+    child: tokio::process::Child,
+    base: String,
+}
+
+async fn serve(crier: &Crier) -> Server {
+    let mut config = std::fs::read_to_string(&crier.config).unwrap();
+    if !config.contains("[server]") {
+        config.push_str("[server]\nlisten = \"127.0.0.1:0\"\n");
+        std::fs::write(&crier.config, config).unwrap();
+    }
+    let mut child = crier.command(&["serve"]).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let base = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("crier serves ") {
+                return rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_end_matches('/')
+                    .to_owned();
+            }
+        }
+        panic!("crier serve ended before it listened");
+    })
+    .await
+    .expect("crier serve listened within a minute");
+    // Keep draining stderr so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Server { child, base }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_is_served_from_memory_with_an_etag_and_a_304_for_a_fresh_copy() {
+    let crier = Crier::new().status_page();
+    crier
+        .send(&["--next-update-in", "2h"], "We're working on it <script>.")
+        .await;
+    let mut server = serve(&crier).await;
+    let client = reqwest::Client::new();
+
+    let page = client
+        .get(format!("{}/", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let etag = page.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(page.headers()["cache-control"], "public, max-age=15");
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Activations delayed"), "{html}");
+    assert!(
+        html.contains("&lt;script&gt;") && !html.contains("<script>."),
+        "escaped"
+    );
+
+    let again = client
+        .get(format!("{}/", server.base))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        again.status(),
+        304,
+        "a reader with the current copy gets no body"
+    );
+
+    let feed = client
+        .get(format!("{}/feed.atom", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(feed.status(), 200);
+    assert_eq!(feed.headers()["content-type"], "application/atom+xml");
+    let feed = atom_syndication::Feed::read_from(&feed.bytes().await.unwrap()[..]).unwrap();
+    assert_eq!(feed.entries().len(), 1);
+    let json: serde_json::Value = client
+        .get(format!("{}/status.json", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(json["latest"]["next_update_by"].as_str().is_some());
+
+    for path in ["healthz", "readyz"] {
+        let answer = client
+            .get(format!("{}/{path}", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{path}");
+    }
+
+    // SIGTERM: stop accepting, finish, exit 0.
+    let pid = server.child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
+        .await
+        .expect("crier serve stopped within 30 s")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_surge_of_readers_gets_the_page_every_time() {
+    let crier = Crier::new().status_page();
+    crier.send(&[], "We're on it.").await;
+    let mut server = serve(&crier).await;
+    let client = reqwest::Client::new();
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let (client, url) = (client.clone(), format!("{}/", server.base));
+        readers.spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) });
+    }
+    let mut answered = 0;
+    while let Some(status) = readers.join_next().await {
+        assert_eq!(status.unwrap().unwrap(), 200);
+        answered += 1;
+    }
+    assert_eq!(answered, 200);
+    server.child.start_kill().unwrap();
+    server.child.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unsubscribe_link_asks_on_get_and_acts_on_a_one_click_post() {
+    let crier = Crier::new();
+    let smtp = crate::support::SmtpSink::start(crier.dir.path(), 0);
+    let crier = crier.email(smtp.port, "").status_page();
+    crier.subscribe("AB-1001", "ann@example.com").await;
+    crier.send(&[], "First update.").await;
+    let token = crate::email::unsubscribe_token(&smtp.messages()[0].data);
+
+    let mut server = serve(&crier).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let url = format!("{}/unsubscribe/{token}", server.base);
+    let page = client.get(&url).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("a***@example.com"),
+        "the contact, masked: {html}"
+    );
+    assert!(
+        !html.contains("ann@example.com"),
+        "never the contact itself"
+    );
+    assert!(
+        html.contains("<form method=\"post\""),
+        "a button, not an action"
+    );
+
+    let forged = format!("{}/unsubscribe/{}x", server.base, &token[..token.len() - 1]);
+    let refused = client
+        .post(&forged)
+        .body("List-Unsubscribe=One-Click")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+
+    // RFC 8058: a POST with this body, no cookie, no CSRF token, no redirect.
+    let one_click = client
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("List-Unsubscribe=One-Click")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one_click.status(), 200);
+
+    let pid = server.child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let ann = crier
+        .store()
+        .await
+        .subscriber(&crier::domain::Contact::parse("ann@example.com").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !ann.receives_updates(),
+        "the one-click POST unsubscribed ann"
+    );
+    let before = smtp.count();
+    crier.send(&[], "Second update.").await;
+    assert_eq!(smtp.count(), before, "the next update does not reach ann");
+}
