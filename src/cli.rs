@@ -78,6 +78,9 @@ pub enum Command {
     /// For support: the latest update that applies to an order, how it reached each contact
     /// following the order (masked), and a reply to paste.
     Order(OrderArgs),
+    /// For support: a signed link to the subscribe page for an order, or, with a contact, one
+    /// button that subscribes that contact (confirmed: support's reply reached it).
+    Link(LinkArgs),
     /// Show delivery counts per channel, and the failures.
     Deliveries(DeliveriesArgs),
     /// Queue dead letters again and deliver them.
@@ -204,6 +207,23 @@ pub struct DispatchArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("contact").args(["email", "phone"])))]
+pub struct LinkArgs {
+    /// The order the link subscribes to.
+    #[arg(long)]
+    pub order: String,
+    /// The customer's email: the link then subscribes it with one button.
+    #[arg(long)]
+    pub email: Option<String>,
+    /// The customer's mobile number, in E.164 form: the link then subscribes it with one button.
+    #[arg(long)]
+    pub phone: Option<String>,
+    /// How long the link works, like 7d or 12h (an hour to 90 days).
+    #[arg(long, default_value = "7d", value_parser = parse_link_expiry)]
+    pub expires: Duration,
+}
+
+#[derive(Debug, Args)]
 pub struct OrderArgs {
     /// The order number, as the customer gives it.
     pub order: String,
@@ -249,6 +269,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Send(args) => send(config, args).await,
         Command::Dispatch(args) => dispatch(config, args).await,
         Command::Order(args) => order(config, args).await,
+        Command::Link(args) => link(&config, args),
         Command::Deliveries(args) => deliveries(config, args).await,
         Command::Retry(args) => retry(config, args).await,
     }
@@ -257,6 +278,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 fn check_config(config: &Config) -> Result<ExitCode> {
     let renderer = Renderer::load(&config.templates_dir)?;
     crate::channel::check_templates(config, &renderer)?;
+    // The pages `crier serve` shows, so a custom templates folder is found short before the
+    // server refuses to start.
+    renderer.require(crate::web::pages::TEMPLATES)?;
     for channel in &config.channels {
         channel
             .settings
@@ -740,6 +764,30 @@ fn print_counts(counts: &BTreeMap<String, Counts>) -> Result<()> {
 const UPDATES_SEARCHED: usize = 1000;
 /// How many contacts of one order `order` lists at most.
 const CONTACTS_LISTED: usize = 100;
+
+/// A support link's lifetime: at least an hour (a customer reads support's reply later), at
+/// most 90 days (a link in an old ticket should not work forever).
+fn parse_link_expiry(text: &str) -> std::result::Result<Duration, String> {
+    let wait = humantime::parse_duration(text)
+        .map_err(|e| format!("'{text}' is not a duration like 7d or 12h: {e}"))?;
+    if !(Duration::from_secs(3600)..=Duration::from_secs(90 * 24 * 3600)).contains(&wait) {
+        return Err(format!("'{text}' is not between an hour and 90 days"));
+    }
+    Ok(wait)
+}
+
+/// Needs only the configuration: the link is signed, nothing is stored.
+fn link(config: &Config, args: LinkArgs) -> Result<ExitCode> {
+    let order = OrderNumber::parse(&args.order, &config.orders)?;
+    let contact = match (&args.email, &args.phone) {
+        (None, None) => None,
+        (email, phone) => Some(contact_from(email.as_deref(), phone.as_deref())?),
+    };
+    let links = crate::links::LinkMaker::new(config);
+    let expires = crate::clock::after(Utc::now(), args.expires);
+    say!("{}", links.support_url(&order, contact.as_ref(), expires));
+    Ok(ExitCode::SUCCESS)
+}
 
 async fn order(config: Config, args: OrderArgs) -> Result<ExitCode> {
     let order = OrderNumber::parse(&args.order, &config.orders)?;

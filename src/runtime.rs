@@ -233,7 +233,15 @@ pub async fn serve(
         links: app.composer.links().clone(),
         signer: app.composer.link_maker().signer().clone(),
     };
-    let router = crate::web::router(status, app.store.clone(), pages);
+    let router = crate::web::router(crate::web::Shared {
+        status,
+        store: app.store.clone(),
+        pages: Arc::new(pages),
+        inbound: Arc::new(crate::web::inbound::Inbound::new(&app.config)),
+        subscriptions: Arc::new(crate::web::subscribe::Subscriptions::new(app)),
+    });
+    // The client's address feeds the limits on confirmations.
+    let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             let _ = stopped.wait_for(|stop| *stop).await;

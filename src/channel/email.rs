@@ -1,12 +1,13 @@
-//! The email channel: multipart text and HTML through lettre, over SMTP or into a folder.
+//! The email channel: multipart text and HTML through lettre, over SMTP or into a folder, for
+//! updates and for notices (a confirmation).
 //! It owns its settings (the `from` mailbox and the transport URL) and their validation.
 
 use super::registry::{ChannelKind, ChannelSettings, SettingsInput};
 use super::smtp_pool::{SendError, SmtpPool, SmtpServer};
-use super::{Attempt, BuildContext, Channel, Reach, Rejection, RenderedPart};
+use super::{Attempt, BuildContext, Channel, Notice, Reach, Rejection, RenderedPart};
 use crate::config::{self, ConfigError, DeliveryPolicy, SecretSource};
 use crate::delivery::{DeliveryError, FailureKind, Receipt};
-use crate::domain::{ContactKind, EmailAddress};
+use crate::domain::{Contact, ContactKind, EmailAddress};
 use crate::render::{MessageContext, Renderer};
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
@@ -303,13 +304,43 @@ impl Channel for EmailChannel {
         attempt: &Attempt<'_>,
     ) -> Result<Receipt, DeliveryError> {
         let email = self.build_message(message, attempt)?;
+        let file = format!("{}.{}.eml", attempt.update, Self::key_hash(attempt));
+        self.send(email, file).await
+    }
+
+    async fn notify(&self, contact: &Contact, notice: &Notice) -> Result<Receipt, DeliveryError> {
+        let Contact::Email(to) = contact else {
+            return Err(DeliveryError::permanent("an email needs an email address"));
+        };
+        let subject = notice
+            .subject
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if subject.is_empty() {
+            return Err(DeliveryError::permanent("the subject renders empty"));
+        }
+        let id = ulid::Ulid::new();
+        let email = Message::builder()
+            .from(self.from.clone())
+            .to(Mailbox::new(None, to.address().clone()))
+            .subject(subject)
+            .message_id(Some(format!("<notice.{id}@{}>", self.from.email.domain())))
+            .multipart(MultiPart::alternative_plain_html(
+                notice.text.clone(),
+                notice.html.clone(),
+            ))
+            .map_err(|e| DeliveryError::permanent(format!("cannot build the message: {e}")))?;
+        self.send(email, format!("notice.{id}.eml")).await
+    }
+}
+
+impl EmailChannel {
+    /// Sends one built message: into the folder as `file`, or to the SMTP server.
+    async fn send(&self, email: Message, file: String) -> Result<Receipt, DeliveryError> {
         match &self.sender {
             Sender::Folder(dir) => {
-                let path = dir.join(format!(
-                    "{}.{}.eml",
-                    attempt.update,
-                    Self::key_hash(attempt)
-                ));
+                let path = dir.join(file);
                 let bytes = email.formatted();
                 tokio::task::spawn_blocking(move || crate::files::write_private(&path, &bytes))
                     .await

@@ -4,20 +4,21 @@
 //! An adapter knows its provider and nothing else: not its own name, not its retry policy,
 //! not the store. The dispatcher owns those (see [`ConfiguredChannel`]).
 
+mod bluesky;
 mod discourse;
 mod email;
 pub mod http;
 pub mod limits;
 mod mastodon;
 pub mod registry;
-mod sms;
+pub mod sms;
 mod smtp_pool;
 pub mod status_page;
 pub mod webhook;
 
 use crate::config::{Config, DeliveryPolicy};
 use crate::delivery::{DeliveryError, DeliveryKey, Receipt, Recipient, RemoteThread};
-use crate::domain::ContactKind;
+use crate::domain::{Contact, ContactKind};
 use crate::render::{Composer, MessageContext, RenderError, Renderer};
 use crate::status_view::StatusProjection;
 use std::sync::Arc;
@@ -88,6 +89,20 @@ pub trait Channel: Send + Sync {
         message: &MessageContext,
         attempt: &Attempt<'_>,
     ) -> Result<Receipt, DeliveryError>;
+
+    /// Sends one message that is not an update (a confirmation a customer asked for) to one
+    /// contact, once: it is not an update, so it has no delivery, no outbox and no retry.
+    async fn notify(&self, _contact: &Contact, _notice: &Notice) -> Result<Receipt, DeliveryError> {
+        Err(DeliveryError::permanent("this channel cannot send notices"))
+    }
+}
+
+/// A message to one contact that is not an update, rendered: an SMS sends only `text`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub subject: String,
+    pub text: String,
+    pub html: String,
 }
 
 /// What building a channel may need besides its own settings.

@@ -86,6 +86,7 @@ pub static KINDS: &[&ChannelKind] = &[
     &super::sms::KIND,
     &super::mastodon::KIND,
     &super::discourse::KIND,
+    &super::bluesky::KIND,
 ];
 
 pub fn kind(name: &str) -> Option<&'static ChannelKind> {

@@ -1,4 +1,4 @@
-//! Signed tokens for confirm, unsubscribe and support links: HMAC-SHA256 over purpose,
+//! Signed tokens for confirm, unsubscribe and support links (and web forms' CSRF tokens): HMAC-SHA256 over purpose,
 //! subject and expiry, base64url-encoded, verified in constant time.
 
 use base64::Engine;
@@ -15,6 +15,8 @@ pub enum TokenPurpose {
     Confirm,
     Unsubscribe,
     SupportLink,
+    /// The double-submit token of a web form: its cookie and its hidden field.
+    Csrf,
 }
 
 impl TokenPurpose {
@@ -23,6 +25,7 @@ impl TokenPurpose {
             TokenPurpose::Confirm => "confirm",
             TokenPurpose::Unsubscribe => "unsubscribe",
             TokenPurpose::SupportLink => "support-link",
+            TokenPurpose::Csrf => "csrf",
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The web server of `crier serve`: the public status page, feed and JSON served from memory,
-//! the unsubscribe page every message links to, and the health checks. The status view is rendered once per change (when the status page
+//! the subscribe, confirm and unsubscribe pages, support links, inbound SMS, and the health
+//! checks. The status view is rendered once per change (when the status page
 //! channel delivers an update) and every reader gets the same bytes with an `ETag`, so a surge
 //! of readers costs no store read and no rendering per request.
 
+pub mod inbound;
 pub mod pages;
+pub mod subscribe;
 
 use crate::status_view::StatusProjection;
 use crate::store::Store;
@@ -130,15 +133,18 @@ impl StatusCache {
     }
 }
 
+/// What the routes share: everything the server knows, each part built once at start.
 #[derive(Clone)]
-struct Shared {
-    status: Arc<StatusCache>,
-    store: Arc<dyn Store>,
-    pages: Arc<pages::Pages>,
+pub struct Shared {
+    pub status: Arc<StatusCache>,
+    pub store: Arc<dyn Store>,
+    pub pages: Arc<pages::Pages>,
+    pub inbound: Arc<inbound::Inbound>,
+    pub subscriptions: Arc<subscribe::Subscriptions>,
 }
 
 /// The routes of `crier serve`.
-pub fn router(status: Arc<StatusCache>, store: Arc<dyn Store>, pages: pages::Pages) -> Router {
+pub fn router(shared: Shared) -> Router {
     Router::new()
         .route("/", get(status_page))
         .route("/feed.atom", get(feed))
@@ -147,14 +153,26 @@ pub fn router(status: Arc<StatusCache>, store: Arc<dyn Store>, pages: pages::Pag
             "/unsubscribe/{token}",
             get(pages::unsubscribe_page).post(pages::unsubscribe),
         )
+        .route(
+            "/inbound/sms/{channel}",
+            get(inbound::inbound_sms).post(inbound::inbound_sms),
+        )
+        .route(
+            "/subscribe",
+            get(subscribe::subscribe_form).post(subscribe::subscribe),
+        )
+        .route(
+            "/confirm/{token}",
+            get(subscribe::confirm_page).post(subscribe::confirm),
+        )
+        .route(
+            "/s/{token}",
+            get(subscribe::support_page).post(subscribe::support),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(middleware::from_fn(log_request))
-        .with_state(Shared {
-            status,
-            store,
-            pages: Arc::new(pages),
-        })
+        .with_state(shared)
 }
 
 async fn status_page(State(shared): State<Shared>, headers: HeaderMap) -> Response {

@@ -1,4 +1,5 @@
-//! The pages customers reach from a message: unsubscribe (and, later, subscribe and confirm).
+//! The pages customers reach from a message: unsubscribe (subscribe and confirm are in
+//! `subscribe`).
 //! A GET only shows a page; state changes on POST, so a mail scanner that follows every link
 //! changes nothing. The unsubscribe POST also takes RFC 8058's one-click body
 //! (`List-Unsubscribe=One-Click`) with no cookie and no redirect: the token in the URL is the
@@ -18,7 +19,15 @@ use chrono::Utc;
 use serde::Serialize;
 use std::sync::Arc;
 
-pub const TEMPLATES: &[&str] = &["pages/unsubscribe"];
+pub const TEMPLATES: &[&str] = &[
+    "pages/unsubscribe",
+    "pages/subscribe",
+    "pages/confirm",
+    "confirm.subject",
+    "confirm.txt",
+    "confirm.html",
+    "confirm.sms",
+];
 
 /// What the pages need: their templates, the brand, the links and the token signer.
 pub struct Pages {

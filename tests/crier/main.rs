@@ -3,15 +3,18 @@
 
 mod audience;
 mod bad_input;
+mod bluesky;
 mod crash;
 mod discourse;
 mod email;
 mod hardening;
 mod import;
+mod inbound;
 mod mastodon;
 mod order;
 mod serve;
 mod sms;
 mod status_page;
+mod subscribe;
 mod support;
 mod webhook;

@@ -6,12 +6,12 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// A running `crier serve` and the address it listens on; killed if the test ends early.
-struct Server {
-    child: tokio::process::Child,
-    base: String,
+pub struct Server {
+    pub child: tokio::process::Child,
+    pub base: String,
 }
 
-async fn serve(crier: &Crier) -> Server {
+pub async fn serve(crier: &Crier) -> Server {
     let mut config = std::fs::read_to_string(&crier.config).unwrap();
     if !config.contains("[server]") {
         config.push_str("[server]\nlisten = \"127.0.0.1:0\"\n");

@@ -8,7 +8,7 @@ pub mod encoding;
 use super::http::{failure_for_request, failure_for_response, failure_for_status};
 use super::limits::{self, Measure, Overflow};
 use super::registry::{ChannelKind, ChannelSettings, SettingsInput};
-use super::{Attempt, BuildContext, Channel, Reach, Rejection, RenderedPart};
+use super::{Attempt, BuildContext, Channel, Notice, Reach, Rejection, RenderedPart};
 use crate::config::{self, ConfigError, DeliveryPolicy, Rate};
 use crate::delivery::{DeliveryError, FailureKind, Receipt};
 use crate::domain::{Contact, ContactKind, PhoneNumber};
@@ -69,6 +69,10 @@ struct SmsFile {
     username: Option<String>,
     /// Kannel: the environment variable holding that user's password.
     password_env: Option<String>,
+    /// Kannel: the environment variable holding the secret Kannel's sms-service sends with
+    /// each message it forwards to `/inbound/sms/{channel}` (as `secret=`); without it,
+    /// inbound messages through Kannel are refused.
+    inbound_secret_env: Option<String>,
     /// The most segments one message may take, 1 to 10 (default 3).
     max_segments: Option<i64>,
     /// Over `max_segments`: `refuse` the update (default) or `truncate` the text and append
@@ -101,6 +105,8 @@ pub struct Kannel {
     pub username: String,
     pub password: SecretString,
     pub from: String,
+    /// What an inbound call from Kannel's sms-service must carry as `secret`.
+    pub inbound_secret: Option<SecretString>,
 }
 
 /// Where a Twilio message comes from.
@@ -121,7 +127,7 @@ pub struct SmsSettings {
 
 /// The keys only one provider takes, and whose they are.
 const TWILIO_ONLY: &[&str] = &["account_sid", "auth_token_env", "messaging_service_sid"];
-const KANNEL_ONLY: &[&str] = &["username", "password_env"];
+const KANNEL_ONLY: &[&str] = &["username", "password_env", "inbound_secret_env"];
 
 impl SmsSettings {
     fn parse(input: &SettingsInput) -> Result<Arc<dyn ChannelSettings>, ConfigError> {
@@ -191,6 +197,7 @@ const STRING_KEYS: &[&str] = &[
     "messaging_service_sid",
     "username",
     "password_env",
+    "inbound_secret_env",
     "overflow",
 ];
 
@@ -355,11 +362,26 @@ fn kannel(
         ));
     }
     let from = kannel_sender(file, required(file, "from", &raw.from)?)?;
+    let inbound_secret = match &raw.inbound_secret_env {
+        Some(variable) => {
+            let secret = config::secret(file, "inbound_secret_env", variable, secrets)?;
+            if secret.expose_secret().trim().chars().count() < 16 {
+                return Err(ConfigError::at(
+                    file,
+                    "inbound_secret_env",
+                    format!("the secret in {variable} needs at least 16 characters"),
+                ));
+            }
+            Some(secret)
+        }
+        None => None,
+    };
     Ok(Provider::Kannel(Kannel {
         sendsms_url: join(file, &base_url, "cgi-bin/sendsms")?,
         username: username.to_owned(),
         password,
         from,
+        inbound_secret,
     }))
 }
 
@@ -442,6 +464,10 @@ fn join(file: &Path, base: &Url, path: &str) -> Result<Url, ConfigError> {
 
 #[async_trait::async_trait]
 impl ChannelSettings for SmsSettings {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     async fn build(
         &self,
         id: &str,
@@ -617,10 +643,9 @@ impl SmsChannel {
         kannel: &Kannel,
         to: &str,
         sms: &Sms,
-        attempt: &Attempt<'_>,
+        dlr_url: Option<&str>,
     ) -> Result<Receipt, DeliveryError> {
         let segments = sms.measured.segments.to_string();
-        let dlr_url = kannel_dlr_url(&self.receipts_url, attempt, to);
         let mut query: Vec<(&str, &str)> = vec![
             ("username", kannel.username.as_str()),
             ("password", kannel.password.expose_secret()),
@@ -633,11 +658,10 @@ impl SmsChannel {
         }
         // Kannel 1.4.5 splits by its sendsms-user's own `max-messages` and ignores this one;
         // it is sent for the gateways that read it, and says what crier measured.
-        query.extend([
-            ("max-messages", segments.as_str()),
-            ("dlr-mask", KANNEL_DLR_MASK),
-            ("dlr-url", dlr_url.as_str()),
-        ]);
+        query.push(("max-messages", segments.as_str()));
+        if let Some(dlr_url) = dlr_url {
+            query.extend([("dlr-mask", KANNEL_DLR_MASK), ("dlr-url", dlr_url)]);
+        }
         let response = self
             .client
             .get(kannel.sendsms_url.clone())
@@ -876,7 +900,28 @@ impl Channel for SmsChannel {
             .map_err(|e| DeliveryError::permanent(e.to_string()))?;
         match &self.provider {
             Provider::Twilio(twilio) => self.send_twilio(twilio, to, &sms).await,
-            Provider::Kannel(kannel) => self.send_kannel(kannel, to, &sms, attempt).await,
+            Provider::Kannel(kannel) => {
+                let dlr_url = kannel_dlr_url(&self.receipts_url, attempt, to);
+                self.send_kannel(kannel, to, &sms, Some(&dlr_url)).await
+            }
+        }
+    }
+
+    /// A notice's text alone, within `max_segments` (never truncated: a cut confirmation
+    /// link is no link), with no delivery report asked of Kannel: no delivery records it.
+    async fn notify(&self, contact: &Contact, notice: &Notice) -> Result<Receipt, DeliveryError> {
+        let Contact::Phone(to) = contact else {
+            return Err(DeliveryError::permanent("an SMS needs a phone number"));
+        };
+        let text = tidy(&notice.text);
+        if text.is_empty() {
+            return Err(DeliveryError::permanent("the SMS text renders empty"));
+        }
+        let sms = fit(&text, self.max_segments, Overflow::Refuse, "")
+            .map_err(|e| DeliveryError::permanent(e.to_string()))?;
+        match &self.provider {
+            Provider::Twilio(twilio) => self.send_twilio(twilio, to.as_str(), &sms).await,
+            Provider::Kannel(kannel) => self.send_kannel(kannel, to.as_str(), &sms, None).await,
         }
     }
 }

@@ -1,0 +1,288 @@
+//! Inbound SMS, per SMS channel: `STOP` and its synonyms unsubscribe the phone from every
+//! order, `START` and `YES` confirm it. Only the provider may call: Twilio's calls are checked
+//! against `X-Twilio-Signature` (HMAC-SHA1 keyed by the auth token over the public URL and the
+//! POST parameters sorted by name), Kannel's carry the secret the channel file names. A call
+//! that fails the check gets 403 and changes nothing.
+
+use super::Shared;
+use crate::channel::sms::{Provider, SmsSettings};
+use crate::config::Config;
+use crate::domain::{Contact, PhoneNumber};
+use crate::store::StoreError;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chrono::Utc;
+use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use sha1::Sha1;
+use std::collections::HashMap;
+
+/// How a channel's inbound calls prove they come from its provider.
+enum Proof {
+    /// Twilio's signature, keyed by the account's auth token.
+    TwilioSignature(SecretString),
+    /// Kannel's sms-service, with the shared secret; none configured refuses every call.
+    KannelSecret(Option<SecretString>),
+}
+
+/// The SMS channels that take inbound messages, and the public base URL providers call.
+pub struct Inbound {
+    channels: HashMap<String, Proof>,
+    public_url: String,
+}
+
+impl Inbound {
+    pub fn new(config: &Config) -> Self {
+        let channels = config
+            .channels
+            .iter()
+            .filter_map(|channel| {
+                let settings = channel.settings.as_any().downcast_ref::<SmsSettings>()?;
+                let proof = match &settings.provider {
+                    Provider::Twilio(twilio) => Proof::TwilioSignature(twilio.auth_token.clone()),
+                    Provider::Kannel(kannel) => Proof::KannelSecret(kannel.inbound_secret.clone()),
+                };
+                Some((channel.id.clone(), proof))
+            })
+            .collect();
+        Self {
+            channels,
+            public_url: config.brand.public_url.clone(),
+        }
+    }
+}
+
+/// What an inbound message asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keyword {
+    Stop,
+    Start,
+}
+
+/// The keyword a message is, case and spaces ignored; anything else is no keyword.
+fn keyword(text: &str) -> Option<Keyword> {
+    let word: String = text
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    match word.as_str() {
+        "STOP" | "STOPALL" | "UNSUBSCRIBE" | "END" | "QUIT" | "CANCEL" => Some(Keyword::Stop),
+        "START" | "YES" => Some(Keyword::Start),
+        _ => None,
+    }
+}
+
+/// Twilio's signature of a request: base64 of HMAC-SHA1 over the URL Twilio called followed
+/// by every POST parameter, sorted by name, as name then value.
+pub fn twilio_signature(auth_token: &str, url: &str, params: &[(String, String)]) -> Vec<u8> {
+    let mut sorted: Vec<&(String, String)> = params.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(auth_token.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(url.as_bytes());
+    for (name, value) in sorted {
+        mac.update(name.as_bytes());
+        mac.update(value.as_bytes());
+    }
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// Whether `header` (base64) is Twilio's signature of the request, compared in constant time.
+fn twilio_signed(auth_token: &str, url: &str, params: &[(String, String)], header: &str) -> bool {
+    let Ok(given) = STANDARD.decode(header.trim()) else {
+        return false;
+    };
+    let expected = twilio_signature(auth_token, url, params);
+    constant_time_eq(&expected, &given)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn form(bytes: &[u8]) -> Vec<(String, String)> {
+    form_urlencoded::parse(bytes).into_owned().collect()
+}
+
+fn refused() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        "refused: the call is not signed by this channel's provider\n",
+    )
+        .into_response()
+}
+
+/// `POST` (Twilio, or Kannel's post-url) and `GET` (Kannel's get-url) of
+/// `/inbound/sms/{channel}`.
+pub(super) async fn inbound_sms(
+    State(shared): State<Shared>,
+    Path(channel): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let inbound = &shared.inbound;
+    let Some(proof) = inbound.channels.get(&channel) else {
+        return (StatusCode::NOT_FOUND, "no SMS channel has this id\n").into_response();
+    };
+    let (from, text, twilio) = match proof {
+        Proof::TwilioSignature(token) => {
+            let params = form(&body);
+            let mut url = format!("{}/inbound/sms/{channel}", inbound.public_url);
+            if let Some(query) = &query {
+                url.push('?');
+                url.push_str(query);
+            }
+            let signature = headers
+                .get("x-twilio-signature")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            if !twilio_signed(token.expose_secret(), &url, &params, signature) {
+                tracing::warn!(channel, "an inbound SMS with a bad signature was refused");
+                return refused();
+            }
+            let get = |name: &str| {
+                params
+                    .iter()
+                    .find(|(key, _)| key == name)
+                    .map(|(_, value)| value.clone())
+            };
+            (get("From"), get("Body"), true)
+        }
+        Proof::KannelSecret(secret) => {
+            let mut params = form(query.as_deref().unwrap_or_default().as_bytes());
+            params.extend(form(&body));
+            let get = |name: &str| {
+                params
+                    .iter()
+                    .find(|(key, _)| key == name)
+                    .map(|(_, value)| value.clone())
+            };
+            let given = get("secret").unwrap_or_default();
+            let genuine = secret.as_ref().is_some_and(|secret| {
+                constant_time_eq(secret.expose_secret().as_bytes(), given.as_bytes())
+            });
+            if !genuine {
+                tracing::warn!(
+                    channel,
+                    "an inbound SMS without the channel's secret was refused"
+                );
+                return refused();
+            }
+            (get("from"), get("text"), false)
+        }
+    };
+    let Some(phone) = from
+        .as_deref()
+        .and_then(|from| PhoneNumber::parse(from).ok())
+    else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "the sender is not a phone number\n",
+        )
+            .into_response();
+    };
+    let contact = Contact::Phone(phone);
+    if let Err(error) = act(&shared, &contact, text.as_deref().unwrap_or_default()).await {
+        tracing::error!(%error, "cannot act on an inbound SMS");
+        return (StatusCode::SERVICE_UNAVAILABLE, "not done: try again\n").into_response();
+    }
+    if twilio {
+        // An empty TwiML answer: Twilio sends no reply (its own STOP handling answers).
+        (
+            [(header::CONTENT_TYPE, "text/xml")],
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response></Response>",
+        )
+            .into_response()
+    } else {
+        // Kannel would send a non-empty answer back as a reply SMS.
+        StatusCode::OK.into_response()
+    }
+}
+
+/// Does what the message asks of the phone's subscription, if it is a keyword.
+async fn act(shared: &Shared, contact: &Contact, text: &str) -> Result<(), StoreError> {
+    let now = Utc::now();
+    match keyword(text) {
+        Some(Keyword::Stop) => match shared.store.unsubscribe(contact, None, now).await {
+            Ok(_) | Err(StoreError::UnknownSubscriber(_)) => {
+                tracing::info!(phone = %contact.masked(), "unsubscribed by SMS");
+                Ok(())
+            }
+            Err(error) => Err(error),
+        },
+        Some(Keyword::Start) => {
+            // Confirms (or takes back) every order the phone still follows; after a STOP it
+            // follows none, and subscribing again starts from the subscribe page.
+            if let Some(subscriber) = shared.store.subscriber(contact).await? {
+                for order in &subscriber.orders {
+                    shared.store.subscribe(contact, order, true, now).await?;
+                }
+                tracing::info!(phone = %contact.masked(), "confirmed by SMS");
+            }
+            Ok(())
+        }
+        None => {
+            tracing::info!(phone = %contact.masked(), "an inbound SMS that is no keyword was ignored");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Twilio's published example: auth token 12345, this URL and these parameters.
+    #[test]
+    fn the_signature_matches_twilios_published_test_vector() {
+        let params: Vec<(String, String)> = [
+            ("CallSid", "CA1234567890ABCDE"),
+            ("Caller", "+14158675309"),
+            ("Digits", "1234"),
+            ("From", "+14158675309"),
+            ("To", "+18005551212"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let url = "https://mycompany.com/myapp.php?foo=1&bar=2";
+        assert!(twilio_signed(
+            "12345",
+            url,
+            &params,
+            "RSOYDt4T1cUTdK1PDd93/VVr8B8="
+        ));
+        assert!(!twilio_signed(
+            "12346",
+            url,
+            &params,
+            "RSOYDt4T1cUTdK1PDd93/VVr8B8="
+        ));
+        let mut tampered = params.clone();
+        tampered[2].1 = "9999".into();
+        assert!(!twilio_signed(
+            "12345",
+            url,
+            &tampered,
+            "RSOYDt4T1cUTdK1PDd93/VVr8B8="
+        ));
+        assert!(!twilio_signed("12345", url, &params, "not base64!"));
+    }
+
+    #[test]
+    fn keywords_ignore_case_and_spaces_and_nothing_else_is_one() {
+        assert_eq!(keyword(" stop "), Some(Keyword::Stop));
+        assert_eq!(keyword("Stop All"), Some(Keyword::Stop));
+        assert_eq!(keyword("unsubscribe"), Some(Keyword::Stop));
+        assert_eq!(keyword("yes"), Some(Keyword::Start));
+        assert_eq!(keyword("START"), Some(Keyword::Start));
+        assert_eq!(keyword("stop please"), None);
+        assert_eq!(keyword(""), None);
+    }
+}

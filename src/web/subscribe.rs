@@ -1,0 +1,694 @@
+//! Subscribing from the web: the subscribe form, the confirm link it sends, and support's
+//! links. Like every customer page, a GET only shows a page and state changes on POST, so a
+//! mail scanner that follows every link confirms nothing.
+//!
+//! The form tells an attacker nothing: its answer is the same page whether or not the order
+//! is followed or the contact known, and confirmations go out in the background, so neither
+//! the page nor its timing depends on what the store holds. It is protected by a double-submit
+//! CSRF token (an HttpOnly, SameSite=Strict cookie and a hidden field, both signed with the
+//! link secret), a honeypot field, and limits on confirmations per client address and per
+//! contact: an SMS costs money, and a form that sends them is a target for SMS pumping.
+
+use super::Shared;
+use crate::app::App;
+use crate::channel::{ConfiguredChannel, Notice};
+use crate::domain::token::{TokenPurpose, TokenSigner};
+use crate::domain::{
+    Contact, ContactKind, EmailAddress, OrderNumber, OrderPattern, PhoneNumber, SubscriberState,
+};
+use crate::links::{LinkMaker, LinkSubject, Links};
+use crate::render::{BrandView, Renderer, human_time};
+use axum::Form;
+use axum::body::Bytes;
+use axum::extract::connect_info::ConnectInfo;
+use axum::extract::rejection::{FormRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a confirm link works.
+pub const CONFIRM_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
+/// How long a form may stay open before its CSRF token expires.
+const CSRF_TTL: Duration = Duration::from_secs(12 * 3600);
+const CSRF_COOKIE: &str = "crier_csrf";
+/// Confirmations one contact may be sent per [`LIMIT_WINDOW`]: enough to ask again after a
+/// typo, too few to bomb a mailbox or pump an SMS number.
+const PER_CONTACT: usize = 3;
+/// Confirmations asked from one client address (an IPv6 /64) per [`LIMIT_WINDOW`].
+const PER_CLIENT: usize = 20;
+const LIMIT_WINDOW: Duration = Duration::from_secs(3600);
+/// The most keys the limits remember. Past it (a flood from many addresses), no confirmation
+/// is sent until the window frees room: memory stays bounded, and a flood costs no SMS.
+const LIMIT_KEYS: usize = 100_000;
+
+/// What subscribing from the web needs besides the pages': the order pattern, links, the
+/// channels confirmations go through and the limits on them.
+pub struct Subscriptions {
+    orders: OrderPattern,
+    links: LinkMaker,
+    /// The first email channel, and the first SMS channel: confirmations go through them.
+    email: Option<ConfiguredChannel>,
+    sms: Option<ConfiguredChannel>,
+    limits: Limits,
+    /// Whether the public site is https, so the CSRF cookie may say `Secure`.
+    secure: bool,
+}
+
+impl Subscriptions {
+    pub fn new(app: &App) -> Self {
+        let first = |kind: &str| app.channels.iter().find(|c| c.kind == kind).cloned();
+        let links = app.composer.link_maker().clone();
+        Self {
+            orders: app.config.orders.clone(),
+            secure: links.public_url().starts_with("https://"),
+            links,
+            email: first("email"),
+            sms: first("sms"),
+            limits: Limits::default(),
+        }
+    }
+
+    fn signer(&self) -> &TokenSigner {
+        self.links.signer()
+    }
+
+    /// A fresh CSRF token, and the cookie that carries it.
+    fn csrf(&self) -> (String, HeaderValue) {
+        let nonce = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 18]>());
+        let token = self.signer().issue(
+            TokenPurpose::Csrf,
+            &nonce,
+            crate::clock::after(Utc::now(), CSRF_TTL),
+        );
+        let secure = if self.secure { "; Secure" } else { "" };
+        let cookie = format!(
+            "{CSRF_COOKIE}={token}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict{secure}",
+            CSRF_TTL.as_secs()
+        );
+        // A signed token is base64url and a dot: always a valid header value.
+        let cookie =
+            HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""));
+        (token, cookie)
+    }
+
+    /// Whether the form's field and the cookie carry the same genuine, unexpired token.
+    fn csrf_holds(&self, headers: &HeaderMap, field: &str) -> bool {
+        let Some(cookie) = cookie(headers, CSRF_COOKIE) else {
+            return false;
+        };
+        constant_time_eq(cookie.as_bytes(), field.as_bytes())
+            && self
+                .signer()
+                .verify(TokenPurpose::Csrf, field, Utc::now())
+                .is_ok()
+    }
+
+    fn channel_for(&self, contact: &Contact) -> Option<&ConfiguredChannel> {
+        match contact.kind() {
+            ContactKind::Email => self.email.as_ref(),
+            ContactKind::Phone => self.sms.as_ref(),
+        }
+    }
+}
+
+/// The value of one cookie of the request.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// ---- limits ---------------------------------------------------------------------------------
+
+/// Sliding windows in memory: when each client address and each contact was last sent a
+/// confirmation. A restart forgets them, which costs at most one window's allowance.
+#[derive(Default)]
+struct Limits {
+    seen: Mutex<HashMap<String, VecDeque<Instant>>>,
+}
+
+impl Limits {
+    /// Whether one more confirmation may go to `contact` for `client`; if so, it is counted.
+    fn allow(&self, client: &str, contact: &Contact, now: Instant) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let recent = |times: &mut VecDeque<Instant>| {
+            while times
+                .front()
+                .is_some_and(|at| now.duration_since(*at) >= LIMIT_WINDOW)
+            {
+                times.pop_front();
+            }
+            times.len()
+        };
+        let (client_key, contact_key) = (format!("client {client}"), format!("contact {contact}"));
+        if seen.len() + 2 > LIMIT_KEYS {
+            seen.retain(|_, times| recent(times) > 0);
+            if seen.len() + 2 > LIMIT_KEYS {
+                return false;
+            }
+        }
+        let by_client = seen.get_mut(&client_key).map_or(0, recent);
+        let by_contact = seen.get_mut(&contact_key).map_or(0, recent);
+        if by_client >= PER_CLIENT || by_contact >= PER_CONTACT {
+            return false;
+        }
+        seen.entry(client_key).or_default().push_back(now);
+        seen.entry(contact_key).or_default().push_back(now);
+        true
+    }
+}
+
+/// The address the request came from: an IPv6 client by its /64, which one host usually
+/// holds whole. Unknown when the server was not started with connection info.
+pub(super) struct Client(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Client {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let address = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(address)| address.ip());
+        Ok(Client(match address {
+            Some(IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
+                Some(ip) => ip.to_string(),
+                None => {
+                    let s = ip.segments();
+                    format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+                }
+            },
+            Some(IpAddr::V4(ip)) => ip.to_string(),
+            None => "unknown".to_owned(),
+        }))
+    }
+}
+
+// ---- pages ----------------------------------------------------------------------------------
+
+#[derive(Serialize, Default)]
+struct FormView<'a> {
+    brand: Option<&'a BrandView>,
+    links: Option<&'a Links>,
+    sent: bool,
+    csrf: String,
+    order: String,
+    email: String,
+    phone: String,
+    form_error: Option<String>,
+    order_error: Option<String>,
+    email_error: Option<String>,
+    phone_error: Option<String>,
+}
+
+#[derive(Serialize, Default)]
+struct ConfirmView<'a> {
+    brand: Option<&'a BrandView>,
+    links: Option<&'a Links>,
+    order: String,
+    contact: String,
+    ask: bool,
+    done: bool,
+    invalid: bool,
+}
+
+/// What the confirmation's templates see.
+#[derive(Serialize)]
+struct NoticeView<'a> {
+    brand: &'a BrandView,
+    links: &'a Links,
+    order: &'a str,
+    confirm_url: &'a str,
+    expires_text: String,
+}
+
+fn render<T: Serialize>(renderer: &Renderer, name: &str, status: StatusCode, view: &T) -> Response {
+    match renderer.render(name, view) {
+        Ok(page) => (status, Html(page)).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "cannot render {name}");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the page cannot be shown\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+impl Shared {
+    fn form_page(&self, status: StatusCode, view: FormView<'_>) -> Response {
+        let view = FormView {
+            brand: Some(&self.pages.brand),
+            links: Some(&self.pages.links),
+            ..view
+        };
+        let mut response = render(&self.pages.renderer, "pages/subscribe", status, &view);
+        // The form and its answers hold a CSRF token or the customer's input: never cached.
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+
+    /// A form with a fresh CSRF token, and the cookie that matches it.
+    fn fresh_form(&self, status: StatusCode, view: FormView<'_>) -> Response {
+        let (csrf, cookie) = self.subscriptions.csrf();
+        let mut response = self.form_page(status, FormView { csrf, ..view });
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+        response
+    }
+
+    fn confirm_page(&self, status: StatusCode, view: ConfirmView<'_>) -> Response {
+        let view = ConfirmView {
+            brand: Some(&self.pages.brand),
+            links: Some(&self.pages.links),
+            ..view
+        };
+        render(&self.pages.renderer, "pages/confirm", status, &view)
+    }
+
+    fn invalid_link(&self) -> Response {
+        self.confirm_page(
+            StatusCode::BAD_REQUEST,
+            ConfirmView {
+                invalid: true,
+                ..ConfirmView::default()
+            },
+        )
+    }
+
+    /// The subject of a genuine link made for `purpose`.
+    fn link(&self, purpose: TokenPurpose, token: &str) -> Option<LinkSubject> {
+        let subscriptions = &self.subscriptions;
+        LinkSubject::verify(
+            subscriptions.signer(),
+            purpose,
+            token,
+            &subscriptions.orders,
+            Utc::now(),
+        )
+        .ok()
+    }
+
+    /// Subscribes the contact a link names, confirmed, and says so.
+    async fn follow_confirmed(&self, order: &OrderNumber, contact: &Contact) -> Response {
+        if let Err(error) = self.store.subscribe(contact, order, true, Utc::now()).await {
+            tracing::error!(%error, "cannot confirm a subscription");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not done: please try again in a minute\n",
+            )
+                .into_response();
+        }
+        tracing::info!(contact = %contact.masked(), %order, "subscription confirmed");
+        self.confirm_page(
+            StatusCode::OK,
+            ConfirmView {
+                order: order.to_string(),
+                contact: contact.masked(),
+                done: true,
+                ..ConfirmView::default()
+            },
+        )
+    }
+
+    fn ask(&self, order: &OrderNumber, contact: &Contact, status: StatusCode) -> Response {
+        self.confirm_page(
+            status,
+            ConfirmView {
+                order: order.to_string(),
+                contact: contact.masked(),
+                ask: true,
+                ..ConfirmView::default()
+            },
+        )
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct FormQuery {
+    order: Option<String>,
+}
+
+/// GET /subscribe: the form, the order filled in from `?order=`.
+pub(super) async fn subscribe_form(
+    State(shared): State<Shared>,
+    query: Result<Query<FormQuery>, QueryRejection>,
+) -> Response {
+    let order = query
+        .ok()
+        .and_then(|Query(query)| query.order)
+        .map(|order| order.chars().take(100).collect())
+        .unwrap_or_default();
+    shared.fresh_form(
+        StatusCode::OK,
+        FormView {
+            order,
+            ..FormView::default()
+        },
+    )
+}
+
+#[derive(Deserialize, Default)]
+pub(super) struct SubscribeForm {
+    #[serde(default)]
+    order: String,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    phone: String,
+    #[serde(default)]
+    csrf: String,
+    /// The honeypot: hidden from people, filled in by bots that fill in every field.
+    #[serde(default)]
+    website: String,
+}
+
+/// The most of a field kept to show again: enough for any real input.
+fn kept(text: &str) -> String {
+    text.chars().take(200).collect()
+}
+
+/// POST /subscribe: stores a pending subscriber for each contact given and sends each a
+/// confirmation, answering the same page whatever the store holds.
+pub(super) async fn subscribe(
+    State(shared): State<Shared>,
+    Client(client): Client,
+    headers: HeaderMap,
+    form: Result<Form<SubscribeForm>, FormRejection>,
+) -> Response {
+    let Ok(Form(form)) = form else {
+        return shared.fresh_form(
+            StatusCode::BAD_REQUEST,
+            FormView {
+                form_error: Some("The form did not arrive whole: please send it again.".into()),
+                ..FormView::default()
+            },
+        );
+    };
+    let typed = FormView {
+        order: kept(&form.order),
+        email: kept(&form.email),
+        phone: kept(&form.phone),
+        ..FormView::default()
+    };
+    if !shared.subscriptions.csrf_holds(&headers, &form.csrf) {
+        tracing::info!("subscribe form refused: its CSRF token is missing or does not match");
+        return shared.fresh_form(
+            StatusCode::FORBIDDEN,
+            FormView {
+                form_error: Some(
+                    "This form expired or did not come from our page, so nothing was stored. \
+                     Please check it and send it again."
+                        .into(),
+                ),
+                ..typed
+            },
+        );
+    }
+    let sent = FormView {
+        sent: true,
+        ..FormView::default()
+    };
+    if !form.website.is_empty() {
+        tracing::info!("subscribe form ignored: its honeypot field was filled in");
+        return shared.form_page(StatusCode::OK, sent);
+    }
+    let orders = &shared.subscriptions.orders;
+    let order = OrderNumber::parse(&form.order, orders);
+    let email = (!form.email.trim().is_empty()).then(|| EmailAddress::parse(&form.email));
+    let phone = (!form.phone.trim().is_empty()).then(|| PhoneNumber::parse(&form.phone));
+    let mut errors = FormView {
+        csrf: form.csrf.clone(),
+        ..typed
+    };
+    let mut invalid = false;
+    if order.is_err() {
+        errors.order_error =
+            Some("That is not an order number: check the confirmation of your order.".into());
+        invalid = true;
+    }
+    if matches!(email, Some(Err(_))) {
+        errors.email_error = Some("That is not an email address.".into());
+        invalid = true;
+    }
+    if matches!(phone, Some(Err(_))) {
+        errors.phone_error = Some(
+            "That is not a mobile number: write it with its country code, like +44 7700 900123."
+                .into(),
+        );
+        invalid = true;
+    }
+    if email.is_none() && phone.is_none() {
+        errors.form_error = Some("Give an email address, a mobile number, or both.".into());
+        invalid = true;
+    }
+    let (Ok(order), false) = (order, invalid) else {
+        return shared.form_page(StatusCode::UNPROCESSABLE_ENTITY, errors);
+    };
+    let contacts = [
+        email.and_then(Result::ok).map(Contact::Email),
+        phone.and_then(Result::ok).map(Contact::Phone),
+    ];
+    for contact in contacts.into_iter().flatten() {
+        // In the background: the answer, and how long it takes, must not depend on what the
+        // store holds or on how fast a provider answers.
+        let (shared, client, order) = (shared.clone(), client.clone(), order.clone());
+        tokio::spawn(async move { request_confirmation(&shared, &client, &order, &contact).await });
+    }
+    shared.form_page(StatusCode::OK, sent)
+}
+
+/// Stores `contact` as a pending follower of `order` and sends it a confirm link, within the
+/// limits. Everything that goes wrong is logged (the contact masked, never the link).
+async fn request_confirmation(
+    shared: &Shared,
+    client: &str,
+    order: &OrderNumber,
+    contact: &Contact,
+) {
+    let subscriptions = &shared.subscriptions;
+    let masked = contact.masked();
+    let Some(channel) = subscriptions.channel_for(contact) else {
+        tracing::warn!(contact = %masked, "no channel can send this contact a confirmation");
+        return;
+    };
+    if !subscriptions.limits.allow(client, contact, Instant::now()) {
+        tracing::warn!(contact = %masked, client, "confirmation not sent: over the limit");
+        return;
+    }
+    let now = Utc::now();
+    let existing = match shared.store.subscriber(contact).await {
+        Ok(existing) => existing,
+        Err(error) => {
+            tracing::error!(%error, contact = %masked, "cannot read the subscriber");
+            return;
+        }
+    };
+    if let Some(subscriber) = &existing {
+        if subscriber.stopped_on.contains(&channel.id) {
+            // It replied STOP, or its provider said it cannot be reached: never message it.
+            tracing::info!(contact = %masked, channel = %channel.id, "confirmation not sent: stopped on the channel");
+            return;
+        }
+        if subscriber.state == SubscriberState::Confirmed && subscriber.orders.contains(order) {
+            tracing::info!(contact = %masked, %order, "confirmation not sent: already confirmed");
+            return;
+        }
+    }
+    // A confirmed contact follows a new order only once the link is followed: a form anyone
+    // can fill in must not change what a confirmed contact receives.
+    let confirmed = existing.is_some_and(|s| s.state == SubscriberState::Confirmed);
+    if !confirmed && let Err(error) = shared.store.subscribe(contact, order, false, now).await {
+        tracing::error!(%error, contact = %masked, "cannot store the pending subscriber");
+        return;
+    }
+    let confirm_url = subscriptions
+        .links
+        .confirm_url(contact, order, now, CONFIRM_TTL);
+    let notice = match notice(shared, contact, order, &confirm_url, now) {
+        Ok(notice) => notice,
+        Err(error) => {
+            tracing::error!(%error, "cannot render the confirmation");
+            return;
+        }
+    };
+    match channel.adapter.notify(contact, &notice).await {
+        Ok(_) => {
+            tracing::info!(contact = %masked, channel = %channel.id, "confirmation sent");
+        }
+        Err(error) => {
+            tracing::warn!(contact = %masked, channel = %channel.id, reason = %error.reason, "confirmation not sent");
+        }
+    }
+}
+
+fn notice(
+    shared: &Shared,
+    contact: &Contact,
+    order: &OrderNumber,
+    confirm_url: &str,
+    now: chrono::DateTime<Utc>,
+) -> Result<Notice, crate::render::RenderError> {
+    let view = NoticeView {
+        brand: &shared.pages.brand,
+        links: &shared.pages.links,
+        order: order.as_str(),
+        confirm_url,
+        expires_text: human_time(crate::clock::after(now, CONFIRM_TTL)),
+    };
+    let renderer = &shared.pages.renderer;
+    Ok(match contact.kind() {
+        ContactKind::Email => Notice {
+            subject: renderer.render("confirm.subject", &view)?,
+            text: renderer.render("confirm.txt", &view)?,
+            html: renderer.render("confirm.html", &view)?,
+        },
+        ContactKind::Phone => Notice {
+            subject: String::new(),
+            text: renderer.render("confirm.sms", &view)?,
+            html: String::new(),
+        },
+    })
+}
+
+/// GET /confirm/{token}: asks, changes nothing.
+pub(super) async fn confirm_page(
+    State(shared): State<Shared>,
+    Path(token): Path<String>,
+) -> Response {
+    match shared.link(TokenPurpose::Confirm, &token) {
+        Some(LinkSubject {
+            order,
+            contact: Some(contact),
+        }) => shared.ask(&order, &contact, StatusCode::OK),
+        _ => shared.invalid_link(),
+    }
+}
+
+/// POST /confirm/{token}: the button's form (`confirm=yes`) confirms.
+pub(super) async fn confirm(
+    State(shared): State<Shared>,
+    Path(token): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(LinkSubject {
+        order,
+        contact: Some(contact),
+    }) = shared.link(TokenPurpose::Confirm, &token)
+    else {
+        return shared.invalid_link();
+    };
+    if !String::from_utf8_lossy(&body).contains("confirm=yes") {
+        return shared.ask(&order, &contact, StatusCode::BAD_REQUEST);
+    }
+    shared.follow_confirmed(&order, &contact).await
+}
+
+/// GET /s/{token}: a support link. One that names a contact asks to subscribe it; one that
+/// names only an order opens the form with the order filled in.
+pub(super) async fn support_page(
+    State(shared): State<Shared>,
+    Path(token): Path<String>,
+) -> Response {
+    match shared.link(TokenPurpose::SupportLink, &token) {
+        Some(LinkSubject {
+            order,
+            contact: Some(contact),
+        }) => shared.ask(&order, &contact, StatusCode::OK),
+        Some(LinkSubject {
+            order,
+            contact: None,
+        }) => shared.fresh_form(
+            StatusCode::OK,
+            FormView {
+                order: order.to_string(),
+                ..FormView::default()
+            },
+        ),
+        None => shared.invalid_link(),
+    }
+}
+
+/// POST /s/{token}: subscribes the contact the link names, confirmed: the link reached the
+/// customer in support's own reply to them, so a second confirmation would ask nothing new.
+pub(super) async fn support(
+    State(shared): State<Shared>,
+    Path(token): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(LinkSubject {
+        order,
+        contact: Some(contact),
+    }) = shared.link(TokenPurpose::SupportLink, &token)
+    else {
+        return shared.invalid_link();
+    };
+    if !String::from_utf8_lossy(&body).contains("confirm=yes") {
+        return shared.ask(&order, &contact, StatusCode::BAD_REQUEST);
+    }
+    shared.follow_confirmed(&order, &contact).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann() -> Contact {
+        Contact::parse("ann@example.com").unwrap()
+    }
+
+    #[test]
+    fn a_contact_gets_at_most_three_confirmations_an_hour() {
+        let (limits, start) = (Limits::default(), Instant::now());
+        for _ in 0..PER_CONTACT {
+            assert!(limits.allow("192.0.2.1", &ann(), start));
+        }
+        assert!(!limits.allow("192.0.2.2", &ann(), start), "from anywhere");
+        assert!(limits.allow("192.0.2.1", &ann(), start + LIMIT_WINDOW));
+    }
+
+    #[test]
+    fn a_client_asks_for_at_most_twenty_confirmations_an_hour() {
+        let (limits, now) = (Limits::default(), Instant::now());
+        for n in 0..PER_CLIENT {
+            let contact = Contact::parse(&format!("c{n}@example.com")).unwrap();
+            assert!(limits.allow("192.0.2.1", &contact, now));
+        }
+        assert!(!limits.allow("192.0.2.1", &ann(), now));
+        assert!(limits.allow("192.0.2.9", &ann(), now), "another client");
+    }
+
+    #[test]
+    fn the_csrf_cookie_is_read_among_others_and_compared_whole() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("theme=dark; crier_csrf=abc.def; other=1"),
+        );
+        assert_eq!(cookie(&headers, CSRF_COOKIE), Some("abc.def"));
+        assert!(constant_time_eq(b"abc.def", b"abc.def"));
+        assert!(!constant_time_eq(b"abc.def", b"abc.deg"));
+        assert!(!constant_time_eq(b"abc.def", b"abc.de"));
+    }
+}
