@@ -93,6 +93,14 @@ struct StoreFile {
     /// The embedded store's page cache in MiB (its own default would be 1 GiB).
     #[serde(default = "default_cache_capacity_mb")]
     cache_capacity_mb: u64,
+    /// How long sent and skipped deliveries are kept after their update; counts and dead
+    /// letters are kept for good.
+    #[serde(default = "default_retention")]
+    retention: String,
+}
+
+fn default_retention() -> String {
+    "30d".into()
 }
 
 impl Default for StoreFile {
@@ -100,6 +108,7 @@ impl Default for StoreFile {
         Self {
             path: default_store_path(),
             cache_capacity_mb: default_cache_capacity_mb(),
+            retention: default_retention(),
         }
     }
 }
@@ -204,6 +213,8 @@ pub struct Config {
     pub plan_batch: usize,
     /// Where `crier serve` listens.
     pub listen: std::net::SocketAddr,
+    /// How long settled deliveries are kept (see `Store::prune_settled`).
+    pub retention: Duration,
     pub channels: Vec<ChannelConfig>,
 }
 
@@ -378,6 +389,7 @@ impl Config {
             LONGEST,
         )?;
         let lease = duration(file, "dispatch.lease", &raw.dispatch.lease, LONGEST)?;
+        let retention = duration(file, "store.retention", &raw.store.retention, LONGEST)?;
         if raw.dispatch.plan_batch == 0 || raw.dispatch.plan_batch > 100_000 {
             return Err(ConfigError::at(
                 file,
@@ -438,6 +450,7 @@ impl Config {
             lease,
             plan_batch: raw.dispatch.plan_batch,
             listen,
+            retention,
             channels,
         })
     }

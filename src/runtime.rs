@@ -18,6 +18,26 @@ use ulid::Ulid;
 /// `crier dispatch`: they hold the store while they wait.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
+/// How many settled deliveries one pass of retention forgets at most, so a start-up after a
+/// long time does not stall on it; the next pass goes on.
+const PRUNED_PER_PASS: usize = 100_000;
+
+/// How often `crier serve` forgets what is past its retention.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Forgets the settled deliveries older than `retention` (one bounded pass).
+pub async fn prune(store: &dyn crate::store::Store, retention: Duration) -> crate::Result<()> {
+    let before = Utc::now() - chrono::TimeDelta::from_std(retention).unwrap_or_default();
+    let forgotten = store.prune_settled(before, PRUNED_PER_PASS).await?;
+    if forgotten > 0 {
+        tracing::info!(
+            forgotten,
+            "settled deliveries past their retention were forgotten"
+        );
+    }
+    Ok(())
+}
+
 /// How a run of the dispatcher ended.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Delivered {
@@ -44,6 +64,7 @@ pub async fn deliver_queued(
     accepted: Option<(Ulid, Instant)>,
 ) -> crate::Result<Delivered> {
     let started = accepted.map_or_else(Instant::now, |(_, at)| at);
+    prune(app.store.as_ref(), app.config.retention).await?;
     let orphaned = app.store.recover_orphaned(&app.owner, Utc::now()).await?;
     if orphaned > 0 {
         eprintln!("{orphaned} deliveries left in flight by an earlier run are queued again");
@@ -177,6 +198,17 @@ pub async fn serve(
     });
     status.refresh().await?;
 
+    let pruner = {
+        let (store, retention) = (app.store.clone(), app.config.retention);
+        tokio::spawn(async move {
+            loop {
+                if let Err(error) = prune(store.as_ref(), retention).await {
+                    tracing::error!(%error, "cannot forget settled deliveries");
+                }
+                tokio::time::sleep(PRUNE_EVERY).await;
+            }
+        })
+    };
     let orphaned = app.store.recover_orphaned(&app.owner, Utc::now()).await?;
     if orphaned > 0 {
         tracing::warn!(
@@ -251,6 +283,7 @@ pub async fn serve(
     planner.abort();
     let _ = planner.await;
     refresher.abort();
+    pruner.abort();
     dispatched?;
     Ok(())
 }

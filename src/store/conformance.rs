@@ -95,6 +95,7 @@ macro_rules! conformance {
             a_batch_never_subscribes_a_contact_that_left_again,
             a_lease_given_back_is_queued_again_without_its_attempt,
             many_subscribers_are_read_at_once_in_order,
+            retention_forgets_only_settled_deliveries_of_old_updates_and_keeps_the_counts,
         );
     };
     (@tests $backend:ident, $open:expr; $($test:ident),* $(,)?) => {
@@ -1694,5 +1695,97 @@ async fn many_subscribers_are_read_at_once_in_order(store: &dyn Store) {
             None,
             Some("a@example.com".to_owned())
         ]
+    );
+}
+
+// ---- retention ----------------------------------------------------------------------------------
+
+async fn retention_forgets_only_settled_deliveries_of_old_updates_and_keeps_the_counts(
+    store: &dyn Store,
+) {
+    let incident = new_incident("Activations are delayed", at(0));
+    let old = update_of(&incident, IncidentState::Investigating, at(0));
+    store.accept_update(&old, Some(&incident)).await.unwrap();
+    let done = PlanState {
+        done: true,
+        ..PlanState::default()
+    };
+    let records: Vec<DeliveryRecord> = ["a@example.com", "b@example.com", "c@example.com"]
+        .iter()
+        .map(|raw| record(old.id, CHANNEL, to(raw), at(0)))
+        .collect();
+    store
+        .enqueue_planned(old.id, &records, &done)
+        .await
+        .unwrap();
+    // a@ is sent, b@ dead, c@ still queued.
+    let leased = store
+        .lease_due(CHANNEL, "me", 2, LEASE, at(1))
+        .await
+        .unwrap();
+    outcome(store, &leased[0], sent(), at(2)).await;
+    outcome(
+        store,
+        &leased[1],
+        dead(FailureKind::Permanent, "550"),
+        at(2),
+    )
+    .await;
+    let newer = update_of(&incident, IncidentState::Identified, at(100));
+    store.accept_update(&newer, None).await.unwrap();
+    // On another channel, so c@'s queued delivery above is not the one leased.
+    let fresh = record(newer.id, "sms", to("a@example.com"), at(100));
+    store
+        .enqueue_planned(newer.id, std::slice::from_ref(&fresh), &done)
+        .await
+        .unwrap();
+    let leased = store
+        .lease_due("sms", "me", 1, LEASE, at(101))
+        .await
+        .unwrap();
+    outcome(store, &leased[0], sent(), at(102)).await;
+    let counts_before = store.counts(None).await.unwrap();
+
+    assert_eq!(
+        store.prune_settled(at(50), 0).await.unwrap(),
+        0,
+        "a limit of none"
+    );
+    assert_eq!(store.prune_settled(at(50), 100).await.unwrap(), 1);
+    assert_eq!(
+        store.delivery(&records[0].key()).await.unwrap(),
+        None,
+        "sent: forgotten"
+    );
+    assert_eq!(
+        stored(store, &records[1]).await.state,
+        DeliveryState::Dead,
+        "a dead letter stays for retry"
+    );
+    assert!(
+        store.delivery(&records[2].key()).await.unwrap().is_some(),
+        "unsettled: kept"
+    );
+    assert!(
+        store.delivery(&fresh.key()).await.unwrap().is_some(),
+        "a newer update: kept"
+    );
+    assert_eq!(
+        store.counts(None).await.unwrap(),
+        counts_before,
+        "counts stay"
+    );
+    assert_eq!(
+        store.prune_settled(at(50), 100).await.unwrap(),
+        0,
+        "nothing twice"
+    );
+    assert_eq!(
+        store
+            .requeue_dead(Some(old.id), at(60))
+            .await
+            .unwrap()
+            .len(),
+        1
     );
 }

@@ -759,6 +759,41 @@ impl Store for MemoryStore {
         }))
     }
 
+    async fn prune_settled(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        Ok(self.with(|state| {
+            let old: Vec<Ulid> = state
+                .updates
+                .values()
+                .filter(|update| update.created_at < before)
+                .map(|update| update.id)
+                .collect();
+            let mut forgotten = 0;
+            for update in old {
+                let prefix = format!("{update}/");
+                let keys: Vec<String> = state
+                    .deliveries
+                    .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+                    .take_while(|(key, _)| key.starts_with(&prefix))
+                    .filter(|(_, record)| super::forgettable(record))
+                    .map(|(key, _)| key.clone())
+                    .take(limit - forgotten)
+                    .collect();
+                for key in keys {
+                    state.deliveries.remove(&key);
+                    forgotten += 1;
+                }
+                if forgotten >= limit {
+                    break;
+                }
+            }
+            forgotten
+        }))
+    }
+
     async fn requeue_expired(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
         Ok(self.with(|state| state.requeue_leases(now, |_| false)))
     }

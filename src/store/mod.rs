@@ -313,6 +313,12 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Page<DeliveryRecord>, StoreError>;
 
+    /// Retention: forgets up to `limit` sent and skipped deliveries of updates accepted before
+    /// `before`, oldest update first. The counts stay (they are counters) and so do dead
+    /// letters and anything not settled. Returns how many deliveries were forgotten.
+    async fn prune_settled(&self, before: DateTime<Utc>, limit: usize)
+    -> Result<usize, StoreError>;
+
     /// Deliveries per state, per channel, of one update or of all, from counters.
     async fn counts(&self, update: Option<Ulid>) -> Result<BTreeMap<String, Counts>, StoreError>;
 
@@ -327,6 +333,14 @@ pub trait Store: Send + Sync + 'static {
     /// Ticks whenever deliveries become due-able (planned, retried, requeued), so idle workers
     /// wake at once instead of polling.
     fn queue_changes(&self) -> watch::Receiver<u64>;
+}
+
+/// Whether retention forgets this delivery: sent or skipped; a dead letter stays for `retry`.
+pub(crate) fn forgettable(record: &DeliveryRecord) -> bool {
+    matches!(
+        record.state,
+        crate::delivery::DeliveryState::Sent | crate::delivery::DeliveryState::Skipped
+    )
 }
 
 /// Opens the configured backend.

@@ -200,3 +200,44 @@ async fn the_embedded_default_writes_each_email_as_an_eml_file_in_the_outbox_fol
     );
     assert!(message.body_text(0).unwrap().contains("Next update by"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_past_their_retention_are_forgotten_and_their_counts_stay() {
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 0);
+    let crier = crier.email(smtp.port, "");
+    let mut config = std::fs::read_to_string(&crier.config).unwrap();
+    config = config.replace(
+        "cache_capacity_mb = 16\n",
+        "cache_capacity_mb = 16\nretention = \"1s\"\n",
+    );
+    std::fs::write(&crier.config, config).unwrap();
+    crier.subscribe("AB-1001", "ann@example.com").await;
+    let summary = crier.send(&[], "First update.").await;
+    let update: ulid::Ulid = summary["update"].as_str().unwrap().parse().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+
+    // Any later run forgets what is past its retention.
+    crier.run(&["dispatch"]).await.assert_ok();
+    let report = crier
+        .run(&["deliveries", "--update", &update.to_string(), "--json"])
+        .await;
+    report.assert_ok();
+    assert_eq!(
+        report.json()["channels"]["email"]["sent"],
+        1,
+        "the counts stay"
+    );
+    let key = crier::delivery::DeliveryKey::new(
+        update,
+        "email",
+        &crier::delivery::Recipient::Contact(
+            crier::domain::Contact::parse("ann@example.com").unwrap(),
+        ),
+    );
+    assert_eq!(
+        crier.store().await.delivery(&key).await.unwrap(),
+        None,
+        "the sent delivery itself is forgotten"
+    );
+}

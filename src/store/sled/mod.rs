@@ -768,6 +768,15 @@ impl Store for SledStore {
             .await
     }
 
+    async fn prune_settled(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        self.write(move |trees| trees.prune_settled(before, limit))
+            .await
+    }
+
     async fn counts(&self, update: Option<Ulid>) -> Result<BTreeMap<String, Counts>, StoreError> {
         self.blocking(move |trees| trees.counts(update)).await
     }

@@ -76,6 +76,9 @@ fn split_lease_key(key: &[u8]) -> Option<(u64, &[u8])> {
     Some((u64::from_be_bytes(bytes), key.get(8..)?))
 }
 
+/// The key, in `meta`, of the last update whose settled deliveries were all forgotten.
+const PRUNED_THROUGH: &[u8] = b"pruned_through";
+
 fn counts_key(update: Ulid, channel: &str) -> String {
     format!("{update}/{channel}")
 }
@@ -554,6 +557,61 @@ impl Trees {
             }
         }
         Ok(Page { items, next })
+    }
+
+    /// See [`crate::store::Store::prune_settled`]. Walks updates oldest first (their ids are
+    /// ULIDs), from the last one it had pruned whole, and deletes in one batch per update.
+    pub(super) fn prune_settled(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let start = match self.meta.get(PRUNED_THROUGH)? {
+            Some(last) => Excluded(last.to_vec()),
+            None => Unbounded,
+        };
+        let mut forgotten = 0;
+        // Updates pruned whole so far in this call, in order: the marker may move past them.
+        let mut contiguous = true;
+        for entry in self.updates.range::<Vec<u8>, _>((start, Unbounded)) {
+            if forgotten >= limit {
+                break;
+            }
+            let (key, value) = entry?;
+            let update: crate::domain::Update = decode(&value)?;
+            if update.created_at >= before {
+                break;
+            }
+            let prefix = format!("{}/", update.id);
+            let mut batch = ::sled::Batch::default();
+            let mut unsettled = false;
+            let mut taken = 0;
+            for entry in self.deliveries.scan_prefix(prefix.as_bytes()) {
+                let (delivery_key, value) = entry?;
+                let record: DeliveryRecord = decode(&value)?;
+                if crate::store::forgettable(&record) {
+                    if forgotten + taken >= limit {
+                        unsettled = true;
+                        break;
+                    }
+                    batch.remove(delivery_key);
+                    taken += 1;
+                } else if !record.state.is_settled() {
+                    unsettled = true;
+                }
+            }
+            if !self.plan_state(update.id)?.done {
+                unsettled = true;
+            }
+            self.deliveries.apply_batch(batch)?;
+            forgotten += taken;
+            contiguous &= !unsettled;
+            if contiguous {
+                self.meta.insert(PRUNED_THROUGH, key)?;
+            }
+        }
+        Ok(forgotten)
     }
 
     pub(super) fn counts(
