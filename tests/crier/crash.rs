@@ -130,3 +130,68 @@ async fn ctrl_c_stops_a_send_cleanly_and_dispatch_delivers_the_rest_without_dupl
 async fn sigterm_stops_a_send_as_cleanly_as_ctrl_c() {
     stop_midway_then_dispatch("-TERM", 400).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_killed_mid_way_with_sms_configured_too_loses_no_email_and_no_sms() {
+    const COUNT: usize = 600;
+    let twilio = crate::sms::TwilioSink::start(&[], &[]).await;
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 15);
+    let crier = slow_email(crier, smtp.port)
+        .channel(
+            "sms",
+            &format!(
+                "kind = \"sms\"\nprovider = \"twilio\"\nbase_url = \"{}\"\naccount_sid = \"AC0123456789abcdef0123456789abcdef\"\nauth_token_env = \"TWILIO_AUTH_TOKEN\"\nfrom = \"+447700900000\"\n[delivery]\nconcurrency = 4\nrate = \"1000/s\"\n",
+                twilio.url
+            ),
+        )
+        .with_env("TWILIO_AUTH_TOKEN", "fedcba9876543210fedcba9876543210");
+    {
+        let store = crier.store().await;
+        let pattern = OrderPattern::new("[A-Z]{2}-[0-9]{4,10}").unwrap();
+        for i in 0..COUNT {
+            let order = OrderNumber::parse(&format!("AB-{}", 100_000 + i), &pattern).unwrap();
+            for contact in [
+                format!("customer{i}@example.com"),
+                format!("+4477009{:05}", i),
+            ] {
+                let contact = Contact::parse(&contact).unwrap();
+                store
+                    .subscribe(&contact, &order, true, Utc::now())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let mut send = crier
+        .command(&[
+            "send",
+            "--yes",
+            "--headline",
+            "Activations delayed",
+            "On it.",
+        ])
+        .spawn()
+        .unwrap();
+    let midway = wait_until(Duration::from_secs(120), || smtp.count() >= COUNT / 4).await;
+    assert!(midway, "the send got a quarter of the way");
+    send.start_kill().unwrap();
+    send.wait().await.unwrap();
+
+    crier.run(&["dispatch"]).await.assert_ok();
+    let emails = smtp.per_recipient();
+    assert_eq!(emails.len(), COUNT, "every email subscriber got the update");
+    let mut texts: std::collections::BTreeMap<String, usize> = Default::default();
+    for request in twilio.received() {
+        *texts.entry(request.field("To").to_owned()).or_default() += 1;
+    }
+    assert_eq!(texts.len(), COUNT, "every phone got its SMS");
+    let duplicates: usize = emails.values().map(|n| n - 1).sum::<usize>()
+        + texts.values().map(|n| n - 1).sum::<usize>();
+    println!("{duplicates} duplicate(s) after the kill");
+    assert!(
+        duplicates <= CONCURRENCY + 4,
+        "{duplicates} duplicates, but at most {} were in flight",
+        CONCURRENCY + 4
+    );
+}

@@ -28,7 +28,7 @@ const QUICK_RATE: &str = "rate = \"50/s\"\n";
 
 /// What the stand-in answers one request with.
 #[derive(Debug, Clone, Copy)]
-enum TwilioAnswer {
+pub(crate) enum TwilioAnswer {
     /// 201 with a new message sid.
     Created,
     /// Twilio's JSON error body with this status, code and message.
@@ -41,7 +41,7 @@ enum TwilioAnswer {
 
 /// One request the stand-in received, with the form fields of its body in order.
 #[derive(Debug, Clone)]
-struct TwilioRequest {
+pub(crate) struct TwilioRequest {
     method: String,
     path: String,
     headers: BTreeMap<String, String>,
@@ -52,7 +52,7 @@ struct TwilioRequest {
 }
 
 impl TwilioRequest {
-    fn field(&self, name: &str) -> &str {
+    pub(crate) fn field(&self, name: &str) -> &str {
         self.form
             .iter()
             .find(|(key, _)| key == name)
@@ -102,14 +102,14 @@ struct TwilioState {
 }
 
 /// An axum server on 127.0.0.1 that records every request and answers as Twilio does.
-struct TwilioSink {
-    url: String,
+pub(crate) struct TwilioSink {
+    pub(crate) url: String,
     state: Arc<Mutex<TwilioState>>,
     stop: Option<oneshot::Sender<()>>,
 }
 
 impl TwilioSink {
-    async fn start(script: &[TwilioAnswer], invalid: &[&str]) -> Self {
+    pub(crate) async fn start(script: &[TwilioAnswer], invalid: &[&str]) -> Self {
         let state = Arc::new(Mutex::new(TwilioState {
             script: script.iter().copied().collect(),
             invalid: invalid.iter().map(|n| (*n).to_owned()).collect(),
@@ -142,7 +142,7 @@ impl TwilioSink {
         }
     }
 
-    fn received(&self) -> Vec<TwilioRequest> {
+    pub(crate) fn received(&self) -> Vec<TwilioRequest> {
         self.state.lock().unwrap().received.clone()
     }
 
