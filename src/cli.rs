@@ -762,6 +762,8 @@ fn print_counts(counts: &BTreeMap<String, Counts>) -> Result<()> {
 
 /// How far back `order` looks for an update that applies.
 const UPDATES_SEARCHED: usize = 1000;
+/// How long the support link in `order`'s reply works.
+const SUPPORT_LINK_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How many contacts of one order `order` lists at most.
 const CONTACTS_LISTED: usize = 100;
 
@@ -824,6 +826,7 @@ async fn order(config: Config, args: OrderArgs) -> Result<ExitCode> {
         }));
     }
     let status_page = format!("{}/", config.brand.public_url);
+    let links = crate::links::LinkMaker::new(&config);
     let snippet = latest.as_ref().map(|update| {
         let mut text = format!(
             "Here is the latest on your order {order}: {}\n\n{}",
@@ -834,6 +837,14 @@ async fn order(config: Config, args: OrderArgs) -> Result<ExitCode> {
             text.push_str(&format!("\n\nNext update by {}.", human_time(next)));
         }
         text.push_str(&format!("\n\nEvery update, as it happens: {status_page}"));
+        text.push_str(&format!(
+            "\nTo get the next ones by email or SMS: {}",
+            links.support_url(
+                &order,
+                None,
+                crate::clock::after(Utc::now(), SUPPORT_LINK_TTL)
+            )
+        ));
         text
     });
     if args.json {

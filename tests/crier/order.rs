@@ -38,6 +38,10 @@ async fn support_sees_the_latest_update_for_an_order_its_contacts_masked_and_a_r
     assert!(snippet.contains("AB-1001") && snippet.contains("We're working on it."));
     assert!(snippet.contains("https://status.example.com/"));
     assert!(
+        snippet.contains("https://status.example.com/s/"),
+        "a support link to subscribe: {snippet}"
+    );
+    assert!(
         !output.stdout.contains("ann@example.com"),
         "contacts are masked"
     );
