@@ -65,9 +65,10 @@ enum Keyword {
 
 /// The keyword a message is, case and spaces ignored; anything else is no keyword.
 fn keyword(text: &str) -> Option<Keyword> {
+    // "Stop.", "STOP!" and "stop all" all mean it: only letters count.
     let word: String = text
         .chars()
-        .filter(|c| !c.is_whitespace())
+        .filter(|c| c.is_alphabetic())
         .collect::<String>()
         .to_ascii_uppercase();
     match word.as_str() {
@@ -282,6 +283,7 @@ mod tests {
         assert_eq!(keyword("unsubscribe"), Some(Keyword::Stop));
         assert_eq!(keyword("yes"), Some(Keyword::Start));
         assert_eq!(keyword("START"), Some(Keyword::Start));
+        assert_eq!(keyword("Stop."), Some(Keyword::Stop));
         assert_eq!(keyword("stop please"), None);
         assert_eq!(keyword(""), None);
     }

@@ -46,6 +46,9 @@ const PER_CONTACT: usize = 3;
 /// Confirmations asked from one client address (an IPv6 /64) per [`LIMIT_WINDOW`].
 const PER_CLIENT: usize = 20;
 const LIMIT_WINDOW: Duration = Duration::from_secs(3600);
+/// Confirmations the whole site sends per [`LIMIT_WINDOW`]: however many addresses a flood
+/// comes from, it cannot pump more SMS than this.
+const SITE_WIDE: usize = 500;
 /// The most keys the limits remember. Past it (a flood from many addresses), no confirmation
 /// is sent until the window frees room: memory stays bounded, and a flood costs no SMS.
 const LIMIT_KEYS: usize = 100_000;
@@ -139,6 +142,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 // ---- limits ---------------------------------------------------------------------------------
 
+/// The key of the site-wide count.
+const SITE_KEY: &str = "site";
+
 /// Sliding windows in memory: when each client address and each contact was last sent a
 /// confirmation. A restart forgets them, which costs at most one window's allowance.
 #[derive(Default)]
@@ -168,11 +174,13 @@ impl Limits {
         }
         let by_client = seen.get_mut(&client_key).map_or(0, recent);
         let by_contact = seen.get_mut(&contact_key).map_or(0, recent);
-        if by_client >= PER_CLIENT || by_contact >= PER_CONTACT {
+        let site_wide = seen.get_mut(SITE_KEY).map_or(0, recent);
+        if by_client >= PER_CLIENT || by_contact >= PER_CONTACT || site_wide >= SITE_WIDE {
             return false;
         }
         seen.entry(client_key).or_default().push_back(now);
         seen.entry(contact_key).or_default().push_back(now);
+        seen.entry(SITE_KEY.to_owned()).or_default().push_back(now);
         true
     }
 }
@@ -311,8 +319,35 @@ impl Shared {
     }
 
     /// Subscribes the contact a link names, confirmed, and says so.
+    ///
+    /// Confirmation is kept per contact, not per order: a contact that was not confirmed yet
+    /// may have had other orders added by anyone through the form, and confirming the one the
+    /// link names must not make it follow those. They are dropped first.
     async fn follow_confirmed(&self, order: &OrderNumber, contact: &Contact) -> Response {
-        if let Err(error) = self.store.subscribe(contact, order, true, Utc::now()).await {
+        let now = Utc::now();
+        let confirmed = match self.store.subscriber(contact).await {
+            Ok(Some(subscriber)) if subscriber.state != SubscriberState::Confirmed => {
+                let mut result = Ok(());
+                for other in subscriber.orders.iter().filter(|o| *o != order) {
+                    if let Err(error) = self.store.unsubscribe(contact, Some(other), now).await {
+                        result = Err(error);
+                        break;
+                    }
+                }
+                result
+            }
+            Ok(_) => Ok(()),
+            Err(error) => Err(error),
+        };
+        let confirmed = match confirmed {
+            Ok(()) => self
+                .store
+                .subscribe(contact, order, true, now)
+                .await
+                .map(|_| ()),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = confirmed {
             tracing::error!(%error, "cannot confirm a subscription");
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -506,6 +541,13 @@ async fn request_confirmation(
         }
     };
     if let Some(subscriber) = &existing {
+        // A phone that unsubscribed (STOP) gets no text from a form anyone can fill in: only
+        // a support link, which confirms without messaging it, brings it back.
+        if matches!(contact, Contact::Phone(_)) && subscriber.state == SubscriberState::Unsubscribed
+        {
+            tracing::info!(contact = %masked, "confirmation not sent: the phone unsubscribed");
+            return;
+        }
         if subscriber.stopped_on.contains(&channel.id) {
             // It replied STOP, or its provider said it cannot be reached: never message it.
             tracing::info!(contact = %masked, channel = %channel.id, "confirmation not sent: stopped on the channel");
@@ -538,7 +580,15 @@ async fn request_confirmation(
             tracing::info!(contact = %masked, channel = %channel.id, "confirmation sent");
         }
         Err(error) => {
-            tracing::warn!(contact = %masked, channel = %channel.id, reason = %error.reason, "confirmation not sent");
+            // The provider's own words often quote the address or number: log only its codes.
+            tracing::warn!(
+                contact = %masked,
+                channel = %channel.id,
+                kind = ?error.kind,
+                status = ?error.status,
+                code = ?error.code,
+                "confirmation not sent"
+            );
         }
     }
 }

@@ -539,3 +539,85 @@ async fn a_support_link_for_a_contact_subscribes_it_confirmed_with_one_button() 
     );
     assert_eq!(smtp.count(), 0, "and no confirmation email");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirming_ones_own_order_does_not_confirm_orders_someone_else_added_meanwhile() {
+    use base64::Engine as _;
+    let (crier, smtp) = email_crier();
+    let server = serve(&crier).await;
+    let fields = |order: &'static str| {
+        [
+            ("order", order),
+            ("email", "ann@example.com"),
+            ("phone", ""),
+            ("website", ""),
+        ]
+    };
+    // Ann asks for AB-1001; someone else, knowing her address, adds AB-2002.
+    assert_eq!(submit(&server, &fields("AB-1001")).await.status(), 200);
+    assert!(wait_until(Duration::from_secs(20), || smtp.count() == 1).await);
+    assert_eq!(submit(&server, &fields("AB-2002")).await.status(), 200);
+    assert!(wait_until(Duration::from_secs(20), || smtp.count() == 2).await);
+    let own = smtp
+        .messages()
+        .into_iter()
+        .map(|mail| confirm_link(&mail.data))
+        .find(|link| {
+            let token = link.rsplit('/').next().unwrap();
+            String::from_utf8_lossy(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(token.split('.').next().unwrap())
+                    .unwrap(),
+            )
+            .contains("AB-1001")
+        })
+        .expect("the confirmation for AB-1001");
+    let done = client()
+        .post(local(&server, &own))
+        .form(&[("confirm", "yes")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 200);
+    stop(server).await;
+    let ann = subscriber(&crier, "ann@example.com").await.unwrap();
+    assert_eq!(ann.state, SubscriberState::Confirmed);
+    let orders: Vec<&str> = ann.orders.iter().map(|o| o.as_str()).collect();
+    assert_eq!(orders, ["AB-1001"], "only the order she confirmed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_that_unsubscribed_gets_no_text_from_the_form() {
+    let twilio = FakeApi::start(|_: &ApiRequest, earlier| {
+        Reply::json(
+            201,
+            serde_json::json!({ "sid": format!("SM{earlier:032x}"), "status": "queued" }),
+        )
+    })
+    .await;
+    let toml = format!(
+        "kind = \"sms\"\nprovider = \"twilio\"\nbase_url = \"{}\"\naccount_sid = \"{ACCOUNT_SID}\"\nauth_token_env = \"TWILIO_AUTH_TOKEN\"\nfrom = \"+447700900000\"\n",
+        twilio.url
+    );
+    let crier = Crier::new()
+        .channel("sms", &toml)
+        .with_env("TWILIO_AUTH_TOKEN", "fedcba9876543210fedcba9876543210");
+    crier.subscribe("AB-1001", "+447700900123").await;
+    crier
+        .run(&["unsubscribe", "--phone", "+447700900123"])
+        .await
+        .assert_ok();
+    let server = serve(&crier).await;
+    let answer = submit(
+        &server,
+        &[("order", "AB-1001"), ("phone", "+44 7700 900123")],
+    )
+    .await;
+    assert_eq!(answer.status(), 200, "the usual answer");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        twilio.requests("POST", MESSAGES_PATH).is_empty(),
+        "a phone that said STOP is not texted by a form anyone can fill in"
+    );
+    stop(server).await;
+}
