@@ -923,10 +923,22 @@ impl Channel for BlueskyChannel {
     }
 
     fn render(&self, message: &MessageContext) -> Result<Vec<RenderedPart>, Rejection> {
-        Ok(vec![RenderedPart {
-            part: "text".into(),
-            text: self.text(message)?,
-        }])
+        let text = self.text(message)?;
+        let length = RenderedPart {
+            part: "length".into(),
+            text: format!(
+                "{} of {MAX_GRAPHEMES} graphemes, {} of {MAX_BYTES} bytes",
+                graphemes(&text),
+                text.len()
+            ),
+        };
+        Ok(vec![
+            RenderedPart {
+                part: "text".into(),
+                text,
+            },
+            length,
+        ])
     }
 
     async fn deliver(

@@ -303,6 +303,15 @@ impl Channel for DiscourseChannel {
 
     fn render(&self, message: &MessageContext) -> Result<Vec<RenderedPart>, Rejection> {
         let Post { title, raw } = self.post(message)?;
+        let length = RenderedPart {
+            part: "length".into(),
+            text: format!(
+                "title {} of {TITLE_LIMIT} characters; body {} characters (at least {})",
+                title.chars().count(),
+                raw.chars().count(),
+                self.min_post_length
+            ),
+        };
         Ok(vec![
             RenderedPart {
                 part: "title".into(),
@@ -312,6 +321,7 @@ impl Channel for DiscourseChannel {
                 part: "body".into(),
                 text: raw,
             },
+            length,
         ])
     }
 

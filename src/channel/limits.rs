@@ -83,6 +83,19 @@ pub fn fit_with(
     Err(refused())
 }
 
+/// The preview's figure for a text that fits: "212 of 500 characters".
+pub fn figure(text: &str, measure: &dyn Measure) -> super::RenderedPart {
+    super::RenderedPart {
+        part: "length".into(),
+        text: format!(
+            "{} of {} {}",
+            measure.measure(text),
+            measure.limit(),
+            measure.unit()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

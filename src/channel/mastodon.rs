@@ -412,10 +412,15 @@ impl Channel for MastodonChannel {
     }
 
     fn render(&self, message: &MessageContext) -> Result<Vec<RenderedPart>, Rejection> {
-        Ok(vec![RenderedPart {
-            part: "text".into(),
-            text: self.text(message)?,
-        }])
+        let text = self.text(message)?;
+        let length = crate::channel::limits::figure(&text, &self.limits);
+        Ok(vec![
+            RenderedPart {
+                part: "text".into(),
+                text,
+            },
+            length,
+        ])
     }
 
     async fn deliver(

@@ -325,6 +325,11 @@ async fn a_status_exactly_at_the_instances_limit_is_posted_as_previewed() {
     let shown = preview(&crier, LINKED_BODY).await;
     shown.assert_ok();
     assert_eq!(shown.json()["channels"]["social"][0]["text"], text);
+    assert_eq!(
+        shown.json()["channels"]["social"][1],
+        serde_json::json!({ "part": "length", "text": format!("{length} of {length} characters") }),
+        "the preview shows the length against the limit"
+    );
     let summary = crier.send(&[], LINKED_BODY).await;
     assert_eq!(summary["channels"]["social"]["sent"], 1, "{summary}");
     let statuses = api.requests("POST", STATUSES);
