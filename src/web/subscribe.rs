@@ -642,17 +642,7 @@ pub(super) async fn confirm(
     Path(token): Path<String>,
     body: Bytes,
 ) -> Response {
-    let Some(LinkSubject {
-        order,
-        contact: Some(contact),
-    }) = shared.link(TokenPurpose::Confirm, &token)
-    else {
-        return shared.invalid_link();
-    };
-    if !String::from_utf8_lossy(&body).contains("confirm=yes") {
-        return shared.ask(&order, &contact, StatusCode::BAD_REQUEST);
-    }
-    shared.follow_confirmed(&order, &contact).await
+    confirm_by_link(&shared, TokenPurpose::Confirm, &token, &body).await
 }
 
 /// GET /s/{token}: a support link. One that names a contact asks to subscribe it; one that
@@ -687,14 +677,25 @@ pub(super) async fn support(
     Path(token): Path<String>,
     body: Bytes,
 ) -> Response {
+    confirm_by_link(&shared, TokenPurpose::SupportLink, &token, &body).await
+}
+
+/// The POST of a link that names a contact (a confirm link, or a support link): the button's
+/// form (`confirm=yes`) subscribes the contact to the link's order, confirmed.
+async fn confirm_by_link(
+    shared: &Shared,
+    purpose: TokenPurpose,
+    token: &str,
+    body: &[u8],
+) -> Response {
     let Some(LinkSubject {
         order,
         contact: Some(contact),
-    }) = shared.link(TokenPurpose::SupportLink, &token)
+    }) = shared.link(purpose, token)
     else {
         return shared.invalid_link();
     };
-    if !String::from_utf8_lossy(&body).contains("confirm=yes") {
+    if !String::from_utf8_lossy(body).contains("confirm=yes") {
         return shared.ask(&order, &contact, StatusCode::BAD_REQUEST);
     }
     shared.follow_confirmed(&order, &contact).await

@@ -400,8 +400,8 @@ async fn a_filled_in_honeypot_gets_the_usual_answer_and_nothing_is_done() {
 const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
 const MESSAGES_PATH: &str = "/2010-04-01/Accounts/AC0123456789abcdef0123456789abcdef/Messages.json";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_phone_gets_at_most_three_confirmation_sms_an_hour() {
+/// crier with one Twilio SMS channel, against a stand-in that accepts every message.
+async fn sms_crier() -> (Crier, FakeApi) {
     let twilio = FakeApi::start(|_: &ApiRequest, earlier| {
         Reply::json(
             201,
@@ -416,6 +416,12 @@ async fn one_phone_gets_at_most_three_confirmation_sms_an_hour() {
     let crier = Crier::new()
         .channel("sms", &toml)
         .with_env("TWILIO_AUTH_TOKEN", "fedcba9876543210fedcba9876543210");
+    (crier, twilio)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_phone_gets_at_most_three_confirmation_sms_an_hour() {
+    let (crier, twilio) = sms_crier().await;
     let server = serve(&crier).await;
     let mut answers = Vec::new();
     for _ in 0..5 {
@@ -588,20 +594,7 @@ async fn confirming_ones_own_order_does_not_confirm_orders_someone_else_added_me
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_phone_that_unsubscribed_gets_no_text_from_the_form() {
-    let twilio = FakeApi::start(|_: &ApiRequest, earlier| {
-        Reply::json(
-            201,
-            serde_json::json!({ "sid": format!("SM{earlier:032x}"), "status": "queued" }),
-        )
-    })
-    .await;
-    let toml = format!(
-        "kind = \"sms\"\nprovider = \"twilio\"\nbase_url = \"{}\"\naccount_sid = \"{ACCOUNT_SID}\"\nauth_token_env = \"TWILIO_AUTH_TOKEN\"\nfrom = \"+447700900000\"\n",
-        twilio.url
-    );
-    let crier = Crier::new()
-        .channel("sms", &toml)
-        .with_env("TWILIO_AUTH_TOKEN", "fedcba9876543210fedcba9876543210");
+    let (crier, twilio) = sms_crier().await;
     crier.subscribe("AB-1001", "+447700900123").await;
     crier
         .run(&["unsubscribe", "--phone", "+447700900123"])
