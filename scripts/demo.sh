@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CRIER_LINK_SECRET="${CRIER_LINK_SECRET:-demo-link-secret-change-me}"
+export CRIER_API_TOKEN="${CRIER_API_TOKEN:-demo-admin-token-change-me-please}"
 export CRIER_WEBHOOK_SECRET="${CRIER_WEBHOOK_SECRET:-whsec_$(printf 'demo-partner-secret-change-me' | base64)}"
 
 cargo build --release --quiet

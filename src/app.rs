@@ -7,11 +7,14 @@ use crate::channel::{
 use crate::clock;
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
-use crate::domain::{Audience, Body, Contact, Headline, Incident, IncidentState, Update};
+use crate::domain::{
+    Audience, Body, Contact, Headline, Incident, IncidentState, OrderNumber, Update,
+};
 use crate::render::{Composer, MessageSource, Renderer};
 use crate::status_view::StatusProjection;
 use crate::store::Store;
 use chrono::Utc;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 use ulid::Ulid;
@@ -28,6 +31,79 @@ pub struct Draft {
     /// Channel ids; empty means every configured channel.
     pub channels: Vec<String>,
     pub author: String,
+}
+
+/// An update as a client writes it, before anything is checked: what `crier send` reads from
+/// its arguments and `POST /api/updates` from its body.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRequest {
+    /// One line that says what is going on (required for a new incident).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headline: Option<String>,
+    /// The update's text.
+    pub body: String,
+    /// investigating, identified, monitoring or resolved [default: investigating, or the
+    /// incident's current state].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Continue this incident (its id) instead of opening a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident: Option<String>,
+    /// Promise the next update within this long, like "2h" or "30m".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_update_in: Option<String>,
+    /// Send only to the subscribers of these orders [default: everyone].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orders: Vec<String>,
+    /// Send through only these channels (their ids) [default: every channel].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<String>,
+}
+
+impl UpdateRequest {
+    /// Checks every field but the text (compose checks that, with each channel's limits).
+    pub fn into_draft(self, config: &Config, author: String) -> crate::Result<Draft> {
+        let state = self
+            .state
+            .as_deref()
+            .map(str::parse::<IncidentState>)
+            .transpose()?;
+        let incident = self
+            .incident
+            .as_deref()
+            .map(|id| {
+                Ulid::from_string(id.trim()).map_err(|_| {
+                    crate::Error::user(format!("'{id}' is not an incident id (a ULID)"))
+                })
+            })
+            .transpose()?;
+        let next_update_in = self
+            .next_update_in
+            .as_deref()
+            .map(crate::domain::parse_next_update_in)
+            .transpose()?;
+        let audience = if self.orders.is_empty() {
+            Audience::Everyone
+        } else {
+            Audience::Orders(
+                self.orders
+                    .iter()
+                    .map(|o| OrderNumber::parse(o, &config.orders))
+                    .collect::<Result<BTreeSet<_>, _>>()?,
+            )
+        };
+        Ok(Draft {
+            headline: self.headline,
+            body: self.body,
+            state,
+            incident,
+            next_update_in,
+            audience,
+            channels: self.channels,
+            author,
+        })
+    }
 }
 
 /// A draft that every selected channel accepted, with what each will send.

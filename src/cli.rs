@@ -1,14 +1,20 @@
 //! The command line: clap definitions and one function per command.
 
-use crate::app::{App, Composed, Draft};
+use crate::app::{App, UpdateRequest};
 use crate::config::{Config, ProcessEnv};
-use crate::delivery::{Counts, DeliveryRecord};
+use crate::delivery::Counts;
 use crate::domain::token::TokenPurpose;
-use crate::domain::{Audience, Contact, EmailAddress, IncidentState, OrderNumber, PhoneNumber};
+use crate::domain::{Contact, EmailAddress, IncidentState, OrderNumber, PhoneNumber};
+use crate::error::ErrorKind;
 use crate::error::{Error, Result};
+use crate::remote::Remote;
 use crate::render::{Renderer, human_time};
+use crate::reports::{DeliveriesReport, OrderReport, PreviewReport, Progress};
 use crate::runtime::{Delivered, StopSignal, deliver_queued};
-use crate::store::{DeliveryFilter, Store};
+use crate::store::Store;
+use crate::web::api::{
+    Accepted, LinkRequest, Retried, RetryRequest, SubscribeRequest, SubscriberSummary, SupportLink,
+};
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -101,8 +107,8 @@ pub struct ComposeArgs {
     #[arg(long)]
     pub incident: Option<Ulid>,
     /// Promise the next update within this long, like 2h or 30m (a minute to 30 days).
-    #[arg(long, value_parser = crate::domain::parse_next_update_in)]
-    pub next_update_in: Option<Duration>,
+    #[arg(long, value_parser = checked_next_update_in)]
+    pub next_update_in: Option<String>,
     /// Send only to the subscribers of these orders (comma-separated). Of the broadcast
     /// channels only webhooks get it, marked as targeted.
     #[arg(long, value_delimiter = ',', conflicts_with = "orders_file")]
@@ -219,7 +225,7 @@ pub struct LinkArgs {
     #[arg(long)]
     pub phone: Option<String>,
     /// How long the link works, like 7d or 12h (an hour to 90 days).
-    #[arg(long, default_value = "7d", value_parser = parse_link_expiry)]
+    #[arg(long, default_value = "7d", value_parser = crate::links::parse_link_lifetime)]
     pub expires: Duration,
 }
 
@@ -252,6 +258,13 @@ pub struct RetryArgs {
     pub json: bool,
 }
 
+/// Checked here for a clear error at once, and passed on as typed.
+fn checked_next_update_in(text: &str) -> std::result::Result<String, String> {
+    crate::domain::parse_next_update_in(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 fn parse_state(text: &str) -> std::result::Result<IncidentState, String> {
     text.parse()
         .map_err(|e: crate::domain::DomainError| e.to_string())
@@ -269,7 +282,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Send(args) => send(config, args).await,
         Command::Dispatch(args) => dispatch(config, args).await,
         Command::Order(args) => order(config, args).await,
-        Command::Link(args) => link(&config, args),
+        Command::Link(args) => link(&config, args).await,
         Command::Deliveries(args) => deliveries(config, args).await,
         Command::Retry(args) => retry(config, args).await,
     }
@@ -321,21 +334,41 @@ fn contact_from(email: Option<&str>, phone: Option<&str>) -> Result<Contact> {
     })
 }
 
+/// A contact as a path segment of the admin API (`+` and `@` escaped).
+fn path_segment(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
 async fn subscribe(config: Config, args: SubscribeArgs) -> Result<ExitCode> {
     let order = OrderNumber::parse(&args.order, &config.orders)?;
     let contact = contact_from(args.email.as_deref(), args.phone.as_deref())?;
-    let store = open_store(&config).await?;
-    let subscriber = store
-        .subscribe(&contact, &order, args.confirmed, Utc::now())
-        .await?;
-    let orders: Vec<String> = subscriber.orders.iter().map(ToString::to_string).collect();
+    let subscriber: SubscriberSummary = match Remote::find(&config).await? {
+        Some(remote) => {
+            let (email, phone) = match &contact {
+                Contact::Email(email) => (Some(email.as_str().to_owned()), None),
+                Contact::Phone(phone) => (None, Some(phone.as_str().to_owned())),
+            };
+            let request = SubscribeRequest {
+                order: order.to_string(),
+                email,
+                phone,
+                confirmed: args.confirmed,
+            };
+            remote.post("/subscribers", &request, None).await?
+        }
+        None => {
+            let store = open_store(&config).await?;
+            let subscriber = store
+                .subscribe(&contact, &order, args.confirmed, Utc::now())
+                .await?;
+            SubscriberSummary::of(&subscriber)
+        }
+    };
     say!(
         "{} follows {} ({})",
         subscriber.contact,
-        orders.join(", "),
-        serde_json::to_value(subscriber.state)?
-            .as_str()
-            .unwrap_or_default()
+        subscriber.orders.join(", "),
+        subscriber.state
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -456,10 +489,22 @@ async fn unsubscribe(config: Config, args: UnsubscribeArgs) -> Result<ExitCode> 
         }
         None => contact_from(args.email.as_deref(), args.phone.as_deref())?,
     };
-    let store = open_store(&config).await?;
-    let subscriber = store
-        .unsubscribe(&contact, order.as_ref(), Utc::now())
-        .await?;
+    let subscriber: SubscriberSummary = match Remote::find(&config).await? {
+        Some(remote) => {
+            let mut path = format!("/subscribers/{}", path_segment(contact.as_str()));
+            if let Some(order) = &order {
+                path.push_str(&format!("?order={}", path_segment(order.as_str())));
+            }
+            remote.delete(&path).await?
+        }
+        None => {
+            let store = open_store(&config).await?;
+            let subscriber = store
+                .unsubscribe(&contact, order.as_ref(), Utc::now())
+                .await?;
+            SubscriberSummary::of(&subscriber)
+        }
+    };
     match order {
         Some(order) => say!("{} no longer follows {order}", subscriber.contact),
         None => say!("{} is unsubscribed from every update", subscriber.contact),
@@ -476,7 +521,9 @@ fn read_stdin() -> Result<String> {
         .map_err(|e| Error::user(format!("standard input is not UTF-8 text: {e}")))
 }
 
-fn draft(config: &Config, args: ComposeArgs) -> Result<Draft> {
+/// The update as typed: the text (or standard input) and the orders (or their file) read, and
+/// nothing checked yet: the store's owner checks it, this process or the server.
+fn update_request(args: ComposeArgs) -> Result<(UpdateRequest, Option<String>)> {
     let body = match args.body.as_deref() {
         Some("-") => read_stdin()?,
         Some(body) => body.to_owned(),
@@ -486,7 +533,7 @@ fn draft(config: &Config, args: ComposeArgs) -> Result<Draft> {
             ));
         }
     };
-    let raw_orders: Vec<String> = match &args.orders_file {
+    let orders: Vec<String> = match &args.orders_file {
         Some(path) => {
             let text = if path == Path::new("-") {
                 read_stdin()?
@@ -494,39 +541,34 @@ fn draft(config: &Config, args: ComposeArgs) -> Result<Draft> {
                 std::fs::read_to_string(path)
                     .map_err(|e| Error::user(format!("cannot read {}: {e}", path.display())))?
             };
-            text.lines()
+            let orders: Vec<String> = text
+                .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
                 .map(str::to_owned)
-                .collect()
+                .collect();
+            if orders.is_empty() {
+                return Err(Error::user("the orders file lists no order numbers"));
+            }
+            orders
         }
         None => args.orders.clone(),
     };
-    let audience = if raw_orders.is_empty() {
-        if args.orders_file.is_some() {
-            return Err(Error::user("the orders file lists no order numbers"));
-        }
-        Audience::Everyone
-    } else {
-        let orders = raw_orders
-            .iter()
-            .map(|o| OrderNumber::parse(o, &config.orders))
-            .collect::<std::result::Result<BTreeSet<_>, _>>()?;
-        Audience::Orders(orders)
-    };
-    Ok(Draft {
+    let request = UpdateRequest {
         headline: args.headline,
         body,
-        state: args.state,
-        incident: args.incident,
+        state: args.state.map(|state| state.as_str().to_owned()),
+        incident: args.incident.map(|id| id.to_string()),
         next_update_in: args.next_update_in,
-        audience,
+        orders,
         channels: args.channels,
-        author: args
-            .author
-            .or_else(|| std::env::var("USER").ok())
-            .unwrap_or_else(|| "crier".into()),
-    })
+    };
+    Ok((request, args.author))
+}
+
+fn author(flag: Option<String>) -> String {
+    flag.or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "crier".into())
 }
 
 /// Control characters (ESC above all) are never written to a terminal raw: they could
@@ -544,29 +586,27 @@ fn terminal_safe(text: &str) -> String {
         .collect()
 }
 
-fn print_previews(composed: &Composed) -> Result<()> {
-    let update = &composed.update;
+fn print_previews(preview: &PreviewReport) -> Result<()> {
+    let update = &preview.update;
     say!(
         "incident {} · {}",
-        terminal_safe(&composed.incident.title),
+        terminal_safe(&preview.incident_title),
         update.state
     );
-    if let Some(next) = update.next_update_by {
+    if let Some(next) = update.next_update_by.as_deref().and_then(parse_time) {
         say!("next update by {}", human_time(next));
     }
-    match &update.audience {
-        Audience::Everyone => say!("audience: everyone"),
-        Audience::Orders(orders) => {
-            let orders: Vec<&str> = orders.iter().map(|o| o.as_str()).collect();
-            say!(
-                "audience: the subscribers of {} (targeted)",
-                orders.join(", ")
-            );
-        }
+    if preview.orders.is_empty() {
+        say!("audience: everyone");
+    } else {
+        say!(
+            "audience: the subscribers of {} (targeted)",
+            preview.orders.join(", ")
+        );
     }
-    for (channel, parts) in &composed.previews {
-        say!("\n=== {channel} ===");
-        for part in parts {
+    for channel in &preview.channels {
+        say!("\n=== {} ===", channel.channel);
+        for part in &channel.parts {
             say!(
                 "--- {} ---\n{}",
                 part.part,
@@ -577,36 +617,57 @@ fn print_previews(composed: &Composed) -> Result<()> {
     Ok(())
 }
 
+fn parse_time(text: &str) -> Option<chrono::DateTime<Utc>> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|time| time.with_timezone(&Utc))
+}
+
+/// The preview of a request: from the server while one runs, else composed here.
+async fn previewed(
+    config: Config,
+    request: UpdateRequest,
+    author: String,
+) -> Result<PreviewReport> {
+    match Remote::find(&config).await? {
+        Some(remote) => remote.post("/preview", &request, None).await,
+        None => {
+            let draft = request.into_draft(&config, author)?;
+            let app = App::open(config).await?;
+            Ok(PreviewReport::of(&app.compose(draft).await?))
+        }
+    }
+}
+
 async fn preview(config: Config, args: PreviewArgs) -> Result<ExitCode> {
-    let draft = draft(&config, args.compose)?;
-    let app = App::open(config).await?;
-    let composed = app.compose(draft).await?;
+    let (request, author_flag) = update_request(args.compose)?;
+    let preview = previewed(config, request, author(author_flag)).await?;
     if args.json {
-        let channels: BTreeMap<&str, _> = composed
-            .previews
+        let channels: serde_json::Map<String, serde_json::Value> = preview
+            .channels
             .iter()
-            .map(|(name, parts)| (name.as_str(), parts))
-            .collect();
+            .map(|c| Ok((c.channel.clone(), serde_json::to_value(&c.parts)?)))
+            .collect::<Result<_>>()?;
         say!(
             "{}",
-            serde_json::json!({ "update": &composed.update, "channels": channels })
+            serde_json::json!({ "update": &preview.update, "incident_title": &preview.incident_title, "channels": channels })
         );
     } else {
-        print_previews(&composed)?;
+        print_previews(&preview)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn confirm_send(composed: &Composed) -> Result<()> {
+fn confirm_send(preview: &PreviewReport) -> Result<()> {
     if !std::io::stdin().is_terminal() {
         return Err(Error::user(
             "not sending without confirmation: add --yes (standard input is not a terminal to ask on)",
         ));
     }
-    print_previews(composed)?;
+    print_previews(preview)?;
     print!(
         "\nSend this update through {} channel(s)? [y/N] ",
-        composed.previews.len()
+        preview.channels.len()
     );
     std::io::stdout().flush()?;
     let mut answer = String::new();
@@ -620,7 +681,7 @@ fn confirm_send(composed: &Composed) -> Result<()> {
 async fn serve(config: Config) -> Result<ExitCode> {
     let app = App::open(config).await?;
     let stop = StopSignal::install()?;
-    crate::runtime::serve(&app, &stop, |address| {
+    crate::runtime::serve(Arc::new(app), &stop, |address| {
         eprintln!("crier serves http://{address}/ (Ctrl-C or SIGTERM to stop)");
     })
     .await?;
@@ -630,16 +691,20 @@ async fn serve(config: Config) -> Result<ExitCode> {
 
 async fn send(config: Config, args: SendArgs) -> Result<ExitCode> {
     let reads_stdin = args.compose.body.as_deref() == Some("-");
-    let draft = draft(&config, args.compose)?;
+    let (request, author_flag) = update_request(args.compose)?;
+    if !args.yes && reads_stdin {
+        return Err(Error::user(
+            "the text came from standard input, so add --yes to send it",
+        ));
+    }
+    if let Some(remote) = Remote::find(&config).await? {
+        return send_through(&remote, request, args.yes, args.json).await;
+    }
+    let draft = request.into_draft(&config, author(author_flag))?;
     let app = App::open(config).await?;
     let composed = app.compose(draft).await?;
     if !args.yes {
-        if reads_stdin {
-            return Err(Error::user(
-                "the text came from standard input, so add --yes to send it",
-            ));
-        }
-        confirm_send(&composed)?;
+        confirm_send(&PreviewReport::of(&composed))?;
     }
     // From here on a stop request waits for a clean point instead of killing the process.
     let stop = StopSignal::install()?;
@@ -653,6 +718,109 @@ async fn send(config: Config, args: SendArgs) -> Result<ExitCode> {
     let delivered = deliver_queued(&app, &stop, Some((update.id, accepted_at))).await?;
     report(app.store.as_ref(), update.id, args.json).await?;
     Ok(exit_after(&delivered))
+}
+
+/// How often `send` asks a running server how its update is going.
+const PROGRESS_POLL: Duration = Duration::from_millis(200);
+
+/// `send` while `crier serve` runs: the server stores, plans and delivers the update; this
+/// process follows its progress until nothing is queued or in flight (and retries due soon
+/// are done), then prints the same report as a send of its own.
+async fn send_through(
+    remote: &Remote,
+    request: UpdateRequest,
+    yes: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    if !yes {
+        let preview: PreviewReport = remote.post("/preview", &request, None).await?;
+        confirm_send(&preview)?;
+    }
+    let stop = StopSignal::install()?;
+    // One key per send: if the answer is lost and the request is sent again, the server
+    // replays its first answer instead of storing the update twice.
+    let key = Ulid::new().to_string();
+    let accepted: Accepted = match remote.post("/updates", &request, Some(&key)).await {
+        Ok(accepted) => accepted,
+        Err(error) if error.kind() == ErrorKind::Unavailable => {
+            remote.post("/updates", &request, Some(&key)).await?
+        }
+        Err(error) => return Err(error),
+    };
+    eprintln!(
+        "accepted update {} (incident {}) by crier serve at {}",
+        accepted.update,
+        accepted.incident,
+        remote.base()
+    );
+    let bar = ProgressBar::with_draw_target(None, progress_target());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] [{bar:30}] {pos}/{len} deliveries settled {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let mut stopped = stop.receiver();
+    let mut only_retries_since: Option<std::time::Instant> = None;
+    let progress: Progress = loop {
+        let progress: Progress = remote.get(&accepted.progress["/api".len()..]).await?;
+        let totals = progress.totals();
+        let all = totals.queued
+            + totals.in_flight
+            + totals.sent
+            + totals.retrying
+            + totals.dead
+            + totals.skipped;
+        bar.set_length(all);
+        bar.set_position(totals.sent + totals.dead + totals.skipped);
+        bar.set_message(format!(
+            "· {} sent · {} retrying · {} dead",
+            totals.sent, totals.retrying, totals.dead
+        ));
+        if progress.settled() {
+            if totals.retrying == 0 {
+                break progress;
+            }
+            let since = *only_retries_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= crate::runtime::PATIENCE {
+                break progress;
+            }
+        } else {
+            only_retries_since = None;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PROGRESS_POLL) => {}
+            _ = stopped.wait_for(|stop| *stop) => {
+                bar.finish_and_clear();
+                eprintln!("stopped following; crier serve goes on delivering update {}", accepted.update);
+                return Ok(ExitCode::from(INTERRUPTED));
+            }
+        }
+    };
+    bar.finish_and_clear();
+    let totals = progress.totals();
+    if json {
+        say!(
+            "{}",
+            serde_json::json!({ "update": accepted.update, "incident": accepted.incident, "channels": progress.channels })
+        );
+    } else {
+        print_counts(&progress.channels)?;
+        say!("update {}", accepted.update);
+        say!("incident {}", accepted.incident);
+    }
+    if totals.retrying > 0 {
+        eprintln!(
+            "{} deliveries wait for a retry; crier serve delivers them (see `crier deliveries`)",
+            totals.retrying
+        );
+    } else if totals.sent == 0 && totals.dead > 0 {
+        eprintln!(
+            "nothing was delivered: {} deliveries went to dead letters; see `crier deliveries --failed`",
+            totals.dead
+        );
+        return Ok(ExitCode::from(NOTHING_DELIVERED));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn dispatch(config: Config, args: DispatchArgs) -> Result<ExitCode> {
@@ -669,6 +837,28 @@ async fn dispatch(config: Config, args: DispatchArgs) -> Result<ExitCode> {
 }
 
 async fn retry(config: Config, args: RetryArgs) -> Result<ExitCode> {
+    if let Some(remote) = Remote::find(&config).await? {
+        let request = RetryRequest {
+            update: args.update.map(|id| id.to_string()),
+        };
+        let retried: Retried = remote.post("/deliveries/retry", &request, None).await?;
+        for channel in &retried.enabled {
+            eprintln!("channel {channel} is enabled again");
+        }
+        if args.json {
+            say!(
+                "{}",
+                serde_json::json!({ "requeued": retried.requeued, "enabled": retried.enabled })
+            );
+        } else {
+            say!(
+                "{} dead letter(s) queued again; crier serve at {} delivers them (see `crier deliveries`)",
+                retried.requeued,
+                remote.base()
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let app = App::open(config).await?;
     let stop = StopSignal::install()?;
     let requeued = app.store.requeue_dead(args.update, Utc::now()).await?;
@@ -760,31 +950,30 @@ fn print_counts(counts: &BTreeMap<String, Counts>) -> Result<()> {
     Ok(())
 }
 
-/// How far back `order` looks for an update that applies.
-const UPDATES_SEARCHED: usize = 1000;
-/// How long the support link in `order`'s reply works.
-const SUPPORT_LINK_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-/// How many contacts of one order `order` lists at most.
-const CONTACTS_LISTED: usize = 100;
-
-/// A support link's lifetime: at least an hour (a customer reads support's reply later), at
-/// most 90 days (a link in an old ticket should not work forever).
-fn parse_link_expiry(text: &str) -> std::result::Result<Duration, String> {
-    let wait = humantime::parse_duration(text)
-        .map_err(|e| format!("'{text}' is not a duration like 7d or 12h: {e}"))?;
-    if !(Duration::from_secs(3600)..=Duration::from_secs(90 * 24 * 3600)).contains(&wait) {
-        return Err(format!("'{text}' is not between an hour and 90 days"));
-    }
-    Ok(wait)
-}
-
-/// Needs only the configuration: the link is signed, nothing is stored.
-fn link(config: &Config, args: LinkArgs) -> Result<ExitCode> {
+/// Needs only the configuration: the link is signed, nothing is stored. While a server runs,
+/// it signs it (with the same secret), so a client without the secret could too.
+async fn link(config: &Config, args: LinkArgs) -> Result<ExitCode> {
     let order = OrderNumber::parse(&args.order, &config.orders)?;
     let contact = match (&args.email, &args.phone) {
         (None, None) => None,
         (email, phone) => Some(contact_from(email.as_deref(), phone.as_deref())?),
     };
+    if let Some(remote) = Remote::find(config).await? {
+        let (email, phone) = match &contact {
+            Some(Contact::Email(email)) => (Some(email.as_str().to_owned()), None),
+            Some(Contact::Phone(phone)) => (None, Some(phone.as_str().to_owned())),
+            None => (None, None),
+        };
+        let request = LinkRequest {
+            order: order.to_string(),
+            email,
+            phone,
+            expires: Some(format!("{}s", args.expires.as_secs())),
+        };
+        let link: SupportLink = remote.post("/links", &request, None).await?;
+        say!("{}", link.url);
+        return Ok(ExitCode::SUCCESS);
+    }
     let links = crate::links::LinkMaker::new(config);
     let expires = crate::clock::after(Utc::now(), args.expires);
     say!("{}", links.support_url(&order, contact.as_ref(), expires));
@@ -793,113 +982,52 @@ fn link(config: &Config, args: LinkArgs) -> Result<ExitCode> {
 
 async fn order(config: Config, args: OrderArgs) -> Result<ExitCode> {
     let order = OrderNumber::parse(&args.order, &config.orders)?;
-    let store = open_store(&config).await?;
-    let latest = store
-        .recent_updates(UPDATES_SEARCHED)
-        .await?
-        .into_iter()
-        .find(|update| match &update.audience {
-            Audience::Everyone => true,
-            Audience::Orders(orders) => orders.contains(&order),
-        });
-    let audience = Audience::Orders(BTreeSet::from([order.clone()]));
-    let followers = store
-        .subscriber_page(&audience, None, CONTACTS_LISTED)
-        .await?
-        .items;
-    let mut contacts = Vec::new();
-    for subscriber in &followers {
-        let mut deliveries = BTreeMap::new();
-        if let Some(update) = &latest {
-            for channel in &update.channels {
-                let recipient = crate::delivery::Recipient::Contact(subscriber.contact.clone());
-                let key = crate::delivery::DeliveryKey::new(update.id, channel, &recipient);
-                if let Some(record) = store.delivery(&key).await? {
-                    deliveries.insert(channel.clone(), record.state);
-                }
-            }
+    let report: OrderReport = match Remote::find(&config).await? {
+        Some(remote) => {
+            remote
+                .get(&format!("/orders/{}", path_segment(order.as_str())))
+                .await?
         }
-        contacts.push(serde_json::json!({
-            "contact": subscriber.contact.masked(),
-            "state": subscriber.state,
-            "deliveries": deliveries,
-        }));
-    }
-    let status_page = format!("{}/", config.brand.public_url);
-    let links = crate::links::LinkMaker::new(&config);
-    let snippet = latest.as_ref().map(|update| {
-        let mut text = format!(
-            "Here is the latest on your order {order}: {}\n\n{}",
-            update.headline.as_str(),
-            update.body.as_str()
-        );
-        if let Some(next) = update.next_update_by {
-            text.push_str(&format!("\n\nNext update by {}.", human_time(next)));
+        None => {
+            let store = open_store(&config).await?;
+            crate::reports::order_report(store.as_ref(), &config, &order).await?
         }
-        text.push_str(&format!("\n\nEvery update, as it happens: {status_page}"));
-        text.push_str(&format!(
-            "\nTo get the next ones by email or SMS: {}",
-            links.support_url(
-                &order,
-                None,
-                crate::clock::after(Utc::now(), SUPPORT_LINK_TTL)
-            )
-        ));
-        text
-    });
+    };
     if args.json {
-        say!(
-            "{}",
-            serde_json::json!({
-                "order": order.as_str(),
-                "update": latest.as_ref().map(|u| serde_json::json!({
-                    "id": u.id.to_string(),
-                    "incident": u.incident.to_string(),
-                    "state": u.state.as_str(),
-                    "headline": u.headline.as_str(),
-                    "next_update_by": u.next_update_by.map(crate::render::rfc3339),
-                    "created_at": crate::render::rfc3339(u.created_at),
-                })),
-                "contacts": contacts,
-                "snippet": snippet,
-            })
-        );
+        say!("{}", serde_json::to_string(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
-    match &latest {
+    match &report.update {
         Some(update) => {
             say!(
                 "order {order} · latest update {} ({}) · {}",
                 update.id,
-                human_time(update.created_at),
+                parse_time(&update.created_at)
+                    .map(human_time)
+                    .unwrap_or_else(|| update.created_at.clone()),
                 update.state
             );
-            say!("  {}", terminal_safe(update.headline.as_str()));
-            if let Some(next) = update.next_update_by {
+            say!("  {}", terminal_safe(&update.headline));
+            if let Some(next) = update.next_update_by.as_deref().and_then(parse_time) {
                 say!("  next update promised by {}", human_time(next));
             }
         }
         None => say!("order {order}: no update applies to it yet"),
     }
-    if contacts.is_empty() {
+    if report.contacts.is_empty() {
         say!("nobody follows order {order}");
     } else {
         say!("contacts following {order}:");
-        for contact in &contacts {
-            let deliveries: Vec<String> = contact["deliveries"]
-                .as_object()
-                .map(|d| {
-                    d.iter()
-                        .map(|(channel, state)| {
-                            format!("{channel}: {}", state.as_str().unwrap_or("?"))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+        for contact in &report.contacts {
+            let deliveries: Vec<String> = contact
+                .deliveries
+                .iter()
+                .map(|(channel, state)| format!("{channel}: {state}"))
+                .collect();
             say!(
                 "  {} ({}){}",
-                contact["contact"].as_str().unwrap_or_default(),
-                contact["state"].as_str().unwrap_or_default(),
+                contact.contact,
+                contact.state,
                 if deliveries.is_empty() {
                     String::new()
                 } else {
@@ -908,69 +1036,53 @@ async fn order(config: Config, args: OrderArgs) -> Result<ExitCode> {
             );
         }
     }
-    if let Some(snippet) = snippet {
-        say!("\nreply to paste:\n{}", terminal_safe(&snippet));
+    if let Some(snippet) = &report.snippet {
+        say!("\nreply to paste:\n{}", terminal_safe(snippet));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// How many failures `deliveries --failed` lists at most.
-const FAILURES_SHOWN: usize = 1000;
-
 async fn deliveries(config: Config, args: DeliveriesArgs) -> Result<ExitCode> {
-    let store = open_store(&config).await?;
-    let update = match args.update {
-        Some(id) => store.update(id).await?,
-        None => match store.recent_updates(1).await?.into_iter().next() {
-            Some(latest) => latest,
-            None => {
-                if args.json {
-                    say!(
-                        "{}",
-                        serde_json::json!({ "update": null, "incident": null, "channels": {} })
-                    );
-                } else {
-                    say!("no update has been sent yet");
-                }
-                return Ok(ExitCode::SUCCESS);
+    let report: DeliveriesReport = match Remote::find(&config).await? {
+        Some(remote) => {
+            let mut path = format!("/deliveries?failed={}", args.failed);
+            if let Some(update) = args.update {
+                path.push_str(&format!("&update={update}"));
             }
-        },
-    };
-    let counts = store.counts(Some(update.id)).await?;
-    let failures: Vec<DeliveryRecord> = if args.failed {
-        store
-            .deliveries(update.id, DeliveryFilter::Failed, None, FAILURES_SHOWN)
-            .await?
-            .items
-    } else {
-        Vec::new()
+            remote.get(&path).await?
+        }
+        None => {
+            let store = open_store(&config).await?;
+            crate::reports::deliveries_report(store.as_ref(), args.update, args.failed).await?
+        }
     };
     if args.json {
-        let mut object = serde_json::json!({
-            "update": update.id.to_string(),
-            "incident": update.incident.to_string(),
-            "channels": counts,
-        });
-        if args.failed {
-            object["failures"] = serde_json::to_value(&failures)?;
-        }
-        say!("{object}");
+        say!("{}", serde_json::to_string(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
+    let Some(update) = &report.update else {
+        say!("no update has been sent yet");
+        return Ok(ExitCode::SUCCESS);
+    };
     say!(
         "update {} · {} · {}",
-        update.id,
-        terminal_safe(update.headline.as_str()),
-        human_time(update.created_at)
+        update,
+        terminal_safe(report.headline.as_deref().unwrap_or_default()),
+        report
+            .created_at
+            .as_deref()
+            .and_then(parse_time)
+            .map(human_time)
+            .unwrap_or_default()
     );
-    print_counts(&counts)?;
-    if args.failed {
+    print_counts(&report.channels)?;
+    if let Some(failures) = &report.failures {
         if failures.is_empty() {
             say!("\nno failures");
         } else {
             say!("\nfailures:");
         }
-        for failure in &failures {
+        for failure in failures {
             say!(
                 "  {} {:?} after {} attempt(s): {}",
                 failure.key(),

@@ -54,6 +54,16 @@ struct ConfigFile {
     dispatch: DispatchFile,
     #[serde(default)]
     server: ServerFile,
+    #[serde(default)]
+    api: ApiFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiFile {
+    /// Named admin tokens: each name maps to the environment variable holding its token.
+    #[serde(default)]
+    tokens: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,8 +225,24 @@ pub struct Config {
     pub listen: std::net::SocketAddr,
     /// How long settled deliveries are kept (see `Store::prune_settled`).
     pub retention: Duration,
+    /// The admin API's bearer tokens, by name.
+    pub api_tokens: Vec<ApiToken>,
     pub channels: Vec<ChannelConfig>,
 }
+
+/// One named admin token. Its variable may be unset where the token is not used: `crier serve`
+/// refuses to start then, and the CLI looks for another.
+#[derive(Debug, Clone)]
+pub struct ApiToken {
+    /// Recorded as the author of the updates sent with it.
+    pub name: String,
+    /// The environment variable that holds it.
+    pub variable: String,
+    pub secret: Option<SecretString>,
+}
+
+/// An admin token is a password that never needs typing: long enough not to be guessed.
+const SHORTEST_API_TOKEN: usize = 24;
 
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
@@ -415,6 +441,7 @@ impl Config {
                 ),
             )
         })?;
+        let api_tokens = api_tokens(file, &raw.api, secrets)?;
         let channels_dir = base.join(&raw.channels_dir);
         let channels = load_channels(&channels_dir, &base, secrets)?;
         // A lease shorter than an attempt may take would hand a delivery that is still being
@@ -451,9 +478,56 @@ impl Config {
             plan_batch: raw.dispatch.plan_batch,
             listen,
             retention,
+            api_tokens,
             channels,
         })
     }
+}
+
+fn api_tokens(
+    file: &Path,
+    api: &ApiFile,
+    secrets: &dyn SecretSource,
+) -> Result<Vec<ApiToken>, ConfigError> {
+    use secrecy::ExposeSecret;
+    let mut tokens = Vec::new();
+    for (name, variable) in &api.tokens {
+        let key = format!("api.tokens.{name}");
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !valid_name {
+            return Err(ConfigError::at(
+                file,
+                &key,
+                "a token's name is 1 to 64 letters, digits, '-', '_' or '.'",
+            ));
+        }
+        let secret = match secrets.get(variable) {
+            None => None,
+            Some(_) => Some(secret(file, &key, variable, secrets)?),
+        };
+        if let Some(secret) = &secret {
+            let text = secret.expose_secret();
+            if text.trim() != text || text.chars().count() < SHORTEST_API_TOKEN {
+                return Err(ConfigError::at(
+                    file,
+                    &key,
+                    format!(
+                        "the token in {variable} must be {SHORTEST_API_TOKEN} characters or more, without surrounding whitespace"
+                    ),
+                ));
+            }
+        }
+        tokens.push(ApiToken {
+            name: name.clone(),
+            variable: variable.clone(),
+            secret,
+        });
+    }
+    Ok(tokens)
 }
 
 fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {

@@ -369,7 +369,7 @@ pub enum Outcome {
 }
 
 /// Deliveries per state, for one channel.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Counts {
     pub queued: u64,
     pub in_flight: u64,

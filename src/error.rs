@@ -27,6 +27,17 @@ impl ErrorKind {
         }
     }
 
+    /// The kind of failure an HTTP status reports, for errors a server sent back.
+    pub fn from_http_status(status: u16) -> Self {
+        match status {
+            404 => ErrorKind::NotFound,
+            409 => ErrorKind::Conflict,
+            400..=499 => ErrorKind::User,
+            502..=504 => ErrorKind::Unavailable,
+            _ => ErrorKind::Internal,
+        }
+    }
+
     /// The HTTP status the web server answers with.
     pub fn http_status(self) -> u16 {
         match self {

@@ -64,6 +64,9 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// Rows per durable commit unless asked otherwise.
+pub const DEFAULT_BATCH: usize = 1000;
+
 /// What an import did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ImportReport {

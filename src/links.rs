@@ -145,6 +145,19 @@ impl LinkSubject {
     }
 }
 
+/// A support link's lifetime: at least an hour (a customer reads support's reply later), at
+/// most 90 days (a link in an old ticket should not work forever).
+pub fn parse_link_lifetime(text: &str) -> Result<std::time::Duration, String> {
+    let wait = humantime::parse_duration(text)
+        .map_err(|e| format!("'{text}' is not a duration like 7d or 12h: {e}"))?;
+    if !(std::time::Duration::from_secs(3600)..=std::time::Duration::from_secs(90 * 24 * 3600))
+        .contains(&wait)
+    {
+        return Err(format!("'{text}' is not between an hour and 90 days"));
+    }
+    Ok(wait)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -181,7 +181,7 @@ pub async fn deliver_queued(
 /// request. Then it stops accepting requests, lets the attempts in flight finish (leases held
 /// ahead go back to the queue), and returns. `ready` hears the address it listens on.
 pub async fn serve(
-    app: &App,
+    app: Arc<App>,
     stop: &StopSignal,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> crate::Result<()> {
@@ -190,6 +190,8 @@ pub async fn serve(
         .map_err(|e| crate::Error::user(format!("cannot listen on {}: {e}", app.config.listen)))?;
     let address = listener.local_addr()?;
     app.renderer.require(crate::web::pages::TEMPLATES)?;
+    let (plans, mut to_plan) = mpsc::unbounded_channel::<Ulid>();
+    let api = crate::web::api::Api::new(app.clone(), plans.clone())?;
     let status = Arc::new(match app.status_page() {
         Some((channel, incidents)) => {
             crate::web::StatusCache::new(app.status.clone(), Some(channel), incidents)
@@ -216,7 +218,11 @@ pub async fn serve(
             "deliveries left in flight by an earlier run are queued again"
         );
     }
-    let unfinished = app.store.unfinished_plans().await?;
+    // Updates accepted through the API are planned here, one after another, after those an
+    // earlier run left unfinished.
+    for id in app.store.unfinished_plans().await? {
+        let _ = plans.send(id);
+    }
     let planner = {
         let (store, channels, batch) = (
             app.store.clone(),
@@ -224,19 +230,26 @@ pub async fn serve(
             app.config.plan_batch,
         );
         tokio::spawn(async move {
-            for id in unfinished {
-                let update = store.update(id).await?;
-                plan_update_counting(
-                    store.as_ref(),
-                    &update,
-                    &channels,
-                    batch,
-                    Utc::now(),
-                    &AtomicU64::new(0),
-                )
-                .await?;
+            while let Some(id) = to_plan.recv().await {
+                let planned = match store.update(id).await {
+                    Ok(update) => {
+                        plan_update_counting(
+                            store.as_ref(),
+                            &update,
+                            &channels,
+                            batch,
+                            Utc::now(),
+                            &AtomicU64::new(0),
+                        )
+                        .await
+                    }
+                    Err(error) => Err(error),
+                };
+                // The plan stays unfinished in the store: the next start resumes it.
+                if let Err(error) = planned {
+                    tracing::error!(update = %id, %error, "cannot plan the update; the next start resumes it");
+                }
             }
-            Ok::<_, crate::store::StoreError>(())
         })
     };
 
@@ -257,6 +270,8 @@ pub async fn serve(
     let dispatcher = Arc::new(app.dispatcher().report_to(settled_tx));
     let dispatching = tokio::spawn(dispatcher.run(Mode::Forever, stop.receiver()));
 
+    // The CLI finds the server here, and goes through its API instead of the locked store.
+    let _announcement = crate::remote::Announcement::write(&app.config, address)?;
     ready(address);
     let mut stopped = stop.receiver();
     let pages = crate::web::pages::Pages {
@@ -270,7 +285,8 @@ pub async fn serve(
         store: app.store.clone(),
         pages: Arc::new(pages),
         inbound: Arc::new(crate::web::inbound::Inbound::new(&app.config)),
-        subscriptions: Arc::new(crate::web::subscribe::Subscriptions::new(app)),
+        subscriptions: Arc::new(crate::web::subscribe::Subscriptions::new(&app)),
+        api,
     });
     // The client's address feeds the limits on confirmations.
     let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();

@@ -35,7 +35,7 @@ pub enum Reach {
 }
 
 /// One named part of a rendered message, as shown by `crier preview`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct RenderedPart {
     pub part: String,
     pub text: String,

@@ -7,8 +7,8 @@
 //! macro's list.
 
 use super::{
-    Cursor, DeliveryFilter, MemoryStore, PlanState, Recorded, SledStore, Store, StoreError,
-    Subscribed, Subscription,
+    Cursor, DeliveryFilter, IdempotentAnswer, MemoryStore, PlanState, Recorded, SledStore, Store,
+    StoreError, Subscribed, Subscription,
 };
 use crate::config::StoreSettings;
 use crate::delivery::{
@@ -96,6 +96,7 @@ macro_rules! conformance {
             a_lease_given_back_is_queued_again_without_its_attempt,
             many_subscribers_are_read_at_once_in_order,
             retention_forgets_only_settled_deliveries_of_old_updates_and_keeps_the_counts,
+            an_idempotent_accept_remembers_its_answer_and_a_second_one_accepts_nothing,
         );
     };
     (@tests $backend:ident, $open:expr; $($test:ident),* $(,)?) => {
@@ -1787,5 +1788,57 @@ async fn retention_forgets_only_settled_deliveries_of_old_updates_and_keeps_the_
             .unwrap()
             .len(),
         1
+    );
+}
+
+async fn an_idempotent_accept_remembers_its_answer_and_a_second_one_accepts_nothing(
+    store: &dyn Store,
+) {
+    let answer = |body: &str| IdempotentAnswer {
+        key: "lead:send-1".into(),
+        fingerprint: format!("digest of {body}"),
+        status: 202,
+        body: body.into(),
+        created_at: at(0),
+    };
+    assert_eq!(store.idempotent_answer("lead:send-1").await.unwrap(), None);
+    let delays = new_incident("Activations are delayed", at(0));
+    let first = update_of(&delays, IncidentState::Investigating, at(0));
+    let earlier = store
+        .accept_update_once(&first, Some(&delays), &answer("first"))
+        .await
+        .unwrap();
+    assert_eq!(earlier, None, "a new key accepts the update");
+    assert_eq!(store.update(first.id).await.unwrap(), first);
+    assert_eq!(
+        store.idempotent_answer("lead:send-1").await.unwrap(),
+        Some(answer("first"))
+    );
+
+    let again = update_of(&delays, IncidentState::Investigating, at(5));
+    let earlier = store
+        .accept_update_once(&again, None, &answer("second"))
+        .await
+        .unwrap();
+    assert_eq!(
+        earlier,
+        Some(answer("first")),
+        "the first answer comes back"
+    );
+    assert!(
+        matches!(
+            store.update(again.id).await,
+            Err(StoreError::UnknownUpdate(_))
+        ),
+        "nothing was accepted the second time"
+    );
+    assert_eq!(
+        store.incident(delays.id).await.unwrap().updates,
+        vec![first.id]
+    );
+    assert_eq!(
+        store.idempotent_answer("other:send-1").await.unwrap(),
+        None,
+        "another client's key is another key"
     );
 }

@@ -4,8 +4,8 @@
 //! moment it is made; the dispatcher tests use it.
 
 use super::{
-    Cursor, DeliveryFilter, Page, PlanState, Recorded, Store, StoreError, Subscribed, Subscription,
-    apply_subscription,
+    Cursor, DeliveryFilter, IdempotentAnswer, Page, PlanState, Recorded, Store, StoreError,
+    Subscribed, Subscription, apply_subscription,
 };
 use crate::clock;
 use crate::delivery::{Counts, DeliveryKey, DeliveryRecord, DeliveryState, FailureKind, Outcome};
@@ -106,6 +106,7 @@ struct State {
     /// Deliveries per state, per (update, channel), moved with every change of state.
     counts: BTreeMap<(Ulid, String), Counts>,
     disabled: BTreeMap<String, Disabled>,
+    idempotent_answers: BTreeMap<String, IdempotentAnswer>,
     /// Set when a delivery was queued during the current change.
     queued: bool,
 }
@@ -674,6 +675,28 @@ impl Store for MemoryStore {
         new_incident: Option<&Incident>,
     ) -> Result<Incident, StoreError> {
         self.with(|state| state.accept_update(update, new_incident))
+    }
+
+    async fn accept_update_once(
+        &self,
+        update: &Update,
+        new_incident: Option<&Incident>,
+        answer: &IdempotentAnswer,
+    ) -> Result<Option<IdempotentAnswer>, StoreError> {
+        self.with(|state| {
+            if let Some(earlier) = state.idempotent_answers.get(&answer.key) {
+                return Ok(Some(earlier.clone()));
+            }
+            state.accept_update(update, new_incident)?;
+            state
+                .idempotent_answers
+                .insert(answer.key.clone(), answer.clone());
+            Ok(None)
+        })
+    }
+
+    async fn idempotent_answer(&self, key: &str) -> Result<Option<IdempotentAnswer>, StoreError> {
+        Ok(self.with(|state| state.idempotent_answers.get(key).cloned()))
     }
 
     // ---- planning -------------------------------------------------------------------------

@@ -120,6 +120,19 @@ pub enum Subscribed {
     KeptUnsubscribed,
 }
 
+/// The first answer to a request that carried an `Idempotency-Key`: a retry with the same key
+/// gets it again and creates nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotentAnswer {
+    /// The key as the client sent it, prefixed with who sent it: two clients never share one.
+    pub key: String,
+    /// A digest of the request, so the same key with another request is told apart.
+    pub fingerprint: String,
+    pub status: u16,
+    pub body: String,
+    pub created_at: DateTime<Utc>,
+}
+
 /// Applies one import row to the subscriber it concerns (if any): the record to write, if
 /// anything changed, and what changed. The one rule both backends follow.
 pub fn apply_subscription(
@@ -234,6 +247,19 @@ pub trait Store: Send + Sync + 'static {
         update: &Update,
         new_incident: Option<&Incident>,
     ) -> Result<Incident, StoreError>;
+
+    /// [`Store::accept_update`], remembering `answer` in the same write, unless an answer is
+    /// already remembered under its key: then nothing is accepted and that answer is returned.
+    /// Two requests racing with one key accept one update.
+    async fn accept_update_once(
+        &self,
+        update: &Update,
+        new_incident: Option<&Incident>,
+        answer: &IdempotentAnswer,
+    ) -> Result<Option<IdempotentAnswer>, StoreError>;
+
+    /// The answer remembered under an idempotency key, if any.
+    async fn idempotent_answer(&self, key: &str) -> Result<Option<IdempotentAnswer>, StoreError>;
 
     // ---- planning -------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@
 //! channel delivers an update) and every reader gets the same bytes with an `ETag`, so a surge
 //! of readers costs no store read and no rendering per request.
 
+pub mod api;
 pub mod inbound;
 pub mod pages;
 pub mod subscribe;
@@ -141,6 +142,7 @@ pub struct Shared {
     pub pages: Arc<pages::Pages>,
     pub inbound: Arc<inbound::Inbound>,
     pub subscriptions: Arc<subscribe::Subscriptions>,
+    pub api: api::Api,
 }
 
 /// The routes of `crier serve`.
@@ -171,6 +173,7 @@ pub fn router(shared: Shared) -> Router {
         )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .nest("/api", api::router(shared.api.clone()))
         .layer(middleware::from_fn(log_request))
         .with_state(shared)
 }
@@ -246,6 +249,12 @@ fn loggable_path(path: &str) -> String {
             return format!("{prefix}…");
         }
     }
+    // A contact in a path is a customer's address: the log keeps only where it was.
+    if let Some(rest) = path.strip_prefix("/api/subscribers/")
+        && rest != "import"
+    {
+        return "/api/subscribers/…".to_owned();
+    }
     path.chars().take(200).collect()
 }
 
@@ -258,6 +267,14 @@ mod tests {
         assert_eq!(loggable_path("/unsubscribe/abc.def"), "/unsubscribe/…");
         assert_eq!(loggable_path("/s/abc"), "/s/…");
         assert_eq!(loggable_path("/feed.atom"), "/feed.atom");
+        assert_eq!(
+            loggable_path("/api/subscribers/ann@example.com"),
+            "/api/subscribers/…"
+        );
+        assert_eq!(
+            loggable_path("/api/subscribers/import"),
+            "/api/subscribers/import"
+        );
     }
 
     #[test]

@@ -82,7 +82,7 @@ async fn an_update_arrives_as_a_multipart_email_with_one_click_unsubscribe() {
 }
 
 /// A header's raw value, unfolded, straight from the message.
-fn raw_header(data: &str, name: &str) -> String {
+pub fn raw_header(data: &str, name: &str) -> String {
     let head = data.split("\r\n\r\n").next().unwrap_or(data);
     let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
     unfolded

@@ -1,6 +1,7 @@
 //! crier's integration tests: the real binary, run against a real SMTP server (aiosmtpd), real
 //! HTTP receivers (axum) and a real status page folder, all on 127.0.0.1.
 
+mod api;
 mod audience;
 mod bad_input;
 mod bluesky;

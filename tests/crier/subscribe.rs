@@ -12,14 +12,14 @@ use std::time::Duration;
 
 const PUBLIC_URL: &str = "https://status.example.com";
 
-fn client() -> reqwest::Client {
+pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap()
 }
 
-async fn stop(mut server: Server) {
+pub async fn stop(mut server: Server) {
     let pid = server.child.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -33,7 +33,7 @@ async fn stop(mut server: Server) {
 }
 
 /// A page's link, on the test's server instead of the public site.
-fn local(server: &Server, url: &str) -> String {
+pub fn local(server: &Server, url: &str) -> String {
     let path = url
         .strip_prefix(PUBLIC_URL)
         .expect("a link to the public site");
@@ -41,9 +41,9 @@ fn local(server: &Server, url: &str) -> String {
 }
 
 /// The CSRF token a form page carries, in its cookie and its hidden field.
-struct FormToken {
-    cookie: String,
-    field: String,
+pub struct FormToken {
+    pub cookie: String,
+    pub field: String,
 }
 
 fn form_token(response_headers: &reqwest::header::HeaderMap, html: &str) -> FormToken {
@@ -62,7 +62,7 @@ fn form_token(response_headers: &reqwest::header::HeaderMap, html: &str) -> Form
     FormToken { cookie, field }
 }
 
-async fn open_form(server: &Server, query: &str) -> (FormToken, String) {
+pub async fn open_form(server: &Server, query: &str) -> (FormToken, String) {
     let page = client()
         .get(format!("{}/subscribe{query}", server.base))
         .send()
@@ -75,7 +75,7 @@ async fn open_form(server: &Server, query: &str) -> (FormToken, String) {
 }
 
 /// POSTs the form with these fields, and the cookie if given.
-async fn post_form(
+pub async fn post_form(
     server: &Server,
     cookie: Option<&str>,
     fields: &[(&str, &str)],
@@ -98,7 +98,7 @@ async fn submit(server: &Server, fields: &[(&str, &str)]) -> reqwest::Response {
 }
 
 /// The confirm link in the text part of a confirmation email.
-fn confirm_link(data: &str) -> String {
+pub fn confirm_link(data: &str) -> String {
     let message = MessageParser::default().parse(data.as_bytes()).unwrap();
     let text = message.body_text(0).unwrap();
     text.split_whitespace()

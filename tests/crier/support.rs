@@ -446,6 +446,7 @@ link_secret_env = "CRIER_LINK_SECRET"
             .args(args)
             .env_remove("CRIER_LINK_SECRET")
             .env_remove("CRIER_WEBHOOK_SECRET")
+            .env_remove("CRIER_API_TOKEN")
             .env_remove("CRIER_CONFIG")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

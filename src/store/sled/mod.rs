@@ -10,8 +10,8 @@ mod outbox;
 mod thread;
 
 use super::{
-    Cursor, DeliveryFilter, Page, PlanState, Recorded, Store, StoreError, Subscribed, Subscription,
-    apply_subscription,
+    Cursor, DeliveryFilter, IdempotentAnswer, Page, PlanState, Recorded, Store, StoreError,
+    Subscribed, Subscription, apply_subscription,
 };
 use crate::config::StoreSettings;
 use crate::delivery::{Counts, DeliveryKey, DeliveryRecord, Outcome};
@@ -123,6 +123,7 @@ pub(crate) struct Trees {
     channel_state: ::sled::Tree,
     counts: ::sled::Tree,
     meta: ::sled::Tree,
+    idempotent_answers: ::sled::Tree,
 }
 
 pub struct SledStore {
@@ -182,6 +183,7 @@ impl SledStore {
             channel_state: tree("channel_state")?,
             counts: tree("counts")?,
             meta: tree("meta")?,
+            idempotent_answers: tree("idempotent_answers")?,
             db,
         })
     }
@@ -491,8 +493,37 @@ impl Trees {
         update: &Update,
         new_incident: Option<&Incident>,
     ) -> Result<Incident, StoreError> {
-        let incident = (&self.incidents, &self.updates, &self.plans).transaction(
-            |(incidents, updates, plans)| {
+        match self.accept_update_remembering(update, new_incident, None)? {
+            Ok(incident) => Ok(incident),
+            // Without an answer to remember, no earlier one is looked for.
+            Err(earlier) => Err(StoreError::Corrupt(format!(
+                "an unasked-for idempotent answer under {}",
+                earlier.key
+            ))),
+        }
+    }
+
+    /// Accepts the update and remembers `answer`, in one transaction; when an answer is
+    /// already remembered under its key, accepts nothing and returns that answer.
+    fn accept_update_remembering(
+        &self,
+        update: &Update,
+        new_incident: Option<&Incident>,
+        answer: Option<&IdempotentAnswer>,
+    ) -> Result<Result<Incident, IdempotentAnswer>, StoreError> {
+        let accepted = (
+            &self.incidents,
+            &self.updates,
+            &self.plans,
+            &self.idempotent_answers,
+        )
+            .transaction(|(incidents, updates, plans, answers)| {
+                if let Some(answer) = answer {
+                    if let Some(earlier) = answers.get(answer.key.as_bytes())? {
+                        return Ok(Err(decode::<IdempotentAnswer>(&earlier).map_err(abort)?));
+                    }
+                    answers.insert(answer.key.as_bytes(), encode(answer).map_err(abort)?)?;
+                }
                 let incident_key = update.incident.to_string();
                 let mut incident = match (incidents.get(&incident_key)?, new_incident) {
                     (Some(bytes), _) => decode::<Incident>(&bytes).map_err(abort)?,
@@ -513,10 +544,16 @@ impl Trees {
                     update.id.to_string().as_bytes(),
                     encode(&PlanState::default()).map_err(abort)?,
                 )?;
-                Ok(incident)
-            },
-        )?;
-        Ok(incident)
+                Ok(Ok(incident))
+            })?;
+        Ok(accepted)
+    }
+
+    fn idempotent_answer(&self, key: &str) -> Result<Option<IdempotentAnswer>, StoreError> {
+        self.idempotent_answers
+            .get(key.as_bytes())?
+            .map(|bytes| decode(&bytes))
+            .transpose()
     }
 
     fn recent_updates(&self, limit: usize) -> Result<Vec<Update>, StoreError> {
@@ -621,6 +658,28 @@ impl Store for SledStore {
     ) -> Result<Incident, StoreError> {
         let (update, new_incident) = (update.clone(), new_incident.cloned());
         self.write(move |trees| trees.accept_update(&update, new_incident.as_ref()))
+            .await
+    }
+
+    async fn accept_update_once(
+        &self,
+        update: &Update,
+        new_incident: Option<&Incident>,
+        answer: &IdempotentAnswer,
+    ) -> Result<Option<IdempotentAnswer>, StoreError> {
+        let (update, new_incident, answer) =
+            (update.clone(), new_incident.cloned(), answer.clone());
+        self.write(move |trees| {
+            trees
+                .accept_update_remembering(&update, new_incident.as_ref(), Some(&answer))
+                .map(Result::err)
+        })
+        .await
+    }
+
+    async fn idempotent_answer(&self, key: &str) -> Result<Option<IdempotentAnswer>, StoreError> {
+        let key = key.to_owned();
+        self.blocking(move |trees| trees.idempotent_answer(&key))
             .await
     }
 
