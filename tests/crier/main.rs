@@ -1,10 +1,12 @@
 //! crier's integration tests: the real binary, run against a real SMTP server (aiosmtpd), real
-//! HTTP receivers (axum) and a real status page folder, all on 127.0.0.1.
+//! HTTP receivers (axum), Kannel, a real status page folder and a headless chromium, all on
+//! 127.0.0.1.
 
 mod api;
 mod audience;
 mod bad_input;
 mod bluesky;
+mod browser;
 mod crash;
 mod discourse;
 mod email;
