@@ -17,10 +17,15 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The server's log is its record of requests and deliveries; a command only warns.
+    let default_level = match cli.command {
+        crier::cli::Command::Serve => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CRIER_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         // Colour codes only where a terminal shows them, never in a log file.

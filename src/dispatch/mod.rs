@@ -4,6 +4,47 @@
 
 pub mod plan;
 pub mod retry;
+/// One log line per attempt's outcome. The contact is masked, and neither the message nor
+/// the provider's words are logged (a provider may echo the number or the text back).
+fn log_outcome(channel: &str, delivery: &DeliveryRecord, outcome: &Outcome, applied: bool) {
+    let recipient = match &delivery.recipient {
+        Recipient::Broadcast => "-".to_owned(),
+        Recipient::Contact(contact) => contact.masked(),
+    };
+    let (update, attempt) = (delivery.update.to_string(), delivery.attempts);
+    match outcome {
+        Outcome::Sent { .. } => {
+            tracing::info!(%update, channel, recipient, attempt, applied, outcome = "sent", "delivery")
+        }
+        Outcome::Retry { at, failure, .. } => tracing::info!(
+            %update,
+            channel,
+            recipient,
+            attempt,
+            applied,
+            outcome = "retry",
+            failure = ?failure.kind,
+            status = failure.status,
+            retry_at = %at,
+            "delivery"
+        ),
+        Outcome::Dead { failure } => tracing::warn!(
+            %update,
+            channel,
+            recipient,
+            attempt,
+            applied,
+            outcome = "dead",
+            failure = ?failure.kind,
+            status = failure.status,
+            "delivery"
+        ),
+        Outcome::Skipped { .. } => {
+            tracing::info!(%update, channel, recipient, attempt, applied, outcome = "skipped", "delivery")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -450,6 +491,7 @@ impl Dispatcher {
         let now = self.clock.now();
         let recorded = self.store.record_outcome(delivery, &outcome, now).await?;
         let record = &recorded.record;
+        log_outcome(&channel.id, delivery, &outcome, recorded.applied);
         if recorded.applied
             && record.state.is_settled()
             && let Some(settled) = &self.settled
@@ -505,7 +547,6 @@ impl Dispatcher {
             }
             _ => {}
         }
-        tracing::debug!(delivery = %key, %error, ?outcome, "attempt failed");
         outcome
     }
 

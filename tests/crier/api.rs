@@ -562,7 +562,35 @@ async fn while_serve_runs_the_cli_goes_through_its_api_from_subscribe_to_unsubsc
     );
     assert_eq!(smtp.per_recipient()["ann@example.com"], 2, "nothing more");
     assert_eq!(smtp.per_recipient()["bob@example.com"], 1, "nothing more");
+    let log = server.log.clone();
     stop(server).await;
+    let log = log.lock().unwrap().join("\n");
+    for contact in [
+        "ann@example.com",
+        "bob@example.com",
+        "cy@example.com",
+        "ann%40",
+    ] {
+        assert!(
+            !log.contains(contact),
+            "{contact} in the server's log:\n{log}"
+        );
+    }
+    let delivered: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("delivery") && line.contains("outcome=\"sent\""))
+        .collect();
+    assert!(
+        delivered
+            .iter()
+            .any(|line| line.contains("a***@example.com") && line.contains("channel=\"email\"")),
+        "one line per delivery outcome, the contact masked:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|line| line.contains("request") && line.contains("/api/updates")),
+        "one line per request:\n{log}"
+    );
     let latest = crier.run(&["deliveries", "--json"]).await;
     latest.assert_ok();
     assert_eq!(

@@ -9,6 +9,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 pub struct Server {
     pub child: tokio::process::Child,
     pub base: String,
+    /// Every line the server wrote to stderr (its log), as it comes.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 pub async fn serve(crier: &Crier) -> Server {
@@ -36,8 +38,14 @@ pub async fn serve(crier: &Crier) -> Server {
     .await
     .expect("crier serve listened within a minute");
     // Keep draining stderr so the server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Server { child, base }
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            kept.lock().unwrap().push(line);
+        }
+    });
+    Server { child, base, log }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
