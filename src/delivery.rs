@@ -142,6 +142,38 @@ pub struct DeliveryRecord {
     #[serde(default)]
     pub provider_id: Option<String>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// What the provider reported later about the message it accepted (an SMS delivery
+    /// report), when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ProviderReport>,
+}
+
+/// A provider's later word on a message it accepted: Twilio's status callback, Kannel's
+/// delivery report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderReport {
+    pub outcome: ReportedOutcome,
+    /// The provider's own word for it (Twilio's `MessageStatus`, Kannel's report type).
+    pub status: String,
+    /// The provider's error code, when it gave one.
+    pub code: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportedOutcome {
+    /// On its way (queued, sent to the carrier): a final report follows.
+    Pending,
+    Delivered,
+    /// The carrier could not deliver it (or the provider gave up).
+    Undelivered,
+}
+
+impl ReportedOutcome {
+    pub fn is_final(self) -> bool {
+        !matches!(self, ReportedOutcome::Pending)
+    }
 }
 
 impl DeliveryRecord {
@@ -169,6 +201,7 @@ impl DeliveryRecord {
             last_code: None,
             provider_id: None,
             finished_at: None,
+            report: None,
         }
     }
 

@@ -23,6 +23,9 @@ pub struct Subscriber {
     /// Channels this contact can no longer be reached on (an invalid number, an SMS STOP).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub stopped_on: BTreeSet<String>,
+    /// Per channel, how many messages in a row its provider reported undelivered.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub undelivered: std::collections::BTreeMap<String, u32>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -34,6 +37,7 @@ impl Subscriber {
             state: SubscriberState::Pending,
             orders: BTreeSet::new(),
             stopped_on: BTreeSet::new(),
+            undelivered: Default::default(),
             created_at: now,
             updated_at: now,
         }

@@ -13,7 +13,7 @@ use super::{
 use crate::config::StoreSettings;
 use crate::delivery::{
     Counts, DeliveryError, DeliveryKey, DeliveryRecord, DeliveryState, FailureKind, Outcome,
-    Receipt, Recipient,
+    ProviderReport, Receipt, Recipient, ReportedOutcome,
 };
 use crate::domain::{
     Audience, Body, Contact, Headline, Incident, IncidentState, OrderNumber, OrderPattern,
@@ -97,6 +97,7 @@ macro_rules! conformance {
             many_subscribers_are_read_at_once_in_order,
             retention_forgets_only_settled_deliveries_of_old_updates_and_keeps_the_counts,
             an_idempotent_accept_remembers_its_answer_and_a_second_one_accepts_nothing,
+            provider_reports_are_kept_and_undelivered_ones_in_a_row_stop_the_contact,
         );
     };
     (@tests $backend:ident, $open:expr; $($test:ident),* $(,)?) => {
@@ -1841,4 +1842,98 @@ async fn an_idempotent_accept_remembers_its_answer_and_a_second_one_accepts_noth
         None,
         "another client's key is another key"
     );
+}
+
+async fn provider_reports_are_kept_and_undelivered_ones_in_a_row_stop_the_contact(
+    store: &dyn Store,
+) {
+    use ReportedOutcome::{Delivered, Pending, Undelivered};
+    let phone = contact("+447700900123");
+    store
+        .subscribe(&phone, &order("AB-1234"), true, at(0))
+        .await
+        .unwrap();
+    let report = |outcome: ReportedOutcome, status: &str| ProviderReport {
+        outcome,
+        status: status.into(),
+        code: (outcome == Undelivered).then(|| "30003".to_owned()),
+        at: at(9),
+    };
+    let reports = [
+        Undelivered,
+        Undelivered,
+        Delivered,
+        Undelivered,
+        Undelivered,
+        Undelivered,
+    ];
+    let expected_counts = [Some(1), Some(2), None, Some(1), Some(2), Some(3)];
+    for (n, (outcome, expected)) in reports.into_iter().zip(expected_counts).enumerate() {
+        let update = Ulid::new();
+        let queued = record(update, "sms", Recipient::Contact(phone.clone()), at(0));
+        enqueue(store, update, std::slice::from_ref(&queued)).await;
+        let key = queued.key();
+        assert!(
+            store
+                .record_report(&key, None, &report(outcome, "early"))
+                .await
+                .unwrap()
+                .is_none(),
+            "a report on a delivery not sent yet does not apply"
+        );
+        let leased = store
+            .lease_due("sms", "me", 1, LEASE, at(1))
+            .await
+            .unwrap()
+            .remove(0);
+        let sid = format!("SM{n}");
+        let sent = Outcome::Sent {
+            receipt: Receipt {
+                provider_id: Some(sid.clone()),
+                thread: None,
+            },
+        };
+        store.record_outcome(&leased, &sent, at(2)).await.unwrap();
+        assert!(
+            store
+                .record_report(&key, Some("SMother"), &report(outcome, "x"))
+                .await
+                .unwrap()
+                .is_none(),
+            "another message's report does not apply"
+        );
+        let pending = store
+            .record_report(&key, Some(&sid), &report(Pending, "sent"))
+            .await
+            .unwrap()
+            .expect("a pending report applies");
+        assert_eq!(pending.report.unwrap().status, "sent");
+        let kept = store
+            .record_report(&key, Some(&sid), &report(outcome, "final"))
+            .await
+            .unwrap()
+            .expect("the final report applies");
+        assert_eq!(kept.state, DeliveryState::Sent, "a report never resends");
+        assert_eq!(kept.report.as_ref().unwrap().outcome, outcome);
+        assert!(
+            store
+                .record_report(&key, Some(&sid), &report(Pending, "late"))
+                .await
+                .unwrap()
+                .is_none(),
+            "nothing replaces a final report, and it counts once"
+        );
+        assert_eq!(stored(store, &queued).await.report, kept.report);
+        let subscriber = store.subscriber(&phone).await.unwrap().unwrap();
+        assert_eq!(
+            subscriber.undelivered.get("sms").copied(),
+            expected,
+            "report {n}"
+        );
+        assert_eq!(
+            subscriber.stopped_on.contains("sms"),
+            n == reports.len() - 1,
+            "stopped after three undelivered in a row, report {n}"
+        );
+    }
 }

@@ -5,10 +5,12 @@
 
 use super::{
     Cursor, DeliveryFilter, IdempotentAnswer, Page, PlanState, Recorded, Store, StoreError,
-    Subscribed, Subscription, apply_subscription,
+    Subscribed, Subscription, apply_report, apply_subscription,
 };
 use crate::clock;
-use crate::delivery::{Counts, DeliveryKey, DeliveryRecord, DeliveryState, FailureKind, Outcome};
+use crate::delivery::{
+    Counts, DeliveryKey, DeliveryRecord, DeliveryState, FailureKind, Outcome, ProviderReport,
+};
 use crate::domain::{
     Audience, Contact, Incident, OrderNumber, Subscriber, SubscriberState, Update,
 };
@@ -838,6 +840,31 @@ impl Store for MemoryStore {
 
     async fn delivery(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError> {
         Ok(self.with(|state| state.deliveries.get(key.as_str()).cloned()))
+    }
+
+    async fn record_report(
+        &self,
+        key: &DeliveryKey,
+        provider_id: Option<&str>,
+        report: &ProviderReport,
+    ) -> Result<Option<DeliveryRecord>, StoreError> {
+        Ok(self.with(|state| {
+            let mut record = state.deliveries.get(key.as_str())?.clone();
+            let contact = record.recipient.contact().map(|c| c.as_str().to_owned());
+            let mut subscriber = contact
+                .as_ref()
+                .and_then(|contact| state.subscribers.get(contact).cloned());
+            if !apply_report(&mut record, subscriber.as_mut(), provider_id, report) {
+                return None;
+            }
+            state
+                .deliveries
+                .insert(key.as_str().to_owned(), record.clone());
+            if let (Some(contact), Some(subscriber)) = (contact, subscriber) {
+                state.subscribers.insert(contact, subscriber);
+            }
+            Some(record)
+        }))
     }
 
     async fn deliveries(

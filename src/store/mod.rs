@@ -22,7 +22,9 @@ pub use memory::MemoryStore;
 pub use sled::SledStore;
 
 use crate::config::StoreSettings;
-use crate::delivery::{Counts, DeliveryKey, DeliveryRecord, Outcome};
+use crate::delivery::{
+    Counts, DeliveryKey, DeliveryRecord, DeliveryState, Outcome, ProviderReport, ReportedOutcome,
+};
 use crate::domain::{Audience, Contact, Incident, OrderNumber, Subscriber, Update};
 use crate::error::ErrorKind;
 use chrono::{DateTime, Utc};
@@ -131,6 +133,55 @@ pub struct IdempotentAnswer {
     pub status: u16,
     pub body: String,
     pub created_at: DateTime<Utc>,
+}
+
+/// After this many messages in a row reported undelivered, a contact is stopped on the
+/// channel, as a provider's "no such number" would: the number is dead or not a mobile.
+pub const UNDELIVERED_IN_A_ROW: u32 = 3;
+
+/// Applies a provider's report to the delivery it is about and to the contact's record: the
+/// one rule both backends follow. Returns whether it applied. A report applies to a sent
+/// delivery whose provider id (when both are known) is the one reported; a final report is
+/// never replaced by a late pending one, and only the first final report counts.
+pub fn apply_report(
+    record: &mut DeliveryRecord,
+    subscriber: Option<&mut Subscriber>,
+    provider_id: Option<&str>,
+    report: &ProviderReport,
+) -> bool {
+    if record.state != DeliveryState::Sent {
+        return false;
+    }
+    if let (Some(reported), Some(ours)) = (provider_id, record.provider_id.as_deref())
+        && reported != ours
+    {
+        return false;
+    }
+    let earlier = record.report.as_ref().map(|r| r.outcome);
+    if earlier.is_some_and(ReportedOutcome::is_final) {
+        return false;
+    }
+    record.report = Some(report.clone());
+    if let Some(subscriber) = subscriber {
+        match report.outcome {
+            ReportedOutcome::Delivered => {
+                subscriber.undelivered.remove(&record.channel);
+            }
+            ReportedOutcome::Undelivered => {
+                let count = subscriber
+                    .undelivered
+                    .entry(record.channel.clone())
+                    .or_default();
+                *count += 1;
+                if *count >= UNDELIVERED_IN_A_ROW {
+                    subscriber.stopped_on.insert(record.channel.clone());
+                }
+                subscriber.updated_at = report.at;
+            }
+            ReportedOutcome::Pending => {}
+        }
+    }
+    true
 }
 
 /// Applies one import row to the subscriber it concerns (if any): the record to write, if
@@ -329,6 +380,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<DeliveryRecord>, StoreError>;
 
     async fn delivery(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError>;
+
+    /// Records a provider's later report on a sent delivery ([`apply_report`]'s rule), with
+    /// what it means for the contact, in one write. Returns the record when it applied.
+    async fn record_report(
+        &self,
+        key: &DeliveryKey,
+        provider_id: Option<&str>,
+        report: &ProviderReport,
+    ) -> Result<Option<DeliveryRecord>, StoreError>;
 
     /// Up to `limit` deliveries of one update after `after`, in key order.
     async fn deliveries(

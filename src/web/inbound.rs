@@ -2,11 +2,13 @@
 //! order, `START` and `YES` confirm it. Only the provider may call: Twilio's calls are checked
 //! against `X-Twilio-Signature` (HMAC-SHA1 keyed by the auth token over the public URL and the
 //! POST parameters sorted by name), Kannel's carry the secret the channel file names. A call
-//! that fails the check gets 403 and changes nothing.
+//! that fails the check gets 403 and changes nothing. Delivery reports (Twilio's status
+//! callbacks, Kannel's `dlr-url`) are checked the same way and recorded on their delivery.
 
 use super::Shared;
 use crate::channel::sms::{Provider, SmsSettings};
 use crate::config::Config;
+use crate::delivery::{DeliveryKey, ProviderReport, Recipient, ReportedOutcome};
 use crate::domain::{Contact, PhoneNumber};
 use crate::store::StoreError;
 use axum::body::Bytes;
@@ -203,6 +205,134 @@ pub(super) async fn inbound_sms(
     } else {
         // Kannel would send a non-empty answer back as a reply SMS.
         StatusCode::OK.into_response()
+    }
+}
+
+/// What Twilio's `MessageStatus` means for the message.
+fn twilio_outcome(status: &str) -> ReportedOutcome {
+    match status {
+        "delivered" | "read" => ReportedOutcome::Delivered,
+        "undelivered" | "failed" => ReportedOutcome::Undelivered,
+        _ => ReportedOutcome::Pending,
+    }
+}
+
+/// What Kannel's report type (its `%d`) means: 1 delivered, 2 failed, 16 rejected by the
+/// SMSC; 4 (buffered) and 8 (submitted) are on the way.
+fn kannel_outcome(kind: &str) -> ReportedOutcome {
+    match kind.trim().parse::<u32>() {
+        Ok(1) => ReportedOutcome::Delivered,
+        Ok(2 | 16) => ReportedOutcome::Undelivered,
+        _ => ReportedOutcome::Pending,
+    }
+}
+
+/// `POST` (Twilio's status callback) and `GET` (Kannel's `dlr-url`) of
+/// `/inbound/sms/{channel}/status`: the provider's later word on a message, recorded on its
+/// delivery. Checked as inbound messages are; a report about no delivery crier sent is
+/// answered 200 and ignored, so the provider does not retry it.
+pub(super) async fn delivery_report(
+    State(shared): State<Shared>,
+    Path(channel): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let inbound = &shared.inbound;
+    let Some(proof) = inbound.channels.get(&channel) else {
+        return (StatusCode::NOT_FOUND, "no SMS channel has this id\n").into_response();
+    };
+    let query_params = form(query.as_deref().unwrap_or_default().as_bytes());
+    let body_params = form(&body);
+    let find = |params: &[(String, String)], name: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
+    };
+    let (to, provider_id, outcome, status, code) = match proof {
+        Proof::TwilioSignature(token) => {
+            let mut url = format!("{}/inbound/sms/{channel}/status", inbound.public_url);
+            if let Some(query) = &query {
+                url.push('?');
+                url.push_str(query);
+            }
+            let signature = headers
+                .get("x-twilio-signature")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            if !twilio_signed(token.expose_secret(), &url, &body_params, signature) {
+                tracing::warn!(
+                    channel,
+                    "a delivery report with a bad signature was refused"
+                );
+                return refused();
+            }
+            let status = find(&body_params, "MessageStatus").unwrap_or_default();
+            (
+                find(&body_params, "To"),
+                find(&body_params, "MessageSid"),
+                twilio_outcome(&status),
+                status,
+                find(&body_params, "ErrorCode").filter(|code| !code.is_empty()),
+            )
+        }
+        Proof::KannelSecret(secret) => {
+            let given = find(&query_params, "secret").unwrap_or_default();
+            let genuine = secret.as_ref().is_some_and(|secret| {
+                constant_time_eq(secret.expose_secret().as_bytes(), given.as_bytes())
+            });
+            if !genuine {
+                tracing::warn!(
+                    channel,
+                    "a delivery report without the channel's secret was refused"
+                );
+                return refused();
+            }
+            let kind = find(&query_params, "status").unwrap_or_default();
+            (
+                find(&query_params, "to"),
+                None,
+                kannel_outcome(&kind),
+                format!("kannel report type {}", kind.trim()),
+                None,
+            )
+        }
+    };
+    let update = find(&query_params, "update").and_then(|id| ulid::Ulid::from_string(&id).ok());
+    let phone = to.as_deref().and_then(|to| PhoneNumber::parse(to).ok());
+    let (Some(update), Some(phone)) = (update, phone) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "a delivery report names its update and phone number\n",
+        )
+            .into_response();
+    };
+    let contact = Contact::Phone(phone);
+    let key = DeliveryKey::new(update, &channel, &Recipient::Contact(contact.clone()));
+    let report = ProviderReport {
+        outcome,
+        status: status.chars().take(64).collect(),
+        code: code.map(|code| code.chars().take(32).collect()),
+        at: Utc::now(),
+    };
+    match shared
+        .store
+        .record_report(&key, provider_id.as_deref(), &report)
+        .await
+    {
+        Ok(Some(_)) => {
+            tracing::info!(channel, %update, phone = %contact.masked(), outcome = ?report.outcome, code = report.code.as_deref().unwrap_or("-"), "delivery report");
+            StatusCode::OK.into_response()
+        }
+        Ok(None) => {
+            tracing::info!(channel, %update, phone = %contact.masked(), "a delivery report about no message crier sent was ignored");
+            StatusCode::OK.into_response()
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot record a delivery report");
+            (StatusCode::SERVICE_UNAVAILABLE, "not recorded: try again\n").into_response()
+        }
     }
 }
 

@@ -160,6 +160,10 @@ pub fn router(shared: Shared) -> Router {
             get(inbound::inbound_sms).post(inbound::inbound_sms),
         )
         .route(
+            "/inbound/sms/{channel}/status",
+            get(inbound::delivery_report).post(inbound::delivery_report),
+        )
+        .route(
             "/subscribe",
             get(subscribe::subscribe_form).post(subscribe::subscribe),
         )

@@ -3,9 +3,10 @@
 //! nothing changes.
 
 use crate::serve::serve;
-use crate::support::{Crier, unused_url};
+use crate::support::{ApiRequest, Crier, FakeApi, Reply, unused_url};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use crier::delivery::{DeliveryKey, Recipient, ReportedOutcome};
 use crier::domain::Contact;
 use std::time::Duration;
 
@@ -15,7 +16,11 @@ const PHONE: &str = "+447700900123";
 
 fn twilio(crier: Crier) -> Crier {
     let base = unused_url();
-    let base = base.trim_end_matches("/hooks");
+    twilio_at(crier, base.trim_end_matches("/hooks"))
+}
+
+/// A Twilio SMS channel whose API is at `base`.
+fn twilio_at(crier: Crier, base: &str) -> Crier {
     crier
         .channel(
             "sms",
@@ -181,4 +186,149 @@ async fn kannels_forwarded_stop_needs_the_channels_secret() {
     );
     stop(server).await;
     assert!(!phone_state(&crier).await.receives_updates());
+}
+
+/// Twilio's status callback for `update`'s message `sid`, signed for the callback URL crier
+/// gave Twilio (the public URL, with the update in its query).
+async fn twilio_status(
+    client: &reqwest::Client,
+    base: &str,
+    update: &str,
+    sid: &str,
+    status: &str,
+    token: &str,
+) -> reqwest::Response {
+    let params: Vec<(String, String)> = vec![
+        (
+            "AccountSid".into(),
+            "AC0123456789abcdef0123456789abcdef".into(),
+        ),
+        ("ErrorCode".into(), "30003".into()),
+        ("From".into(), "+447700900001".into()),
+        ("MessageSid".into(), sid.into()),
+        ("MessageStatus".into(), status.into()),
+        ("To".into(), PHONE.into()),
+    ];
+    let signed_url = format!("https://status.example.com/inbound/sms/sms/status?update={update}");
+    let signature = STANDARD.encode(crier::web::inbound::twilio_signature(
+        token,
+        &signed_url,
+        &params,
+    ));
+    client
+        .post(format!("{base}/inbound/sms/sms/status?update={update}"))
+        .header("x-twilio-signature", signature)
+        .form(&params)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twilio_delivery_reports_are_recorded_and_three_undelivered_in_a_row_stop_the_phone() {
+    let api = FakeApi::start(|_: &ApiRequest, earlier| {
+        Reply::json(201, serde_json::json!({ "sid": format!("SM{earlier}") }))
+    })
+    .await;
+    let crier = twilio_at(Crier::new(), &api.url);
+    crier.subscribe("AB-1001", PHONE).await;
+    let mut updates = Vec::new();
+    for n in 0..3 {
+        let sent = crier.send(&[], &format!("Update {n}.")).await;
+        assert_eq!(sent["channels"]["sms"]["sent"], 1, "{sent}");
+        updates.push(sent["update"].as_str().unwrap().to_owned());
+    }
+    let callbacks: Vec<String> = api
+        .received()
+        .iter()
+        .map(|request| {
+            form_urlencoded::parse(&request.body)
+                .find(|(key, _)| key == "StatusCallback")
+                .map(|(_, value)| value.into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    let expected: Vec<String> = updates
+        .iter()
+        .map(|update| format!("https://status.example.com/inbound/sms/sms/status?update={update}"))
+        .collect();
+    assert_eq!(callbacks, expected, "each message says where to report");
+
+    let server = serve(&crier).await;
+    let client = reqwest::Client::new();
+    let forged = twilio_status(
+        &client,
+        &server.base,
+        &updates[0],
+        "SM0",
+        "delivered",
+        "not-the-auth-token-0000000000000",
+    )
+    .await;
+    assert_eq!(forged.status(), 403);
+    for (n, update) in updates.iter().enumerate() {
+        let sid = format!("SM{n}");
+        for status in ["sent", "undelivered"] {
+            let answer =
+                twilio_status(&client, &server.base, update, &sid, status, AUTH_TOKEN).await;
+            assert_eq!(answer.status(), 200, "{status}");
+        }
+    }
+    let stray = twilio_status(
+        &client,
+        &server.base,
+        &updates[0],
+        "SMelse",
+        "undelivered",
+        AUTH_TOKEN,
+    )
+    .await;
+    assert_eq!(
+        stray.status(),
+        200,
+        "a report about no message of ours is ignored, not retried"
+    );
+    stop(server).await;
+
+    let store = crier.store().await;
+    let recipient = Recipient::Contact(Contact::parse(PHONE).unwrap());
+    for update in &updates {
+        let key = DeliveryKey::new(update.parse().unwrap(), "sms", &recipient);
+        let record = store.delivery(&key).await.unwrap().unwrap();
+        let report = record.report.expect("the report is on the delivery");
+        assert_eq!(report.outcome, ReportedOutcome::Undelivered, "{update}");
+        assert_eq!(report.status, "undelivered");
+        assert_eq!(report.code.as_deref(), Some("30003"));
+    }
+    drop(store);
+    let phone = phone_state(&crier).await;
+    assert_eq!(phone.undelivered.get("sms"), Some(&3));
+    assert!(
+        phone.stopped_on.contains("sms"),
+        "three undelivered in a row: no more texts to that number"
+    );
+    crier.send(&[], "Update 3.").await;
+    assert_eq!(api.received().len(), 3, "no fourth text");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kannel_delivery_report_without_the_channels_secret_is_refused() {
+    let crier = kannel(Crier::new());
+    let server = serve(&crier).await;
+    let report = |secret: &str| {
+        format!(
+            "{}/inbound/sms/texts/status?update=01JDQ8Y1Z8X0000000000000BB&to=%2B447700900123&secret={secret}&status=2",
+            server.base
+        )
+    };
+    let client = reqwest::Client::new();
+    let forged = client.get(report("guess")).send().await.unwrap();
+    assert_eq!(forged.status(), 403);
+    let genuine = client.get(report(KANNEL_SECRET)).send().await.unwrap();
+    assert_eq!(
+        genuine.status(),
+        200,
+        "genuine, about no message crier sent: ignored"
+    );
+    stop(server).await;
 }

@@ -595,22 +595,27 @@ impl SmsChannel {
         )
     }
 
+    /// `status_callback` is where Twilio reports what became of the message; a notice has
+    /// no delivery to record it on, so none.
     async fn send_twilio(
         &self,
         twilio: &Twilio,
         to: &str,
         sms: &Sms,
+        status_callback: Option<&str>,
     ) -> Result<Receipt, DeliveryError> {
         let (sender_field, sender_value) = match &twilio.sender {
             TwilioSender::From(number) => ("From", number.as_str()),
             TwilioSender::MessagingService(sid) => ("MessagingServiceSid", sid.as_str()),
         };
-        let form = [
+        let mut form = vec![
             ("To", to),
             (sender_field, sender_value),
             ("Body", sms.text.as_str()),
-            ("StatusCallback", self.receipts_url.as_str()),
         ];
+        if let Some(callback) = status_callback {
+            form.push(("StatusCallback", callback));
+        }
         let response = self
             .client
             .post(twilio.messages_url.clone())
@@ -748,17 +753,34 @@ fn classify_kannel(status: StatusCode, answer: &str) -> Result<Receipt, Delivery
     Err(DeliveryError::new(failure_for_status(status), reason).with_status(status.as_u16()))
 }
 
-/// Kannel's delivery report URL: the receipt route, which delivery it is about, and Kannel's
-/// escape codes for the report (`%d` its type, `%A` the SMSC's answer, `%F` the SMSC's
-/// message id, `%T` its time). Kannel reads `%` as the start of an escape code, so every `%`
-/// of crier's own part is written `%%`.
-fn kannel_dlr_url(receipts_url: &str, attempt: &Attempt<'_>, to: &str) -> String {
+/// Twilio's status callback for one delivery: the receipt route and which update it is
+/// about (Twilio reports the message's sid and number; the update makes the delivery's key).
+/// Twilio signs the whole URL, query included.
+fn twilio_status_callback(receipts_url: &str, attempt: &Attempt<'_>) -> String {
+    format!("{receipts_url}?update={}", attempt.update)
+}
+
+/// Kannel's delivery report URL: the receipt route, which delivery it is about, the secret
+/// Kannel's calls prove themselves with, and Kannel's escape codes for the report (`%d` its
+/// type, `%A` the SMSC's answer, `%F` the SMSC's message id, `%T` its time). Kannel reads
+/// `%` as the start of an escape code, so every `%` of crier's own part is written `%%`.
+fn kannel_dlr_url(
+    receipts_url: &str,
+    attempt: &Attempt<'_>,
+    to: &str,
+    secret: Option<&SecretString>,
+) -> String {
     let mut ours = format!("{receipts_url}?");
     let query: String = reqwest::Url::parse("http://query.invalid/")
         .map(|mut url| {
-            url.query_pairs_mut()
+            let mut pairs = url.query_pairs_mut();
+            pairs
                 .append_pair("update", &attempt.update.to_string())
                 .append_pair("to", to);
+            if let Some(secret) = secret {
+                pairs.append_pair("secret", secret.expose_secret());
+            }
+            drop(pairs);
             url.query().unwrap_or_default().to_owned()
         })
         .unwrap_or_default();
@@ -899,9 +921,17 @@ impl Channel for SmsChannel {
             .compose(message)
             .map_err(|e| DeliveryError::permanent(e.to_string()))?;
         match &self.provider {
-            Provider::Twilio(twilio) => self.send_twilio(twilio, to, &sms).await,
+            Provider::Twilio(twilio) => {
+                let callback = twilio_status_callback(&self.receipts_url, attempt);
+                self.send_twilio(twilio, to, &sms, Some(&callback)).await
+            }
             Provider::Kannel(kannel) => {
-                let dlr_url = kannel_dlr_url(&self.receipts_url, attempt, to);
+                let dlr_url = kannel_dlr_url(
+                    &self.receipts_url,
+                    attempt,
+                    to,
+                    kannel.inbound_secret.as_ref(),
+                );
                 self.send_kannel(kannel, to, &sms, Some(&dlr_url)).await
             }
         }
@@ -920,7 +950,7 @@ impl Channel for SmsChannel {
         let sms = fit(&text, self.max_segments, Overflow::Refuse, "")
             .map_err(|e| DeliveryError::permanent(e.to_string()))?;
         match &self.provider {
-            Provider::Twilio(twilio) => self.send_twilio(twilio, to.as_str(), &sms).await,
+            Provider::Twilio(twilio) => self.send_twilio(twilio, to.as_str(), &sms, None).await,
             Provider::Kannel(kannel) => self.send_kannel(kannel, to.as_str(), &sms, None).await,
         }
     }
@@ -1205,11 +1235,12 @@ mod tests {
             "https://status.example.com/inbound/sms/sms/status",
             &attempt,
             "+447700900123",
+            Some(&SecretString::from("s3cret 100%")),
         );
         assert_eq!(
             url,
             "https://status.example.com/inbound/sms/sms/status?update=01JDQ8Y1Z8X0000000000000BB\
-             &to=%%2B447700900123&status=%d&answer=%A&smsc_id=%F&at=%T"
+             &to=%%2B447700900123&secret=s3cret+100%%25&status=%d&answer=%A&smsc_id=%F&at=%T"
         );
     }
 

@@ -815,6 +815,18 @@ impl Store for SledStore {
         self.blocking(move |trees| trees.delivery(&key)).await
     }
 
+    async fn record_report(
+        &self,
+        key: &DeliveryKey,
+        provider_id: Option<&str>,
+        report: &crate::delivery::ProviderReport,
+    ) -> Result<Option<DeliveryRecord>, StoreError> {
+        let (key, provider_id, report) =
+            (key.clone(), provider_id.map(str::to_owned), report.clone());
+        self.write(move |trees| trees.record_report(&key, provider_id.as_deref(), &report))
+            .await
+    }
+
     async fn deliveries(
         &self,
         update: Ulid,

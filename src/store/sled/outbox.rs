@@ -509,6 +509,42 @@ impl Trees {
         Ok(requeued)
     }
 
+    pub(super) fn record_report(
+        &self,
+        key: &DeliveryKey,
+        provider_id: Option<&str>,
+        report: &crate::delivery::ProviderReport,
+    ) -> Result<Option<DeliveryRecord>, StoreError> {
+        let applied =
+            (&self.deliveries, &self.subscribers).transaction(|(deliveries, subscribers)| {
+                let Some(mut record) = read_record(deliveries, key.as_str().as_bytes())? else {
+                    return Ok(None);
+                };
+                let contact = record.recipient.contact().cloned();
+                let mut subscriber: Option<Subscriber> = match &contact {
+                    Some(contact) => match subscribers.get(contact.as_str())? {
+                        Some(bytes) => Some(decode(&bytes).map_err(abort)?),
+                        None => None,
+                    },
+                    None => None,
+                };
+                if !crate::store::apply_report(
+                    &mut record,
+                    subscriber.as_mut(),
+                    provider_id,
+                    report,
+                ) {
+                    return Ok(None);
+                }
+                write_record(deliveries, &record)?;
+                if let (Some(contact), Some(subscriber)) = (&contact, &subscriber) {
+                    subscribers.insert(contact.as_str(), encode(subscriber).map_err(abort)?)?;
+                }
+                Ok(Some(record))
+            })?;
+        Ok(applied)
+    }
+
     pub(super) fn delivery(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError> {
         self.deliveries
             .get(key.as_str())?
