@@ -334,6 +334,15 @@ fn contact_from(email: Option<&str>, phone: Option<&str>) -> Result<Contact> {
     })
 }
 
+/// A contact as the admin API's requests name it: an `email` or a `phone` field.
+fn contact_fields(contact: Option<&Contact>) -> (Option<String>, Option<String>) {
+    match contact {
+        Some(Contact::Email(email)) => (Some(email.as_str().to_owned()), None),
+        Some(Contact::Phone(phone)) => (None, Some(phone.as_str().to_owned())),
+        None => (None, None),
+    }
+}
+
 /// A contact as a path segment of the admin API (`+` and `@` escaped).
 fn path_segment(text: &str) -> String {
     form_urlencoded::byte_serialize(text.as_bytes()).collect()
@@ -344,10 +353,7 @@ async fn subscribe(config: Config, args: SubscribeArgs) -> Result<ExitCode> {
     let contact = contact_from(args.email.as_deref(), args.phone.as_deref())?;
     let subscriber: SubscriberSummary = match Remote::find(&config).await? {
         Some(remote) => {
-            let (email, phone) = match &contact {
-                Contact::Email(email) => (Some(email.as_str().to_owned()), None),
-                Contact::Phone(phone) => (None, Some(phone.as_str().to_owned())),
-            };
+            let (email, phone) = contact_fields(Some(&contact));
             let request = SubscribeRequest {
                 order: order.to_string(),
                 email,
@@ -764,14 +770,8 @@ async fn send_through(
     let progress: Progress = loop {
         let progress: Progress = remote.get(&accepted.progress["/api".len()..]).await?;
         let totals = progress.totals();
-        let all = totals.queued
-            + totals.in_flight
-            + totals.sent
-            + totals.retrying
-            + totals.dead
-            + totals.skipped;
-        bar.set_length(all);
-        bar.set_position(totals.sent + totals.dead + totals.skipped);
+        bar.set_length(totals.total());
+        bar.set_position(totals.settled());
         bar.set_message(format!(
             "· {} sent · {} retrying · {} dead",
             totals.sent, totals.retrying, totals.dead
@@ -959,11 +959,7 @@ async fn link(config: &Config, args: LinkArgs) -> Result<ExitCode> {
         (email, phone) => Some(contact_from(email.as_deref(), phone.as_deref())?),
     };
     if let Some(remote) = Remote::find(config).await? {
-        let (email, phone) = match &contact {
-            Some(Contact::Email(email)) => (Some(email.as_str().to_owned()), None),
-            Some(Contact::Phone(phone)) => (None, Some(phone.as_str().to_owned())),
-            None => (None, None),
-        };
+        let (email, phone) = contact_fields(contact.as_ref());
         let request = LinkRequest {
             order: order.to_string(),
             email,

@@ -73,7 +73,8 @@ pub struct OrderReport {
     pub snippet: Option<String>,
 }
 
-fn as_text<T: Serialize>(value: &T) -> String {
+/// A value that serializes as a string (a state, say), as that string.
+pub(crate) fn as_text<T: Serialize>(value: &T) -> String {
     serde_json::to_value(value)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
@@ -228,12 +229,7 @@ impl Progress {
         self.channels
             .values()
             .fold(Counts::default(), |mut sum, c| {
-                sum.queued += c.queued;
-                sum.in_flight += c.in_flight;
-                sum.sent += c.sent;
-                sum.retrying += c.retrying;
-                sum.dead += c.dead;
-                sum.skipped += c.skipped;
+                sum.add(c);
                 sum
             })
     }

@@ -112,6 +112,14 @@ fn form(bytes: &[u8]) -> Vec<(String, String)> {
     form_urlencoded::parse(bytes).into_owned().collect()
 }
 
+/// The first value of the parameter `name`.
+fn param(params: &[(String, String)], name: &str) -> Option<String> {
+    params
+        .iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.clone())
+}
+
 fn refused() -> Response {
     (
         StatusCode::FORBIDDEN,
@@ -149,24 +157,12 @@ pub(super) async fn inbound_sms(
                 tracing::warn!(channel, "an inbound SMS with a bad signature was refused");
                 return refused();
             }
-            let get = |name: &str| {
-                params
-                    .iter()
-                    .find(|(key, _)| key == name)
-                    .map(|(_, value)| value.clone())
-            };
-            (get("From"), get("Body"), true)
+            (param(&params, "From"), param(&params, "Body"), true)
         }
         Proof::KannelSecret(secret) => {
             let mut params = form(query.as_deref().unwrap_or_default().as_bytes());
             params.extend(form(&body));
-            let get = |name: &str| {
-                params
-                    .iter()
-                    .find(|(key, _)| key == name)
-                    .map(|(_, value)| value.clone())
-            };
-            let given = get("secret").unwrap_or_default();
+            let given = param(&params, "secret").unwrap_or_default();
             let genuine = secret.as_ref().is_some_and(|secret| {
                 constant_time_eq(secret.expose_secret().as_bytes(), given.as_bytes())
             });
@@ -177,7 +173,7 @@ pub(super) async fn inbound_sms(
                 );
                 return refused();
             }
-            (get("from"), get("text"), false)
+            (param(&params, "from"), param(&params, "text"), false)
         }
     };
     let Some(phone) = from
@@ -244,12 +240,6 @@ pub(super) async fn delivery_report(
     };
     let query_params = form(query.as_deref().unwrap_or_default().as_bytes());
     let body_params = form(&body);
-    let find = |params: &[(String, String)], name: &str| {
-        params
-            .iter()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.clone())
-    };
     let (to, provider_id, outcome, status, code) = match proof {
         Proof::TwilioSignature(token) => {
             let mut url = format!("{}/inbound/sms/{channel}/status", inbound.public_url);
@@ -268,17 +258,17 @@ pub(super) async fn delivery_report(
                 );
                 return refused();
             }
-            let status = find(&body_params, "MessageStatus").unwrap_or_default();
+            let status = param(&body_params, "MessageStatus").unwrap_or_default();
             (
-                find(&body_params, "To"),
-                find(&body_params, "MessageSid"),
+                param(&body_params, "To"),
+                param(&body_params, "MessageSid"),
                 twilio_outcome(&status),
                 status,
-                find(&body_params, "ErrorCode").filter(|code| !code.is_empty()),
+                param(&body_params, "ErrorCode").filter(|code| !code.is_empty()),
             )
         }
         Proof::KannelSecret(secret) => {
-            let given = find(&query_params, "secret").unwrap_or_default();
+            let given = param(&query_params, "secret").unwrap_or_default();
             let genuine = secret.as_ref().is_some_and(|secret| {
                 constant_time_eq(secret.expose_secret().as_bytes(), given.as_bytes())
             });
@@ -289,9 +279,9 @@ pub(super) async fn delivery_report(
                 );
                 return refused();
             }
-            let kind = find(&query_params, "status").unwrap_or_default();
+            let kind = param(&query_params, "status").unwrap_or_default();
             (
-                find(&query_params, "to"),
+                param(&query_params, "to"),
                 None,
                 kannel_outcome(&kind),
                 format!("kannel report type {}", kind.trim()),
@@ -299,7 +289,7 @@ pub(super) async fn delivery_report(
             )
         }
     };
-    let update = find(&query_params, "update").and_then(|id| ulid::Ulid::from_string(&id).ok());
+    let update = param(&query_params, "update").and_then(|id| ulid::Ulid::from_string(&id).ok());
     let phone = to.as_deref().and_then(|to| PhoneNumber::parse(to).ok());
     let (Some(update), Some(phone)) = (update, phone) else {
         return (

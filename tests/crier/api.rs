@@ -625,3 +625,70 @@ async fn while_serve_runs_a_cli_without_a_token_says_what_to_set() {
     );
     stop(server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_file_over_the_json_limit_is_imported_through_the_api_with_bad_rows_reported()
+{
+    let (crier, _smtp) = api_crier();
+    let server = serve(&crier).await;
+    // 40,000 rows, about 1.4 MiB: over the 1 MiB a JSON body may be, within the import's limit.
+    let mut csv = String::from("order,email,phone,confirmed\n");
+    for n in 0..40_000 {
+        csv.push_str(&format!(
+            "AB-{:06},customer{n}@example.com,,true\n",
+            n % 5000
+        ));
+    }
+    csv.push_str("nonsense,ann@example.com,,true\n");
+    assert!(csv.len() > 1 << 20);
+    let import = |content_type: &'static str, body: String| {
+        client()
+            .post(api(&server, "/subscribers/import"))
+            .bearer_auth(TOKEN)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let (status, report) = json_of(import("text/csv", csv).await.unwrap()).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["rows"], 40_001, "{report}");
+    assert_eq!(report["imported"], 40_000, "{report}");
+    assert_eq!(report["refused"], 1, "{report}");
+    assert_eq!(report["refusals"][0]["line"], 40_002, "{report}");
+
+    let jsonl = "{\"order\": \"AB-1001\", \"phone\": \"+447700900123\"}\n".to_owned();
+    let (status, report) = json_of(import("application/x-ndjson", jsonl).await.unwrap()).await;
+    assert_eq!((status, &report["imported"]), (200, &json!(1)), "{report}");
+    let wrong = import("application/json", "[]".into()).await.unwrap();
+    assert_eq!(
+        error_of(wrong).await,
+        (415, "unsupported_media_type".into())
+    );
+
+    // The CLI's preview goes through the server too, and says what each channel would send.
+    let preview = crier
+        .run(&[
+            "preview",
+            "--json",
+            "--headline",
+            "Activations delayed",
+            "On it.",
+        ])
+        .await;
+    preview.assert_ok();
+    let email = &preview.json()["channels"]["email"];
+    assert!(
+        email
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|part| part["text"].as_str().unwrap().contains("On it.")),
+        "{email}"
+    );
+    stop(server).await;
+    assert_eq!(
+        crier.store().await.subscriber_count().await.unwrap(),
+        40_001,
+        "every good row, once"
+    );
+}

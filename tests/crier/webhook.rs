@@ -240,3 +240,36 @@ async fn a_receiver_can_abort_one_message_or_disable_itself() {
         "retry delivers the three dead letters"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_serve_runs_retry_queues_dead_letters_through_its_api_and_the_server_delivers_them() {
+    let sink = WebhookSink::start(&[Answer::status(400)]).await;
+    let crier = Crier::new()
+        .webhook(&sink.url, FAST_RETRIES)
+        .with_env("CRIER_API_TOKEN", "lead-token-0123456789abcdefghij");
+    let mut main = std::fs::read_to_string(&crier.config).unwrap();
+    main.push_str("[api]\ntokens = { lead = \"CRIER_API_TOKEN\" }\n");
+    std::fs::write(&crier.config, main).unwrap();
+    let summary = crier.send_to_no_avail("We're on it.").await;
+    assert_eq!(summary["channels"]["partners"]["dead"], 1);
+
+    let server = crate::serve::serve(&crier).await;
+    let retried = crier.run(&["retry", "--json"]).await;
+    retried.assert_ok();
+    assert_eq!(retried.json()["requeued"], 1, "{}", retried.stdout);
+    assert!(
+        retried.json()["enabled"].is_array(),
+        "the server's answer, not a retry of its own: {}",
+        retried.stdout
+    );
+    assert!(
+        crate::support::wait_until(std::time::Duration::from_secs(20), || {
+            sink.received().len() == 2
+        })
+        .await,
+        "the server delivered the requeued letter"
+    );
+    crate::subscribe::stop(server).await;
+    let after = crier.run(&["deliveries", "--json"]).await;
+    assert_eq!(after.json()["channels"]["partners"]["sent"], 1);
+}

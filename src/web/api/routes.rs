@@ -387,10 +387,7 @@ impl SubscriberSummary {
     pub fn of(subscriber: &crate::domain::Subscriber) -> Self {
         Self {
             contact: subscriber.contact.to_string(),
-            state: serde_json::to_value(subscriber.state)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            state: reports::as_text(&subscriber.state),
             orders: subscriber.orders.iter().map(ToString::to_string).collect(),
         }
     }
