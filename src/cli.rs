@@ -3,7 +3,6 @@
 use crate::app::{App, UpdateRequest};
 use crate::config::{Config, ProcessEnv};
 use crate::delivery::Counts;
-use crate::domain::token::TokenPurpose;
 use crate::domain::{Contact, EmailAddress, IncidentState, OrderNumber, PhoneNumber};
 use crate::error::ErrorKind;
 use crate::error::{Error, Result};
@@ -490,8 +489,7 @@ async fn unsubscribe(config: Config, args: UnsubscribeArgs) -> Result<ExitCode> 
         Some(token) => {
             use secrecy::ExposeSecret;
             let signer = crate::domain::token::TokenSigner::new(config.link_secret.expose_secret());
-            let subject = signer.verify(TokenPurpose::Unsubscribe, token, Utc::now())?;
-            Contact::parse(&subject)?
+            crate::links::verify_unsubscribe(&signer, token, Utc::now())?
         }
         None => contact_from(args.email.as_deref(), args.phone.as_deref())?,
     };

@@ -1,5 +1,7 @@
 //! Links: the public URLs crier's messages point at, and the signed tokens inside them. Every
-//! surface that makes a link (messages, support snippets, web pages) makes it here.
+//! surface that makes a link (messages, support snippets, web pages) makes it here, and every
+//! link that names a contact names it sealed: an opaque id, never an address or a number in a
+//! URL, a browser's history or an access log.
 
 use crate::config::Config;
 use crate::domain::token::{TokenError, TokenPurpose, TokenSigner};
@@ -66,7 +68,7 @@ impl LinkMaker {
     pub fn unsubscribe_url(&self, contact: &Contact, now: DateTime<Utc>) -> String {
         let token = self.signer.issue(
             TokenPurpose::Unsubscribe,
-            contact.as_str(),
+            &self.signer.seal(contact.as_str()),
             crate::clock::after(now, self.unsubscribe_ttl),
         );
         format!("{}/unsubscribe/{token}", self.public_url)
@@ -80,7 +82,7 @@ impl LinkMaker {
         now: DateTime<Utc>,
         ttl: std::time::Duration,
     ) -> String {
-        let subject = LinkSubject::subject(order, Some(contact));
+        let subject = LinkSubject::subject(&self.signer, order, Some(contact));
         let token = self.signer.issue(
             TokenPurpose::Confirm,
             &subject,
@@ -97,7 +99,7 @@ impl LinkMaker {
         contact: Option<&Contact>,
         expires: DateTime<Utc>,
     ) -> String {
-        let subject = LinkSubject::subject(order, contact);
+        let subject = LinkSubject::subject(&self.signer, order, contact);
         let token = self
             .signer
             .issue(TokenPurpose::SupportLink, &subject, expires);
@@ -106,8 +108,8 @@ impl LinkMaker {
 }
 
 /// What a confirm or support link names: an order and, for a confirm link or a support link
-/// made for one customer, the contact. Signed as `order` or `order\ncontact`: an order number
-/// never holds a line break.
+/// made for one customer, the contact. Signed as `order` or `order\nsealed contact`: an order
+/// number never holds a line break.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkSubject {
     pub order: OrderNumber,
@@ -115,9 +117,9 @@ pub struct LinkSubject {
 }
 
 impl LinkSubject {
-    fn subject(order: &OrderNumber, contact: Option<&Contact>) -> String {
+    fn subject(signer: &TokenSigner, order: &OrderNumber, contact: Option<&Contact>) -> String {
         match contact {
-            Some(contact) => format!("{order}\n{contact}"),
+            Some(contact) => format!("{order}\n{}", signer.seal(contact.as_str())),
             None => order.to_string(),
         }
     }
@@ -138,11 +140,28 @@ impl LinkSubject {
         };
         let order = OrderNumber::parse(order, orders).map_err(|_| TokenError::Malformed)?;
         let contact = contact
-            .map(Contact::parse)
-            .transpose()
-            .map_err(|_| TokenError::Malformed)?;
+            .map(|contact| signed_contact(signer, contact))
+            .transpose()?;
         Ok(Self { order, contact })
     }
+}
+
+/// The contact a genuine, unexpired unsubscribe token names.
+pub fn verify_unsubscribe(
+    signer: &TokenSigner,
+    token: &str,
+    now: DateTime<Utc>,
+) -> Result<Contact, TokenError> {
+    let subject = signer.verify(TokenPurpose::Unsubscribe, token, now)?;
+    signed_contact(signer, &subject)
+}
+
+/// The contact in a verified subject: sealed, or readable in a link made before contacts were
+/// sealed. Both are genuine, because the signature covers them; the readable form is accepted so
+/// that the unsubscribe links already in customers' inboxes keep working until they expire.
+fn signed_contact(signer: &TokenSigner, subject: &str) -> Result<Contact, TokenError> {
+    let text = signer.unseal(subject);
+    Contact::parse(text.as_deref().unwrap_or(subject)).map_err(|_| TokenError::Malformed)
 }
 
 /// A support link's lifetime: at least an hour (a customer reads support's reply later), at
@@ -173,6 +192,65 @@ mod tests {
 
     fn token(url: &str) -> &str {
         url.rsplit('/').next().unwrap_or_default()
+    }
+
+    /// What a link shows to anyone who reads it: the token's payload, decoded.
+    fn readable(url: &str) -> String {
+        use base64::Engine;
+        let payload = token(url).split('.').next().unwrap();
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn no_link_shows_the_contact_it_names() {
+        let (links, now) = (maker(), Utc::now());
+        let orders = OrderPattern::new("[A-Z]{2}-[0-9]{4}").unwrap();
+        let order = OrderNumber::parse("AB-1001", &orders).unwrap();
+        for contact in ["ann@example.com", "+447700900123"] {
+            let contact = Contact::parse(contact).unwrap();
+            let urls = [
+                links.unsubscribe_url(&contact, now),
+                links.confirm_url(&contact, &order, now, Duration::from_secs(60)),
+                links.support_url(&order, Some(&contact), now + chrono::Duration::days(1)),
+            ];
+            for url in urls {
+                let shown = format!("{} {}", token(&url), readable(&url));
+                assert!(!shown.contains("ann"), "{shown}");
+                assert!(!shown.contains("example"), "{shown}");
+                assert!(!shown.contains("7700900"), "{shown}");
+            }
+            let unsubscribe = links.unsubscribe_url(&contact, now);
+            assert_eq!(
+                verify_unsubscribe(links.signer(), token(&unsubscribe), now),
+                Ok(contact)
+            );
+        }
+    }
+
+    #[test]
+    fn an_unsubscribe_link_made_before_contacts_were_sealed_still_works() {
+        let (links, now) = (maker(), Utc::now());
+        let readable_link = links.signer().issue(
+            TokenPurpose::Unsubscribe,
+            "ann@example.com",
+            now + chrono::Duration::days(1),
+        );
+        assert_eq!(
+            verify_unsubscribe(links.signer(), &readable_link, now),
+            Ok(Contact::parse("ann@example.com").unwrap())
+        );
+        let not_a_contact = links.signer().issue(
+            TokenPurpose::Unsubscribe,
+            "nobody",
+            now + chrono::Duration::days(1),
+        );
+        assert_eq!(
+            verify_unsubscribe(links.signer(), &not_a_contact, now),
+            Err(TokenError::Malformed)
+        );
     }
 
     #[test]

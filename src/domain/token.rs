@@ -1,6 +1,9 @@
 //! Signed tokens for confirm, unsubscribe and support links (and web forms' CSRF tokens): HMAC-SHA256 over purpose,
-//! subject and expiry, base64url-encoded, verified in constant time.
+//! subject and expiry, base64url-encoded, verified in constant time. A contact inside a subject
+//! is sealed first (AES-SIV), so a link never shows whom it was made for.
 
+use aes_siv::KeyInit as _;
+use aes_siv::siv::Aes128Siv;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, TimeZone, Utc};
@@ -8,6 +11,11 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// What the sealing key is derived for; changing it makes every sealed id unreadable.
+const SEALING_KEY_LABEL: &[u8] = b"crier: the key that seals contacts in links";
+/// Associated data of every sealed text, binding it to its use.
+const SEALED_HEADER: &[u8] = b"crier sealed contact";
 
 /// What a token allows. It is part of the signed payload, so a token never works for another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,10 +50,12 @@ pub enum TokenError {
     Expired(DateTime<Utc>),
 }
 
-/// Issues and verifies tokens with one secret key.
+/// Issues and verifies tokens with one secret key, and seals what a token must carry but not
+/// show with a key derived from it.
 #[derive(Clone)]
 pub struct TokenSigner {
     key: Vec<u8>,
+    sealing_key: [u8; 32],
 }
 
 impl std::fmt::Debug for TokenSigner {
@@ -56,13 +66,40 @@ impl std::fmt::Debug for TokenSigner {
 
 impl TokenSigner {
     pub fn new(secret: impl AsRef<[u8]>) -> Self {
+        let key = secret.as_ref().to_vec();
+        // A separate key for sealing, so the cipher and the MAC never share one.
+        let mut derive =
+            <HmacSha256 as Mac>::new_from_slice(&key).expect("HMAC accepts keys of any length");
+        derive.update(SEALING_KEY_LABEL);
         Self {
-            key: secret.as_ref().to_vec(),
+            key,
+            sealing_key: derive.finalize().into_bytes().into(),
         }
     }
 
+    /// `text` made unreadable: base64url of its AES-SIV encryption. Deterministic, so one
+    /// contact always seals to the same opaque id; authenticated, so only this key made it.
+    pub fn seal(&self, text: &str) -> String {
+        let sealed = self
+            .siv()
+            .encrypt([SEALED_HEADER], text.as_bytes())
+            .expect("one header and any plaintext are within AES-SIV's limits");
+        URL_SAFE_NO_PAD.encode(sealed)
+    }
+
+    /// What `seal` sealed, or `None` for anything this key did not seal.
+    pub fn unseal(&self, sealed: &str) -> Option<String> {
+        let sealed = URL_SAFE_NO_PAD.decode(sealed).ok()?;
+        let text = self.siv().decrypt([SEALED_HEADER], &sealed).ok()?;
+        String::from_utf8(text).ok()
+    }
+
+    fn siv(&self) -> Aes128Siv {
+        Aes128Siv::new_from_slice(&self.sealing_key).expect("AES-128-SIV takes a 32-byte key")
+    }
+
     fn mac(&self) -> HmacSha256 {
-        HmacSha256::new_from_slice(&self.key).expect("HMAC accepts keys of any length")
+        <HmacSha256 as Mac>::new_from_slice(&self.key).expect("HMAC accepts keys of any length")
     }
 
     pub fn issue(&self, purpose: TokenPurpose, subject: &str, expires: DateTime<Utc>) -> String {
@@ -226,6 +263,34 @@ mod tests {
             signer().verify(TokenPurpose::Unsubscribe, "garbage", now),
             Err(TokenError::Malformed)
         );
+    }
+
+    #[test]
+    fn a_sealed_text_is_unreadable_stable_and_opens_only_with_its_own_key() {
+        let sealed = signer().seal("ann@example.com");
+        assert!(!sealed.contains("ann"), "{sealed}");
+        assert_eq!(sealed, signer().seal("ann@example.com"));
+        assert_ne!(sealed, signer().seal("bob@example.com"));
+        assert_eq!(signer().unseal(&sealed).as_deref(), Some("ann@example.com"));
+        let stranger = TokenSigner::new(b"another secret that is long enough");
+        assert_eq!(stranger.unseal(&sealed), None);
+    }
+
+    #[test]
+    fn an_altered_sealed_text_opens_to_nothing() {
+        let sealed = signer().seal("+447700900123");
+        let mut bytes = URL_SAFE_NO_PAD.decode(&sealed).unwrap();
+        for at in 0..bytes.len() {
+            bytes[at] ^= 1;
+            assert_eq!(
+                signer().unseal(&URL_SAFE_NO_PAD.encode(&bytes)),
+                None,
+                "byte {at}"
+            );
+            bytes[at] ^= 1;
+        }
+        assert_eq!(signer().unseal("ann@example.com"), None);
+        assert_eq!(signer().unseal(""), None);
     }
 
     fn unsubscribe_token(now: DateTime<Utc>) -> String {

@@ -7,7 +7,7 @@
 
 use super::Shared;
 use crate::domain::Contact;
-use crate::domain::token::{TokenPurpose, TokenSigner};
+use crate::domain::token::TokenSigner;
 use crate::links::Links;
 use crate::render::{BrandView, Renderer};
 use crate::store::StoreError;
@@ -69,11 +69,7 @@ impl Pages {
 
     /// The contact a genuine, unexpired unsubscribe token names.
     fn contact(&self, token: &str) -> Option<Contact> {
-        let subject = self
-            .signer
-            .verify(TokenPurpose::Unsubscribe, token, Utc::now())
-            .ok()?;
-        Contact::parse(&subject).ok()
+        crate::links::verify_unsubscribe(&self.signer, token, Utc::now()).ok()
     }
 }
 
