@@ -72,12 +72,18 @@ struct ServerFile {
     /// The address `crier serve` listens on (port 0 picks a free one).
     #[serde(default = "default_listen")]
     listen: String,
+    /// The reverse proxies in front of crier (addresses or networks like `10.0.0.0/8`), whose
+    /// `X-Forwarded-For` says who the client is. From anywhere else it is ignored: a client
+    /// could write anything in it.
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerFile {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -223,6 +229,8 @@ pub struct Config {
     pub plan_batch: usize,
     /// Where `crier serve` listens.
     pub listen: std::net::SocketAddr,
+    /// The reverse proxies whose `X-Forwarded-For` `crier serve` believes.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// How long settled deliveries are kept (see `Store::prune_settled`).
     pub retention: Duration,
     /// The admin API's bearer tokens, by name.
@@ -441,6 +449,23 @@ impl Config {
                 ),
             )
         })?;
+        let trusted_proxies = raw
+            .server
+            .trusted_proxies
+            .iter()
+            .map(|text| {
+                let text = text.trim();
+                text.parse::<ipnet::IpNet>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        ConfigError::at(
+                            file,
+                            "server.trusted_proxies",
+                            format!("'{text}' is not an address or a network like 10.0.0.0/8"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let api_tokens = api_tokens(file, &raw.api, secrets)?;
         let channels_dir = base.join(&raw.channels_dir);
         let channels = load_channels(&channels_dir, &base, secrets)?;
@@ -477,6 +502,7 @@ impl Config {
             lease,
             plan_batch: raw.dispatch.plan_batch,
             listen,
+            trusted_proxies,
             retention,
             api_tokens,
             channels,

@@ -182,6 +182,28 @@ impl PhoneNumber {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The number's region as an ISO 3166 code (`GB`, `US`): the region whose numbering plan
+    /// holds it, or else the main region of its country code, as libphonenumber reads a
+    /// number outside every assigned range. `None` for a code no region owns (+800 freephone).
+    pub fn region(&self) -> Option<String> {
+        let parsed = phonenumber::parse(None, &self.0).ok()?;
+        if let Some(id) = parsed.country().id() {
+            return Some(id.as_ref().to_owned());
+        }
+        let regions = phonenumber::metadata::DATABASE.by_code(&parsed.code().value())?;
+        regions
+            .iter()
+            .find(|region| region.is_main_country_for_code())
+            .or(regions.first())
+            .map(|region| region.id().to_owned())
+            .filter(|id| Self::is_region(id))
+    }
+
+    /// Whether `code` names a region of the numbering plans (`GB`, `US`), in capitals.
+    pub fn is_region(code: &str) -> bool {
+        code.parse::<phonenumber::country::Id>().is_ok()
+    }
 }
 
 /// Why `rest`, which starts with the character `c` where a digit should be, is no phone number.
@@ -328,6 +350,18 @@ mod tests {
     use super::super::update::hostile;
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_number_s_region_comes_from_its_numbering_plan() {
+        let region = |n: &str| PhoneNumber::parse(n).unwrap().region();
+        assert_eq!(region("+447700900123").as_deref(), Some("GB"));
+        assert_eq!(region("+44 1481 256789").as_deref(), Some("GG"));
+        assert_eq!(region("+1 416 555 0123").as_deref(), Some("CA"));
+        assert_eq!(region("+1 201 555 0123").as_deref(), Some("US"));
+        assert_eq!(region("+33 6 12 34 56 78").as_deref(), Some("FR"));
+        assert!(PhoneNumber::is_region("IE"));
+        assert!(!PhoneNumber::is_region("UK"));
+    }
 
     #[test]
     fn a_contact_is_masked_for_pages_and_support() {

@@ -62,6 +62,8 @@ pub struct Subscriptions {
     email: Option<ConfiguredChannel>,
     sms: Option<ConfiguredChannel>,
     limits: Limits,
+    /// The proxies whose `X-Forwarded-For` names the client the limits count.
+    trusted_proxies: Vec<ipnet::IpNet>,
     /// Whether the public site is https, so the CSRF cookie may say `Secure`.
     secure: bool,
 }
@@ -77,6 +79,7 @@ impl Subscriptions {
             email: first("email"),
             sms: first("sms"),
             limits: Limits::default(),
+            trusted_proxies: app.config.trusted_proxies.clone(),
         }
     }
 
@@ -185,18 +188,24 @@ impl Limits {
     }
 }
 
-/// The address the request came from: an IPv6 client by its /64, which one host usually
-/// holds whole. Unknown when the server was not started with connection info.
+/// The address the request came from: the TCP peer, or, when the peer is a trusted proxy, the
+/// nearest address in `X-Forwarded-For` that is not one; an IPv6 client by its /64, which one
+/// host usually holds whole. Unknown when the server was not started with connection info.
 pub(super) struct Client(String);
 
-impl<S: Send + Sync> FromRequestParts<S> for Client {
+impl FromRequestParts<Shared> for Client {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let address = parts
+    async fn from_request_parts(
+        parts: &mut Parts,
+        shared: &Shared,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|ConnectInfo(address)| address.ip());
+        let trusted = &shared.subscriptions.trusted_proxies;
+        let address = peer.map(|peer| client_address(peer, &parts.headers, trusted));
         Ok(Client(match address {
             Some(IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
                 Some(ip) => ip.to_string(),
@@ -209,6 +218,40 @@ impl<S: Send + Sync> FromRequestParts<S> for Client {
             None => "unknown".to_owned(),
         }))
     }
+}
+
+/// Who sent a request that reached crier from `peer`. Each trusted proxy appends the address
+/// it was reached from to `X-Forwarded-For`, so reading from the right, the first address no
+/// trusted proxy holds is the client's; what lies left of it the client wrote, and is not
+/// believed. A list that cannot be read leaves the peer as the client.
+fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Option<Vec<IpAddr>> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|value| value.to_str().ok())
+        .collect::<Option<Vec<_>>>()
+        .and_then(|values| {
+            values
+                .iter()
+                .flat_map(|value| value.split(','))
+                .map(|hop| hop.trim().parse().ok())
+                .collect()
+        });
+    let Some(hops) = hops else {
+        return peer;
+    };
+    let mut client = peer;
+    for hop in hops.into_iter().rev() {
+        client = hop;
+        if !is_trusted(&hop) {
+            break;
+        }
+    }
+    client
 }
 
 // ---- pages ----------------------------------------------------------------------------------
@@ -707,6 +750,49 @@ mod tests {
 
     fn ann() -> Contact {
         Contact::parse("ann@example.com").unwrap()
+    }
+
+    #[test]
+    fn the_client_is_the_nearest_address_no_trusted_proxy_holds() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let forwarded = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append("x-forwarded-for", HeaderValue::from_str(value).unwrap());
+            }
+            headers
+        };
+        let client = |peer: &str, headers: &HeaderMap| client_address(ip(peer), headers, &trusted);
+        // A client that writes the header itself is not believed.
+        assert_eq!(
+            client("192.0.2.7", &forwarded(&["198.51.100.1"])),
+            ip("192.0.2.7")
+        );
+        // Behind one proxy, and behind two, whatever the client prepended.
+        assert_eq!(
+            client("10.0.0.2", &forwarded(&["198.51.100.1"])),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            client(
+                "10.0.0.2",
+                &forwarded(&["203.0.113.9, 198.51.100.1", "10.0.0.3"])
+            ),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            client("10.0.0.2", &forwarded(&["2001:db8::1"])),
+            ip("2001:db8::1")
+        );
+        // Nothing forwarded, or garbage: the proxy itself is all that is known.
+        assert_eq!(client("10.0.0.2", &HeaderMap::new()), ip("10.0.0.2"));
+        assert_eq!(client("10.0.0.2", &forwarded(&["unknown"])), ip("10.0.0.2"));
+        // Only proxies on the way: the farthest one.
+        assert_eq!(
+            client("10.0.0.2", &forwarded(&["10.0.0.5"])),
+            ip("10.0.0.5")
+        );
     }
 
     #[test]

@@ -80,6 +80,17 @@ async fn an_unknown_config_key_is_reported_with_its_file_and_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxy_that_is_no_address_is_named() {
+    let crier = Crier::new().status_page();
+    let mut main = std::fs::read_to_string(&crier.config).unwrap();
+    main.push_str("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"proxy.internal\"]\n");
+    std::fs::write(&crier.config, &main).unwrap();
+    crier.run(&["check-config"]).await.assert_user_error(
+        "server.trusted_proxies: 'proxy.internal' is not an address or a network like 10.0.0.0/8",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_secret_variable_or_an_invalid_value_is_named() {
     let crier = Crier::new()
         .webhook("http://127.0.0.1:9/hooks", "")

@@ -8,6 +8,7 @@ use crier::domain::Contact;
 use crier::domain::SubscriberState;
 use crier::domain::token::{TokenPurpose, TokenSigner};
 use mail_parser::MessageParser;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 const PUBLIC_URL: &str = "https://status.example.com";
@@ -402,6 +403,11 @@ const MESSAGES_PATH: &str = "/2010-04-01/Accounts/AC0123456789abcdef0123456789ab
 
 /// crier with one Twilio SMS channel, against a stand-in that accepts every message.
 async fn sms_crier() -> (Crier, FakeApi) {
+    sms_crier_with("").await
+}
+
+/// The same, with `extra` lines in the channel's file.
+async fn sms_crier_with(extra: &str) -> (Crier, FakeApi) {
     let twilio = FakeApi::start(|_: &ApiRequest, earlier| {
         Reply::json(
             201,
@@ -410,7 +416,7 @@ async fn sms_crier() -> (Crier, FakeApi) {
     })
     .await;
     let toml = format!(
-        "kind = \"sms\"\nprovider = \"twilio\"\nbase_url = \"{}\"\naccount_sid = \"{ACCOUNT_SID}\"\nauth_token_env = \"TWILIO_AUTH_TOKEN\"\nfrom = \"+447700900000\"\n",
+        "kind = \"sms\"\nprovider = \"twilio\"\nbase_url = \"{}\"\naccount_sid = \"{ACCOUNT_SID}\"\nauth_token_env = \"TWILIO_AUTH_TOKEN\"\nfrom = \"+447700900000\"\n{extra}",
         twilio.url
     );
     let crier = Crier::new()
@@ -612,5 +618,78 @@ async fn a_phone_that_unsubscribed_gets_no_text_from_the_form() {
         twilio.requests("POST", MESSAGES_PATH).is_empty(),
         "a phone that said STOP is not texted by a form anyone can fill in"
     );
+    stop(server).await;
+}
+
+/// POSTs the form for `phone` as if a proxy on 127.0.0.1 had forwarded it from `forwarded_for`.
+async fn submit_forwarded(server: &Server, phone: &str, forwarded_for: &str) -> reqwest::Response {
+    let (token, _) = open_form(server, "").await;
+    client()
+        .post(format!("{}/subscribe", server.base))
+        .header("cookie", &token.cookie)
+        .header("x-forwarded-for", forwarded_for)
+        .form(&[
+            ("order", "AB-1001"),
+            ("phone", phone),
+            ("csrf", &token.field),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The numbers the SMS stand-in was asked to text.
+fn texted(twilio: &FakeApi) -> BTreeSet<String> {
+    twilio
+        .requests("POST", MESSAGES_PATH)
+        .iter()
+        .filter_map(|request| {
+            form_urlencoded::parse(&request.body)
+                .find(|(key, _)| key == "To")
+                .map(|(_, to)| to.into_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_limit_counts_each_forwarded_client_and_texts_stay_in_the_listed_countries()
+ {
+    let (crier, twilio) = sms_crier_with("countries = [\"GB\"]\n").await;
+    let mut config = std::fs::read_to_string(&crier.config).unwrap();
+    config.push_str("[server]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1\"]\n");
+    std::fs::write(&crier.config, config).unwrap();
+    let server = serve(&crier).await;
+
+    // 21 numbers from one client behind the proxy: the 21st is over the client's 20 an hour.
+    let numbers: Vec<String> = (0..21).map(|n| format!("+44770090{n:04}")).collect();
+    for number in &numbers {
+        let answer = submit_forwarded(&server, number, "203.0.113.66, 198.51.100.1").await;
+        assert_eq!(answer.status(), 200);
+    }
+    // Another client behind the same proxy has its own allowance, whatever it prepends.
+    let other = "+447700901999";
+    let answer = submit_forwarded(&server, other, "198.51.100.1, 198.51.100.2").await;
+    assert_eq!(answer.status(), 200);
+    // A US number: the form answers as ever, and the channel, which texts only GB, sends nothing.
+    let abroad = "+12015550123";
+    let answer = submit_forwarded(&server, abroad, "198.51.100.3").await;
+    assert_eq!(answer.status(), 200);
+
+    assert!(
+        wait_until(Duration::from_secs(30), || texted(&twilio).len() == 21).await,
+        "texted {:?}",
+        texted(&twilio)
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut expected: BTreeSet<String> = numbers[..20].iter().cloned().collect();
+    expected.insert(other.to_owned());
+    assert_eq!(texted(&twilio), expected);
+    let log = server.log.lock().unwrap().join("\n");
+    assert!(log.contains("over the limit"), "{log}");
+    assert!(
+        log.contains("confirmation not sent contact=+12******123"),
+        "{log}"
+    );
+    assert!(!log.contains("5550123"), "no number in the log: {log}");
     stop(server).await;
 }

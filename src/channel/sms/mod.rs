@@ -78,6 +78,10 @@ struct SmsFile {
     /// Over `max_segments`: `refuse` the update (default) or `truncate` the text and append
     /// the status page's link.
     overflow: Option<String>,
+    /// The regions whose numbers the channel texts, as ISO 3166 codes (`["GB", "IE"]`); every
+    /// region when unset. Texts to premium-rate ranges abroad are how SMS pumping makes money,
+    /// so a business that serves a few countries should list them.
+    countries: Option<Vec<String>>,
 }
 
 /// Which gateway sends, and how to reach it.
@@ -123,6 +127,48 @@ pub struct SmsSettings {
     pub provider: Provider,
     pub max_segments: usize,
     pub overflow: Overflow,
+    pub countries: Option<Countries>,
+}
+
+/// The regions a channel texts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Countries(std::collections::BTreeSet<String>);
+
+impl Countries {
+    fn parse(file: &Path, codes: &[String]) -> Result<Self, ConfigError> {
+        if codes.is_empty() {
+            return Err(ConfigError::at(
+                file,
+                "countries",
+                "lists no region: leave it out to text every region",
+            ));
+        }
+        let mut regions = std::collections::BTreeSet::new();
+        for code in codes {
+            let code = code.trim().to_ascii_uppercase();
+            if !PhoneNumber::is_region(&code) {
+                return Err(ConfigError::at(
+                    file,
+                    "countries",
+                    format!("'{code}' is not a region code like GB or US"),
+                ));
+            }
+            regions.insert(code);
+        }
+        Ok(Self(regions))
+    }
+
+    /// Refuses a number outside the regions, naming its region but never the number.
+    pub fn check(&self, number: &PhoneNumber) -> Result<(), DeliveryError> {
+        match number.region() {
+            Some(region) if self.0.contains(&region) => Ok(()),
+            region => Err(DeliveryError::permanent(format!(
+                "the number is in {}, and this channel texts only {}",
+                region.as_deref().unwrap_or("no known region"),
+                self.0.iter().cloned().collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
 }
 
 /// The keys only one provider takes, and whose they are.
@@ -179,10 +225,16 @@ impl SmsSettings {
                 ));
             }
         };
+        let countries = raw
+            .countries
+            .as_deref()
+            .map(|codes| Countries::parse(file, codes))
+            .transpose()?;
         Ok(SmsSettings {
             provider,
             max_segments,
             overflow,
+            countries,
         })
     }
 }
@@ -213,6 +265,19 @@ fn check_types(input: &SettingsInput) -> Result<(), ConfigError> {
                 input.file,
                 key,
                 format!("must be a whole number, like 3, not {}", value.type_str()),
+            ));
+        }
+        let strings = value
+            .as_array()
+            .is_some_and(|values| values.iter().all(|v| v.is_str()));
+        if key == "countries" && !strings {
+            return Err(ConfigError::at(
+                input.file,
+                key,
+                format!(
+                    "must be a list of region codes, like [\"GB\", \"IE\"], not {}",
+                    value.type_str()
+                ),
             ));
         }
         if STRING_KEYS.contains(&key.as_str()) && !value.is_str() {
@@ -549,6 +614,7 @@ pub struct SmsChannel {
     provider: Provider,
     max_segments: usize,
     overflow: Overflow,
+    countries: Option<Countries>,
     renderer: Arc<Renderer>,
     /// One client, so connections to the provider are pooled and kept alive.
     client: reqwest::Client,
@@ -574,10 +640,19 @@ impl SmsChannel {
             provider: settings.provider.clone(),
             max_segments: settings.max_segments,
             overflow: settings.overflow,
+            countries: settings.countries.clone(),
             renderer,
             client,
             receipts_url,
         })
+    }
+
+    /// Refuses, before any text costs money, a number outside the channel's `countries`.
+    fn check_region(&self, to: &PhoneNumber) -> Result<(), DeliveryError> {
+        match &self.countries {
+            Some(countries) => countries.check(to),
+            None => Ok(()),
+        }
     }
 
     /// Renders the text and fits it within `max_segments`, or says why it cannot.
@@ -914,9 +989,11 @@ impl Channel for SmsChannel {
         attempt: &Attempt<'_>,
     ) -> Result<Receipt, DeliveryError> {
         let to = match attempt.recipient.contact() {
-            Some(Contact::Phone(number)) => number.as_str(),
+            Some(Contact::Phone(number)) => number,
             _ => return Err(DeliveryError::permanent("an SMS needs a phone number")),
         };
+        self.check_region(to)?;
+        let to = to.as_str();
         let sms = self
             .compose(message)
             .map_err(|e| DeliveryError::permanent(e.to_string()))?;
@@ -943,6 +1020,7 @@ impl Channel for SmsChannel {
         let Contact::Phone(to) = contact else {
             return Err(DeliveryError::permanent("an SMS needs a phone number"));
         };
+        self.check_region(to)?;
         let text = tidy(&notice.text);
         if text.is_empty() {
             return Err(DeliveryError::permanent("the SMS text renders empty"));
@@ -1040,6 +1118,42 @@ mod tests {
         );
         assert_eq!(from, "ExampleMob");
         assert_eq!(settings.max_segments, 5);
+    }
+
+    #[test]
+    fn a_channel_with_countries_texts_only_numbers_in_them() {
+        let settings = parse(&format!("{TWILIO}countries = [\"gb\", \"IE\"]\n")).unwrap();
+        let countries = settings.countries.expect("countries are set");
+        let number = |n: &str| PhoneNumber::parse(n).unwrap();
+        assert_eq!(countries.check(&number("+447700900123")), Ok(()));
+        assert_eq!(countries.check(&number("+353851234567")), Ok(()));
+        let abroad = countries.check(&number("+12015550123")).unwrap_err();
+        assert_eq!(abroad.kind, FailureKind::Permanent);
+        assert!(
+            abroad.reason.contains("in US") && abroad.reason.contains("texts only GB, IE"),
+            "{abroad:?}"
+        );
+        assert!(!abroad.reason.contains("5550123"), "{abroad:?}");
+        assert_eq!(
+            parse(TWILIO).unwrap().countries,
+            None,
+            "every region unless listed"
+        );
+        refused(
+            &format!("{TWILIO}countries = [\"UK\"]\n"),
+            "countries",
+            "'UK' is not a region code",
+        );
+        refused(
+            &format!("{TWILIO}countries = []\n"),
+            "countries",
+            "lists no region",
+        );
+        refused(
+            &format!("{TWILIO}countries = \"GB\"\n"),
+            "countries",
+            "must be a list",
+        );
     }
 
     #[test]
