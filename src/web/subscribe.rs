@@ -40,6 +40,10 @@ pub const CONFIRM_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
 /// How long a form may stay open before its CSRF token expires.
 const CSRF_TTL: Duration = Duration::from_secs(12 * 3600);
 const CSRF_COOKIE: &str = "crier_csrf";
+/// The same cookie on an https site. A browser accepts a `__Host-` cookie only when it is
+/// `Secure`, has `Path=/` and no `Domain`, so neither a sibling subdomain nor a plain-http
+/// page can plant one of its own to pair with a field it chose.
+const HOST_CSRF_COOKIE: &str = "__Host-crier_csrf";
 /// Confirmations one contact may be sent per [`LIMIT_WINDOW`]: enough to ask again after a
 /// typo, too few to bomb a mailbox or pump an SMS number.
 const PER_CONTACT: usize = 3;
@@ -87,6 +91,14 @@ impl Subscriptions {
         self.links.signer()
     }
 
+    fn csrf_cookie(&self) -> &'static str {
+        if self.secure {
+            HOST_CSRF_COOKIE
+        } else {
+            CSRF_COOKIE
+        }
+    }
+
     /// A fresh CSRF token, and the cookie that carries it.
     fn csrf(&self) -> (String, HeaderValue) {
         let nonce = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 18]>());
@@ -97,7 +109,8 @@ impl Subscriptions {
         );
         let secure = if self.secure { "; Secure" } else { "" };
         let cookie = format!(
-            "{CSRF_COOKIE}={token}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict{secure}",
+            "{}={token}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict{secure}",
+            self.csrf_cookie(),
             CSRF_TTL.as_secs()
         );
         // A signed token is base64url and a dot: always a valid header value.
@@ -108,7 +121,7 @@ impl Subscriptions {
 
     /// Whether the form's field and the cookie carry the same genuine, unexpired token.
     fn csrf_holds(&self, headers: &HeaderMap, field: &str) -> bool {
-        let Some(cookie) = cookie(headers, CSRF_COOKIE) else {
+        let Some(cookie) = cookie(headers, self.csrf_cookie()) else {
             return false;
         };
         constant_time_eq(cookie.as_bytes(), field.as_bytes())

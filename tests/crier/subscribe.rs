@@ -53,6 +53,14 @@ fn form_token(response_headers: &reqwest::header::HeaderMap, html: &str) -> Form
         set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"),
         "{set_cookie}"
     );
+    // The public site is https, so the cookie is a __Host- one: Secure, Path=/, no Domain.
+    assert!(
+        set_cookie.starts_with("__Host-crier_csrf=")
+            && set_cookie.contains("; Secure")
+            && set_cookie.contains("; Path=/;")
+            && !set_cookie.contains("Domain"),
+        "{set_cookie}"
+    );
     let cookie = set_cookie.split(';').next().unwrap().to_owned();
     let field = html
         .split("name=\"csrf\" value=\"")
@@ -242,8 +250,11 @@ async fn a_post_without_a_matching_csrf_token_is_refused_with_403_and_stores_not
         "nonce",
         chrono::Utc::now() + chrono::Duration::hours(1),
     );
-    let forged_cookie = format!("crier_csrf={forged}");
+    let forged_cookie = format!("__Host-crier_csrf={forged}");
+    // A genuine token, planted without the prefix (as a plain-http page or a subdomain could).
+    let unprefixed_cookie = format!("crier_csrf={}", first.field);
     for (cookie, field) in [
+        (Some(unprefixed_cookie.as_str()), Some(first.field.as_str())),
         (None, None),
         (Some(first.cookie.as_str()), None),
         (None, Some(first.field.as_str())),
