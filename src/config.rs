@@ -56,6 +56,38 @@ struct ConfigFile {
     server: ServerFile,
     #[serde(default)]
     api: ApiFile,
+    #[serde(default)]
+    alerts: AlertsFile,
+}
+
+/// Where the watchdog tells the comms lead that a promised update is nearly due or overdue.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertsFile {
+    /// An email address, reached through the first email channel.
+    to: Option<String>,
+    /// A URL that gets each alert as JSON, signed the Standard Webhooks way.
+    webhook: Option<String>,
+    /// The variable holding the webhook's `whsec_` signing secret.
+    webhook_secret_env: Option<String>,
+    /// How long before a promised update is due the reminder goes out.
+    #[serde(default = "default_alert_lead")]
+    lead_time: String,
+}
+
+impl Default for AlertsFile {
+    fn default() -> Self {
+        Self {
+            to: None,
+            webhook: None,
+            webhook_secret_env: None,
+            lead_time: default_alert_lead(),
+        }
+    }
+}
+
+fn default_alert_lead() -> String {
+    "15m".into()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,7 +267,30 @@ pub struct Config {
     pub retention: Duration,
     /// The admin API's bearer tokens, by name.
     pub api_tokens: Vec<ApiToken>,
+    pub alerts: AlertSettings,
     pub channels: Vec<ChannelConfig>,
+}
+
+/// Where promise alerts go, and when the reminder comes.
+#[derive(Debug, Clone)]
+pub struct AlertSettings {
+    pub to: Option<crate::domain::EmailAddress>,
+    pub webhook: Option<AlertWebhook>,
+    pub lead_time: Duration,
+}
+
+#[derive(Clone)]
+pub struct AlertWebhook {
+    pub url: Url,
+    pub secret: secrecy::SecretSlice<u8>,
+}
+
+impl std::fmt::Debug for AlertWebhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertWebhook")
+            .field("url", &self.url.as_str())
+            .finish_non_exhaustive()
+    }
 }
 
 /// One named admin token. Its variable may be unset where the token is not used: `crier serve`
@@ -467,6 +522,7 @@ impl Config {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let api_tokens = api_tokens(file, &raw.api, secrets)?;
+        let alerts = alert_settings(file, &raw.alerts, secrets)?;
         let channels_dir = base.join(&raw.channels_dir);
         let channels = load_channels(&channels_dir, &base, secrets)?;
         // A lease shorter than an attempt may take would hand a delivery that is still being
@@ -503,11 +559,84 @@ impl Config {
             plan_batch: raw.dispatch.plan_batch,
             listen,
             trusted_proxies,
+            alerts,
             retention,
             api_tokens,
             channels,
         })
     }
+}
+
+fn alert_settings(
+    file: &Path,
+    alerts: &AlertsFile,
+    secrets: &dyn SecretSource,
+) -> Result<AlertSettings, ConfigError> {
+    let to = alerts
+        .to
+        .as_deref()
+        .map(|to| {
+            crate::domain::EmailAddress::parse(to)
+                .map_err(|e| ConfigError::at(file, "alerts.to", e.to_string()))
+        })
+        .transpose()?;
+    let webhook = match (&alerts.webhook, &alerts.webhook_secret_env) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(ConfigError::at(
+                file,
+                "alerts.webhook_secret_env",
+                "set alerts.webhook too, or leave this out",
+            ));
+        }
+        (Some(_), None) => {
+            return Err(ConfigError::at(
+                file,
+                "alerts.webhook_secret_env",
+                "missing: alerts are signed, so name the variable holding the whsec_ secret",
+            ));
+        }
+        (Some(url), Some(variable)) => {
+            let parsed = Url::parse(url)
+                .ok()
+                .filter(|url| matches!(url.scheme(), "http" | "https"))
+                .ok_or_else(|| {
+                    ConfigError::at(
+                        file,
+                        "alerts.webhook",
+                        format!("'{url}' is not an http(s) URL"),
+                    )
+                })?;
+            let secret = crate::channel::webhook::signing_secret(
+                file,
+                "alerts.webhook_secret_env",
+                variable,
+                secrets,
+            )?;
+            Some(AlertWebhook {
+                url: parsed,
+                secret,
+            })
+        }
+    };
+    let lead_time = humantime::parse_duration(&alerts.lead_time)
+        .ok()
+        .filter(|lead| (Duration::from_secs(60)..=Duration::from_secs(24 * 3600)).contains(lead))
+        .ok_or_else(|| {
+            ConfigError::at(
+                file,
+                "alerts.lead_time",
+                format!(
+                    "'{}' is not a time from 1m to 24h, like 15m",
+                    alerts.lead_time
+                ),
+            )
+        })?;
+    Ok(AlertSettings {
+        to,
+        webhook,
+        lead_time,
+    })
 }
 
 fn api_tokens(

@@ -29,6 +29,7 @@ pub mod reports;
 pub mod runtime;
 pub mod status_view;
 pub mod store;
+pub mod watchdog;
 pub mod web;
 
 pub use error::{Error, ErrorKind, Result};

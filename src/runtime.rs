@@ -200,6 +200,32 @@ pub async fn serve(
     });
     status.refresh().await?;
 
+    // The watchdog keeps the promise of a next update: it alerts the comms lead, and the
+    // page, which says when an update is late, is rendered again whenever a promise changes.
+    let alerter: Arc<dyn crate::watchdog::Alerter> = match crate::watchdog::LeadAlerter::new(&app)?
+    {
+        Some(alerter) => Arc::new(alerter),
+        None => Arc::new(crate::watchdog::NoAlerts),
+    };
+    let watchdog = crate::watchdog::Watchdog::new(
+        app.store.clone(),
+        crate::clock::Clock::System,
+        app.config.alerts.lead_time,
+        alerter,
+    );
+    let mut promises = watchdog.watched();
+    let watching = tokio::spawn(watchdog.run());
+    let promise_refresher = {
+        let status = status.clone();
+        tokio::spawn(async move {
+            while promises.changed().await.is_ok() {
+                if let Err(error) = status.refresh().await {
+                    tracing::error!(%error, "cannot render the status page");
+                }
+            }
+        })
+    };
+
     let pruner = {
         let (store, retention) = (app.store.clone(), app.config.retention);
         tokio::spawn(async move {
@@ -300,6 +326,8 @@ pub async fn serve(
     let _ = planner.await;
     refresher.abort();
     pruner.abort();
+    watching.abort();
+    promise_refresher.abort();
     dispatched?;
     Ok(())
 }

@@ -18,6 +18,17 @@ pub struct IncidentSection {
     pub updated_at: String,
     /// Public updates only, newest first.
     pub updates: Vec<UpdateView>,
+    /// When the incident's next update is promised, while it is open.
+    pub promise: Option<PromiseView>,
+}
+
+/// The open promise of an incident, as the page shows it: "next update by", or late.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromiseView {
+    pub due: String,
+    pub due_text: String,
+    /// Past its time with no new update: the page says so plainly.
+    pub overdue: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,8 +85,20 @@ impl StatusProjection {
         let mut sections = Vec::new();
         for incident in self.store.incidents().await? {
             let mut updates = Vec::new();
-            for id in incident.updates.iter().rev() {
+            let mut promise = None;
+            for (index, id) in incident.updates.iter().rev().enumerate() {
                 let update = self.store.update(*id).await?;
+                if index == 0 {
+                    // The latest update, whoever it went to, holds the incident's promise: the
+                    // watchdog reads it the same way.
+                    promise = crate::watchdog::promise_of(&update, &incident.title)
+                        .filter(|_| incident.state != crate::domain::IncidentState::Resolved)
+                        .map(|promise| PromiseView {
+                            due: rfc3339(promise.due),
+                            due_text: human_time(promise.due),
+                            overdue: now >= promise.due,
+                        });
+                }
                 // Targeted updates concern a few customers and never appear in public, and an
                 // update sent through other channels only was not meant for this page.
                 let sent_here = update.channels.iter().any(|c| c == channel);
@@ -90,6 +113,7 @@ impl StatusProjection {
                 incident: IncidentView::new(&incident),
                 updated_at: rfc3339(incident.updated_at),
                 updates,
+                promise,
             });
             if sections.len() == incident_limit {
                 break;
@@ -122,6 +146,16 @@ impl StatusProjection {
                 incident: message.incident.clone(),
                 updated_at: message.update.created_at.clone(),
                 updates: vec![message.update.clone()],
+                promise: message
+                    .update
+                    .next_update_by
+                    .clone()
+                    .zip(message.update.next_update_by_text.clone())
+                    .map(|(due, due_text)| PromiseView {
+                        due,
+                        due_text,
+                        overdue: false,
+                    }),
             }],
         }
     }

@@ -83,32 +83,36 @@ impl WebhookSettings {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(ConfigError::at(file, "url", "must be an http or https URL"));
         }
-        let encoded = config::secret(file, "secret_env", &raw.secret_env, input.secrets)?;
-        let problem = |what: &str| {
-            ConfigError::at(
-                file,
-                "secret_env",
-                format!("the secret in {} {what}", raw.secret_env),
-            )
-        };
-        let key = encoded
-            .expose_secret()
-            .strip_prefix("whsec_")
-            .ok_or_else(|| problem("must start with whsec_"))?;
-        let key = STANDARD
-            .decode(key.trim_end())
-            .map_err(|_| problem("must be whsec_ followed by base64"))?;
-        if key.len() < SHORTEST_SECRET {
-            return Err(problem(&format!(
-                "decodes to {} bytes; it needs at least {SHORTEST_SECRET} random bytes",
-                key.len()
-            )));
-        }
-        Ok(Arc::new(WebhookSettings {
-            url,
-            secret: SecretSlice::from(key),
-        }))
+        let secret = signing_secret(file, "secret_env", &raw.secret_env, input.secrets)?;
+        Ok(Arc::new(WebhookSettings { url, secret }))
     }
+}
+
+/// The Standard Webhooks signing secret (`whsec_` and base64 of at least
+/// `SHORTEST_SECRET` bytes) in the variable `variable`, which the setting `key` names.
+pub fn signing_secret(
+    file: &std::path::Path,
+    key: &str,
+    variable: &str,
+    secrets: &dyn config::SecretSource,
+) -> Result<SecretSlice<u8>, ConfigError> {
+    let encoded = config::secret(file, key, variable, secrets)?;
+    let problem =
+        |what: &str| ConfigError::at(file, key, format!("the secret in {variable} {what}"));
+    let bytes = encoded
+        .expose_secret()
+        .strip_prefix("whsec_")
+        .ok_or_else(|| problem("must start with whsec_"))?;
+    let bytes = STANDARD
+        .decode(bytes.trim_end())
+        .map_err(|_| problem("must be whsec_ followed by base64"))?;
+    if bytes.len() < SHORTEST_SECRET {
+        return Err(problem(&format!(
+            "decodes to {} bytes; it needs at least {SHORTEST_SECRET} random bytes",
+            bytes.len()
+        )));
+    }
+    Ok(SecretSlice::from(bytes))
 }
 
 #[async_trait::async_trait]

@@ -98,6 +98,7 @@ macro_rules! conformance {
             retention_forgets_only_settled_deliveries_of_old_updates_and_keeps_the_counts,
             an_idempotent_accept_remembers_its_answer_and_a_second_one_accepts_nothing,
             provider_reports_are_kept_and_undelivered_ones_in_a_row_stop_the_contact,
+            a_sent_alert_is_remembered_by_its_key,
         );
     };
     (@tests $backend:ident, $open:expr; $($test:ident),* $(,)?) => {
@@ -1936,4 +1937,16 @@ async fn provider_reports_are_kept_and_undelivered_ones_in_a_row_stop_the_contac
             "stopped after three undelivered in a row, report {n}"
         );
     }
+}
+
+async fn a_sent_alert_is_remembered_by_its_key(store: &dyn Store) {
+    let key = "01JTESTUPDATE:overdue";
+    assert_eq!(store.alert_sent(key).await.unwrap(), None);
+    store.record_alert(key, at(5)).await.unwrap();
+    assert_eq!(store.alert_sent(key).await.unwrap(), Some(at(5)));
+    assert_eq!(
+        store.alert_sent("01JTESTUPDATE:due_soon").await.unwrap(),
+        None,
+        "each stage on its own"
+    );
 }

@@ -109,6 +109,7 @@ struct State {
     counts: BTreeMap<(Ulid, String), Counts>,
     disabled: BTreeMap<String, Disabled>,
     idempotent_answers: BTreeMap<String, IdempotentAnswer>,
+    alerts: BTreeMap<String, DateTime<Utc>>,
     /// Set when a delivery was queued during the current change.
     queued: bool,
 }
@@ -897,6 +898,15 @@ impl Store for MemoryStore {
 
     async fn enable_channel(&self, channel: &str) -> Result<bool, StoreError> {
         Ok(self.with(|state| state.disabled.remove(channel).is_some()))
+    }
+
+    async fn alert_sent(&self, key: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(self.with(|state| state.alerts.get(key).copied()))
+    }
+
+    async fn record_alert(&self, key: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.with(|state| state.alerts.insert(key.to_owned(), at));
+        Ok(())
     }
 
     fn queue_changes(&self) -> watch::Receiver<u64> {

@@ -416,6 +416,15 @@ pub trait Store: Send + Sync + 'static {
     /// Enables a channel an `EndpointGone` failure disabled. Returns whether it was disabled.
     async fn enable_channel(&self, channel: &str) -> Result<bool, StoreError>;
 
+    // ---- the watchdog ---------------------------------------------------------------------
+
+    /// When the watchdog's alert named `key` was sent, if it was.
+    async fn alert_sent(&self, key: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    /// Records, durably, that the alert named `key` was sent at `at`, so a restart does not
+    /// send it again.
+    async fn record_alert(&self, key: &str, at: DateTime<Utc>) -> Result<(), StoreError>;
+
     /// Ticks whenever deliveries become due-able (planned, retried, requeued), so idle workers
     /// wake at once instead of polling.
     fn queue_changes(&self) -> watch::Receiver<u64>;

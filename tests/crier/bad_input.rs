@@ -91,6 +91,43 @@ async fn a_trusted_proxy_that_is_no_address_is_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_alerts_setting_is_named() {
+    let cases = [
+        ("to = \"lead-at-example.com\"\n", "alerts.to: "),
+        (
+            "lead_time = \"soon\"\n",
+            "alerts.lead_time: 'soon' is not a time from 1m to 24h",
+        ),
+        (
+            "lead_time = \"3d\"\n",
+            "alerts.lead_time: '3d' is not a time from 1m to 24h",
+        ),
+        (
+            "webhook = \"http://127.0.0.1:9/alerts\"\n",
+            "alerts.webhook_secret_env: missing",
+        ),
+        (
+            "webhook = \"ftp://example.com\"\nwebhook_secret_env = \"X\"\n",
+            "alerts.webhook: 'ftp://example.com' is not an http(s) URL",
+        ),
+        (
+            "webhook = \"http://127.0.0.1:9/alerts\"\nwebhook_secret_env = \"UNSET_SECRET\"\n",
+            "alerts.webhook_secret_env: the environment variable UNSET_SECRET is not set",
+        ),
+    ];
+    for (alerts, message) in cases {
+        let crier = Crier::new().status_page();
+        let mut main = std::fs::read_to_string(&crier.config).unwrap();
+        main.push_str(&format!("[alerts]\n{alerts}"));
+        std::fs::write(&crier.config, &main).unwrap();
+        crier
+            .run(&["check-config"])
+            .await
+            .assert_user_error(message);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_secret_variable_or_an_invalid_value_is_named() {
     let crier = Crier::new()
         .webhook("http://127.0.0.1:9/hooks", "")

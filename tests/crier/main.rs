@@ -20,4 +20,5 @@ mod sms;
 mod status_page;
 mod subscribe;
 mod support;
+mod watchdog;
 mod webhook;

@@ -105,6 +105,11 @@ fn order_index_key(order: &OrderNumber, contact: &Contact) -> Vec<u8> {
     key
 }
 
+/// The key, in the `meta` tree, of the watchdog's alert named `name`.
+fn alert_key(name: &str) -> Vec<u8> {
+    format!("alert:{name}").into_bytes()
+}
+
 /// The key of the subscriber counter in the `meta` tree.
 const SUBSCRIBER_COUNT: &[u8] = b"subscriber_count";
 
@@ -862,6 +867,27 @@ impl Store for SledStore {
         let channel = channel.to_owned();
         self.write(move |trees| trees.enable_channel(&channel))
             .await
+    }
+
+    async fn alert_sent(&self, key: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let key = alert_key(key);
+        self.blocking(move |trees| {
+            trees
+                .meta
+                .get(&key)?
+                .map(|bytes| decode(&bytes))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn record_alert(&self, key: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let key = alert_key(key);
+        self.write(move |trees| {
+            trees.meta.insert(key, encode(&at)?)?;
+            Ok(())
+        })
+        .await
     }
 
     fn queue_changes(&self) -> watch::Receiver<u64> {
