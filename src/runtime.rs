@@ -214,6 +214,7 @@ pub async fn serve(
         alerter,
     );
     let mut promises = watchdog.watched();
+    let promises_watched = watchdog.watched();
     let watching = tokio::spawn(watchdog.run());
     let promise_refresher = {
         let status = status.clone();
@@ -313,6 +314,8 @@ pub async fn serve(
         inbound: Arc::new(crate::web::inbound::Inbound::new(&app.config)),
         subscriptions: Arc::new(crate::web::subscribe::Subscriptions::new(&app)),
         api,
+        promises: promises_watched,
+        metrics: crate::web::prometheus::install(),
     });
     // The client's address feeds the limits on confirmations.
     let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();

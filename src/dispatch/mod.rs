@@ -12,6 +12,18 @@ fn log_outcome(channel: &str, delivery: &DeliveryRecord, outcome: &Outcome, appl
         Recipient::Contact(contact) => contact.masked(),
     };
     let (update, attempt) = (delivery.update.to_string(), delivery.attempts);
+    let name = match outcome {
+        Outcome::Sent { .. } => "sent",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Dead { .. } => "dead",
+        Outcome::Skipped { .. } => "skipped",
+    };
+    metrics::counter!("crier_delivery_outcomes_total", "channel" => channel.to_owned(), "outcome" => name)
+        .increment(1);
+    if matches!(outcome, Outcome::Retry { .. }) {
+        metrics::counter!("crier_delivery_retries_total", "channel" => channel.to_owned())
+            .increment(1);
+    }
     match outcome {
         Outcome::Sent { .. } => {
             tracing::info!(%update, channel, recipient, attempt, applied, outcome = "sent", "delivery")
@@ -522,6 +534,7 @@ impl Dispatcher {
             thread,
         };
         let limit = channel.policy.timeout + Duration::from_secs(1);
+        let started = std::time::Instant::now();
         let result =
             match tokio::time::timeout(limit, channel.adapter.deliver(message, &attempt)).await {
                 Ok(result) => result,
@@ -530,6 +543,8 @@ impl Dispatcher {
                     humantime::format_duration(channel.policy.timeout)
                 ))),
             };
+        metrics::histogram!("crier_delivery_attempt_seconds", "channel" => channel.id.clone())
+            .record(started.elapsed().as_secs_f64());
         let error = match result {
             Ok(receipt) => return Outcome::Sent { receipt },
             Err(error) => error,

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod inbound;
 pub mod pages;
+pub mod prometheus;
 pub mod subscribe;
 
 use crate::status_view::StatusProjection;
@@ -143,6 +144,9 @@ pub struct Shared {
     pub inbound: Arc<inbound::Inbound>,
     pub subscriptions: Arc<subscribe::Subscriptions>,
     pub api: api::Api,
+    /// The watchdog's promises, for the metrics.
+    pub promises: tokio::sync::watch::Receiver<Vec<crate::watchdog::Watched>>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// The routes of `crier serve`.
@@ -174,6 +178,13 @@ pub fn router(shared: Shared) -> Router {
         .route(
             "/s/{token}",
             get(subscribe::support_page).post(subscribe::support),
+        )
+        .route(
+            "/metrics",
+            get(prometheus::scrape).layer(middleware::from_fn_with_state(
+                shared.api.clone(),
+                api::authenticate,
+            )),
         )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -229,19 +240,34 @@ async fn readyz(State(shared): State<Shared>) -> Response {
     }
 }
 
-/// One log line per request. Paths that carry a token show only where it was.
+/// One log line per request, and one count by route and status. Paths that carry a token
+/// show only where it was; the count's route is the pattern (`/confirm/{token}`), never the
+/// path, so no token or contact reaches the metrics either.
 async fn log_request(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let path = loggable_path(request.uri().path());
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |matched| matched.as_str())
+        .to_owned();
     let response = next.run(request).await;
+    let status = response.status().as_u16();
     tracing::info!(
         %method,
         path,
-        status = response.status().as_u16(),
+        status,
         elapsed_us = started.elapsed().as_micros() as u64,
         "request"
     );
+    metrics::counter!(
+        "crier_http_requests_total",
+        "method" => method.to_string(),
+        "route" => route,
+        "status" => status.to_string()
+    )
+    .increment(1);
     response
 }
 

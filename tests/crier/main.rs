@@ -14,6 +14,7 @@ mod hardening;
 mod import;
 mod inbound;
 mod mastodon;
+mod metrics;
 mod order;
 mod serve;
 mod sms;

@@ -146,7 +146,11 @@ pub fn router<S: Clone + Send + Sync + 'static>(api: Api) -> axum::Router<S> {
 #[derive(Debug, Clone)]
 pub struct Author(pub String);
 
-async fn authenticate(State(api): State<Api>, mut request: Request, next: Next) -> Response {
+pub(crate) async fn authenticate(
+    State(api): State<Api>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
