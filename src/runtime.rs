@@ -202,11 +202,8 @@ pub async fn serve(
 
     // The watchdog keeps the promise of a next update: it alerts the comms lead, and the
     // page, which says when an update is late, is rendered again whenever a promise changes.
-    let alerter: Arc<dyn crate::watchdog::Alerter> = match crate::watchdog::LeadAlerter::new(&app)?
-    {
-        Some(alerter) => Arc::new(alerter),
-        None => Arc::new(crate::watchdog::NoAlerts),
-    };
+    let alerter = crate::watchdog::LeadAlerter::new(&app)?
+        .map(|alerter| Arc::new(alerter) as Arc<dyn crate::watchdog::Alerter>);
     let watchdog = crate::watchdog::Watchdog::new(
         app.store.clone(),
         crate::clock::Clock::System,

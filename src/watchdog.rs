@@ -147,7 +147,9 @@ pub struct Watchdog {
     store: Arc<dyn Store>,
     clock: Clock,
     lead: Duration,
-    alerter: Arc<dyn Alerter>,
+    /// None when alerts go nowhere: then none is sent or recorded, so configuring a way
+    /// later still tells the lead about a promise that is open then.
+    alerter: Option<Arc<dyn Alerter>>,
     watched: watch::Sender<Vec<Watched>>,
 }
 
@@ -156,7 +158,7 @@ impl Watchdog {
         store: Arc<dyn Store>,
         clock: Clock,
         lead: Duration,
-        alerter: Arc<dyn Alerter>,
+        alerter: Option<Arc<dyn Alerter>>,
     ) -> Self {
         Self {
             store,
@@ -182,12 +184,12 @@ impl Watchdog {
         let mut watched = Vec::with_capacity(promises.len());
         for promise in promises.iter().cloned() {
             let stage = stage_at(&promise, now, self.lead);
-            if let Some(stage) = stage {
+            if let (Some(stage), Some(alerter)) = (stage, &self.alerter) {
                 let alert = Alert {
                     promise: promise.clone(),
                     stage,
                 };
-                failed |= !self.alert_once(&alert, now).await?;
+                failed |= !self.alert_once(alerter.as_ref(), &alert, now).await?;
             }
             watched.push(Watched { promise, stage });
         }
@@ -208,12 +210,17 @@ impl Watchdog {
 
     /// Sends `alert` unless it was sent before; records it once sent. Returns whether it is
     /// sent (now or before).
-    async fn alert_once(&self, alert: &Alert, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    async fn alert_once(
+        &self,
+        alerter: &dyn Alerter,
+        alert: &Alert,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
         let key = alert.key();
         if self.store.alert_sent(&key).await?.is_some() {
             return Ok(true);
         }
-        match self.alerter.alert(alert).await {
+        match alerter.alert(alert).await {
             Ok(()) => {
                 // Recorded after sending: a crash in between sends it twice, never not at all.
                 self.store.record_alert(&key, now).await?;
@@ -398,16 +405,6 @@ impl Alerter for LeadAlerter {
     }
 }
 
-/// Tells no one: the watchdog without anywhere to send alerts.
-pub struct NoAlerts;
-
-#[async_trait::async_trait]
-impl Alerter for NoAlerts {
-    async fn alert(&self, _: &Alert) -> Result<(), String> {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,7 +495,12 @@ mod tests {
         recorder: &Arc<Recorder>,
         clock: Clock,
     ) -> tokio::task::JoinHandle<()> {
-        let watchdog = Watchdog::new(store.clone(), clock, LEAD, recorder.clone());
+        let watchdog = Watchdog::new(
+            store.clone(),
+            clock,
+            LEAD,
+            Some(recorder.clone() as Arc<dyn Alerter>),
+        );
         tokio::spawn(watchdog.run())
     }
 
@@ -588,7 +590,12 @@ mod tests {
         let clock = Clock::following_tokio(after(start(), minutes(121)));
         *recorder.clock.lock().unwrap() = Some(clock);
         *recorder.failing.lock().unwrap() = true;
-        let watchdog = Watchdog::new(store.clone(), clock, LEAD, recorder.clone());
+        let watchdog = Watchdog::new(
+            store.clone(),
+            clock,
+            LEAD,
+            Some(recorder.clone() as Arc<dyn Alerter>),
+        );
         let watched = watchdog.watched();
         let watching = tokio::spawn(watchdog.run());
         tokio::time::sleep(minutes(3)).await;
@@ -602,6 +609,29 @@ mod tests {
         tokio::time::sleep(minutes(1)).await;
         assert_eq!(recorder.stages().len(), 1);
         watching.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watchdog_with_nowhere_to_alert_records_nothing_so_a_later_one_still_tells() {
+        let (store, _, recorder, _) = promised().await;
+        let late = Clock::following_tokio(after(start(), minutes(130)));
+        *recorder.clock.lock().unwrap() = Some(late);
+        let silent = Watchdog::new(store.clone(), late, LEAD, None);
+        let watched = silent.watched();
+        silent.check().await.unwrap();
+        assert_eq!(
+            watched.borrow()[0].stage,
+            Some(Stage::Overdue),
+            "it still watches"
+        );
+        let told = spawn(&store, &recorder, late);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            recorder.stages().len(),
+            1,
+            "the overdue promise is still alerted"
+        );
+        told.abort();
     }
 
     #[test]
