@@ -236,32 +236,24 @@ impl FromRequestParts<Shared> for Client {
 /// Who sent a request that reached crier from `peer`. Each trusted proxy appends the address
 /// it was reached from to `X-Forwarded-For`, so reading from the right, the first address no
 /// trusted proxy holds is the client's; what lies left of it the client wrote, and is not
-/// believed. A list that cannot be read leaves the peer as the client.
+/// believed (nor read: garbage there changes nothing). A hop that cannot be read before the
+/// client is found leaves the last trusted address as the client.
 fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
         return peer;
     }
-    let hops: Option<Vec<IpAddr>> = headers
+    let values: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
-        .map(|value| value.to_str().ok())
-        .collect::<Option<Vec<_>>>()
-        .and_then(|values| {
-            values
-                .iter()
-                .flat_map(|value| value.split(','))
-                .map(|hop| hop.trim().parse().ok())
-                .collect()
-        });
-    let Some(hops) = hops else {
-        return peer;
-    };
+        .map(|value| value.to_str().unwrap_or(""))
+        .collect();
     let mut client = peer;
-    for hop in hops.into_iter().rev() {
-        client = hop;
-        if !is_trusted(&hop) {
-            break;
+    for hop in values.iter().rev().flat_map(|value| value.rsplit(',')) {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) if is_trusted(&ip) => client = ip,
+            Ok(ip) => return ip,
+            Err(_) => return client,
         }
     }
     client
@@ -801,6 +793,11 @@ mod tests {
         // Nothing forwarded, or garbage: the proxy itself is all that is known.
         assert_eq!(client("10.0.0.2", &HeaderMap::new()), ip("10.0.0.2"));
         assert_eq!(client("10.0.0.2", &forwarded(&["unknown"])), ip("10.0.0.2"));
+        assert_eq!(
+            client("10.0.0.2", &forwarded(&["unknown, 198.51.100.1"])),
+            ip("198.51.100.1"),
+            "what the client wrote is not even read"
+        );
         // Only proxies on the way: the farthest one.
         assert_eq!(
             client("10.0.0.2", &forwarded(&["10.0.0.5"])),
