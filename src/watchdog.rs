@@ -360,24 +360,16 @@ impl LeadAlerter {
         .map_err(|e| e.to_string())?;
         // The same id on every try of one alert, so the receiver can drop a repeat.
         let id = format!("msg_{}", view.alert.key().replace(':', "_"));
-        let timestamp = Utc::now().timestamp();
-        let signature = crate::channel::webhook::sign_webhook(
+        let response = crate::channel::webhook::signed_post(
+            &self.client,
+            &webhook.url,
             webhook.secret.expose_secret(),
             &id,
-            timestamp,
-            &body,
-        );
-        let response = self
-            .client
-            .post(webhook.url.clone())
-            .header("content-type", "application/json")
-            .header("webhook-id", id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| format!("webhook: {}", e.without_url()))?;
+            body,
+        )
+        .send()
+        .await
+        .map_err(|e| format!("webhook: {}", e.without_url()))?;
         if response.status().is_success() {
             Ok(())
         } else {

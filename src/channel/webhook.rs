@@ -220,6 +220,25 @@ pub fn sign_webhook(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> Str
     format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
 }
 
+/// A JSON POST of `body` to `url`, signed now the Standard Webhooks way under message `id`.
+pub fn signed_post(
+    client: &reqwest::Client,
+    url: &Url,
+    secret: &[u8],
+    id: &str,
+    body: Vec<u8>,
+) -> reqwest::RequestBuilder {
+    let timestamp = Utc::now().timestamp();
+    let signature = sign_webhook(secret, id, timestamp, &body);
+    client
+        .post(url.clone())
+        .header("content-type", "application/json")
+        .header("webhook-id", id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .body(body)
+}
+
 pub struct WebhookChannel {
     settings: WebhookSettings,
     client: reqwest::Client,
@@ -281,16 +300,8 @@ impl Channel for WebhookChannel {
     ) -> Result<Receipt, DeliveryError> {
         let body = Self::body(message).map_err(|e| DeliveryError::permanent(e.to_string()))?;
         let id = attempt.key.as_str();
-        let timestamp = Utc::now().timestamp();
-        let signature = sign_webhook(self.settings.secret.expose_secret(), id, timestamp, &body);
-        let response = self
-            .client
-            .post(self.settings.url.clone())
-            .header("content-type", "application/json")
-            .header("webhook-id", id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature)
-            .body(body)
+        let secret = self.settings.secret.expose_secret();
+        let response = signed_post(&self.client, &self.settings.url, secret, id, body)
             .send()
             .await
             .map_err(|e| failure_for_request(&e.without_url()))?;

@@ -31,6 +31,44 @@ enum Proof {
     KannelSecret(Option<SecretString>),
 }
 
+impl Proof {
+    /// Whether a call to `path` (under the public URL, with `query`) comes from the provider:
+    /// Twilio signs the full URL it called and the POST parameters; Kannel sends the secret,
+    /// in the query (get-url, dlr-url) or the body (post-url).
+    fn admits(
+        &self,
+        inbound: &Inbound,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+        query_params: &[(String, String)],
+        body_params: &[(String, String)],
+    ) -> bool {
+        match self {
+            Proof::TwilioSignature(token) => {
+                let mut url = format!("{}{path}", inbound.public_url);
+                if let Some(query) = query {
+                    url.push('?');
+                    url.push_str(query);
+                }
+                let signature = headers
+                    .get("x-twilio-signature")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                twilio_signed(token.expose_secret(), &url, body_params, signature)
+            }
+            Proof::KannelSecret(secret) => {
+                let given = param(query_params, "secret")
+                    .or_else(|| param(body_params, "secret"))
+                    .unwrap_or_default();
+                secret.as_ref().is_some_and(|secret| {
+                    super::same_secret(secret.expose_secret().as_bytes(), given.as_bytes())
+                })
+            }
+        }
+    }
+}
+
 /// The SMS channels that take inbound messages, and the public base URL providers call.
 pub struct Inbound {
     channels: HashMap<String, Proof>,
@@ -101,11 +139,7 @@ fn twilio_signed(auth_token: &str, url: &str, params: &[(String, String)], heade
         return false;
     };
     let expected = twilio_signature(auth_token, url, params);
-    constant_time_eq(&expected, &given)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    super::same_secret(&expected, &given)
 }
 
 fn form(bytes: &[u8]) -> Vec<(String, String)> {
@@ -141,38 +175,35 @@ pub(super) async fn inbound_sms(
     let Some(proof) = inbound.channels.get(&channel) else {
         return (StatusCode::NOT_FOUND, "no SMS channel has this id\n").into_response();
     };
+    let (query_params, body_params) = (
+        form(query.as_deref().unwrap_or_default().as_bytes()),
+        form(&body),
+    );
+    let path = format!("/inbound/sms/{channel}");
+    if !proof.admits(
+        inbound,
+        &path,
+        query.as_deref(),
+        &headers,
+        &query_params,
+        &body_params,
+    ) {
+        tracing::warn!(
+            channel,
+            "an inbound SMS the provider did not sign was refused"
+        );
+        return refused();
+    }
     let (from, text, twilio) = match proof {
-        Proof::TwilioSignature(token) => {
-            let params = form(&body);
-            let mut url = format!("{}/inbound/sms/{channel}", inbound.public_url);
-            if let Some(query) = &query {
-                url.push('?');
-                url.push_str(query);
-            }
-            let signature = headers
-                .get("x-twilio-signature")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            if !twilio_signed(token.expose_secret(), &url, &params, signature) {
-                tracing::warn!(channel, "an inbound SMS with a bad signature was refused");
-                return refused();
-            }
-            (param(&params, "From"), param(&params, "Body"), true)
-        }
-        Proof::KannelSecret(secret) => {
-            let mut params = form(query.as_deref().unwrap_or_default().as_bytes());
-            params.extend(form(&body));
-            let given = param(&params, "secret").unwrap_or_default();
-            let genuine = secret.as_ref().is_some_and(|secret| {
-                constant_time_eq(secret.expose_secret().as_bytes(), given.as_bytes())
-            });
-            if !genuine {
-                tracing::warn!(
-                    channel,
-                    "an inbound SMS without the channel's secret was refused"
-                );
-                return refused();
-            }
+        Proof::TwilioSignature(_) => (
+            param(&body_params, "From"),
+            param(&body_params, "Body"),
+            true,
+        ),
+        Proof::KannelSecret(_) => {
+            // Kannel's get-url carries them in the query, its post-url in the body.
+            let mut params = query_params;
+            params.extend(body_params);
             (param(&params, "from"), param(&params, "text"), false)
         }
     };
@@ -238,26 +269,27 @@ pub(super) async fn delivery_report(
     let Some(proof) = inbound.channels.get(&channel) else {
         return (StatusCode::NOT_FOUND, "no SMS channel has this id\n").into_response();
     };
-    let query_params = form(query.as_deref().unwrap_or_default().as_bytes());
-    let body_params = form(&body);
+    let (query_params, body_params) = (
+        form(query.as_deref().unwrap_or_default().as_bytes()),
+        form(&body),
+    );
+    let path = format!("/inbound/sms/{channel}/status");
+    if !proof.admits(
+        inbound,
+        &path,
+        query.as_deref(),
+        &headers,
+        &query_params,
+        &body_params,
+    ) {
+        tracing::warn!(
+            channel,
+            "a delivery report the provider did not sign was refused"
+        );
+        return refused();
+    }
     let (to, provider_id, outcome, status, code) = match proof {
-        Proof::TwilioSignature(token) => {
-            let mut url = format!("{}/inbound/sms/{channel}/status", inbound.public_url);
-            if let Some(query) = &query {
-                url.push('?');
-                url.push_str(query);
-            }
-            let signature = headers
-                .get("x-twilio-signature")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            if !twilio_signed(token.expose_secret(), &url, &body_params, signature) {
-                tracing::warn!(
-                    channel,
-                    "a delivery report with a bad signature was refused"
-                );
-                return refused();
-            }
+        Proof::TwilioSignature(_) => {
             let status = param(&body_params, "MessageStatus").unwrap_or_default();
             (
                 param(&body_params, "To"),
@@ -267,18 +299,7 @@ pub(super) async fn delivery_report(
                 param(&body_params, "ErrorCode").filter(|code| !code.is_empty()),
             )
         }
-        Proof::KannelSecret(secret) => {
-            let given = param(&query_params, "secret").unwrap_or_default();
-            let genuine = secret.as_ref().is_some_and(|secret| {
-                constant_time_eq(secret.expose_secret().as_bytes(), given.as_bytes())
-            });
-            if !genuine {
-                tracing::warn!(
-                    channel,
-                    "a delivery report without the channel's secret was refused"
-                );
-                return refused();
-            }
+        Proof::KannelSecret(_) => {
             let kind = param(&query_params, "status").unwrap_or_default();
             (
                 param(&query_params, "to"),

@@ -240,6 +240,12 @@ async fn readyz(State(shared): State<Shared>) -> Response {
     }
 }
 
+/// Whether two secrets are equal, in time that depends only on their lengths (`subtle`).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
+}
+
 /// One log line per request, and one count by route and status. Paths that carry a token
 /// show only where it was; the count's route is the pattern (`/confirm/{token}`), never the
 /// path, so no token or contact reaches the metrics either.
