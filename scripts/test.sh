@@ -2,7 +2,8 @@
 # Runs crier's whole test suite. The integration tests start real servers and a real browser:
 # an SMTP server (aiosmtpd, from PyPI), Kannel (bearerbox, smsbox and fakesmsc, Debian's kannel
 # and kannel-extras) and headless chromium driven over WebDriver (Debian's chromium and
-# chromium-driver), so each is installed first when missing.
+# chromium-driver), which checks pages for accessibility with axe-core (from npm, into
+# target/npm; Debian's nodejs and npm to fetch it), so each is installed first when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +41,17 @@ if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
     apt_install chromium chromium-driver
   else
     echo "scripts/test.sh: chromium is missing (apt-get install chromium chromium-driver as root); the browser test will fail" >&2
+  fi
+fi
+axe_core=axe-core@4.10.3
+if [ ! -f target/npm/node_modules/axe-core/axe.min.js ]; then
+  if ! command -v npm >/dev/null && can_apt_install; then
+    apt_install nodejs npm || true
+  fi
+  if ! { command -v npm >/dev/null &&
+    npm install --prefix target/npm --no-audit --no-fund --silent "$axe_core" &&
+    [ -f target/npm/node_modules/axe-core/axe.min.js ]; }; then
+    echo "scripts/test.sh: axe-core is missing (npm install --prefix target/npm $axe_core); the browser test will fail" >&2
   fi
 fi
 exec cargo test --all-targets "$@"

@@ -107,6 +107,30 @@ impl UpdateRequest {
 }
 
 /// A draft that every selected channel accepted, with what each will send.
+/// A draft made into an update, before any channel renders it.
+struct Drafted {
+    update: Update,
+    incident: Incident,
+    new_incident: bool,
+    channels: Vec<ConfiguredChannel>,
+    now: chrono::DateTime<Utc>,
+}
+
+/// One channel's rendering of a previewed update, or why it refuses it.
+pub struct ChannelRendering {
+    pub channel: String,
+    /// email, sms, mastodon…
+    pub kind: &'static str,
+    pub rendered: Result<Vec<RenderedPart>, String>,
+}
+
+/// What [`App::preview_each`] makes: the update as drafted, and every channel's rendering.
+pub struct EachPreviewed {
+    pub update: Update,
+    pub incident: Incident,
+    pub channels: Vec<ChannelRendering>,
+}
+
 pub struct Composed {
     pub update: Update,
     pub incident: Incident,
@@ -170,6 +194,44 @@ impl App {
     /// Parses the draft and renders it for every selected channel. Nothing is stored: a
     /// channel that rejects the update stops it here.
     pub async fn compose(&self, draft: Draft) -> crate::Result<Composed> {
+        let drafted = self.draft_update(draft).await?;
+        let mut previews = Vec::new();
+        for channel in &drafted.channels {
+            previews.push((channel.id.clone(), self.render_for(&drafted, channel)?));
+        }
+        Ok(Composed {
+            update: drafted.update,
+            incident: drafted.incident,
+            new_incident: drafted.new_incident,
+            previews,
+        })
+    }
+
+    /// Like [`compose`](Self::compose), but a channel that rejects the update does not stop
+    /// the others: each channel's rendering or why it refuses, as the console shows while the
+    /// comms lead types.
+    pub async fn preview_each(&self, draft: Draft) -> crate::Result<EachPreviewed> {
+        let drafted = self.draft_update(draft).await?;
+        let channels = drafted
+            .channels
+            .iter()
+            .map(|channel| ChannelRendering {
+                channel: channel.id.clone(),
+                kind: channel.kind,
+                rendered: self
+                    .render_for(&drafted, channel)
+                    .map_err(|refused| refused.rejection.to_string()),
+            })
+            .collect();
+        Ok(EachPreviewed {
+            update: drafted.update,
+            incident: drafted.incident,
+            channels,
+        })
+    }
+
+    /// The update a draft makes, its incident, and the channels it goes through.
+    async fn draft_update(&self, draft: Draft) -> crate::Result<Drafted> {
         let now = Utc::now();
         let body = Body::parse(&draft.body)?;
         let (incident, new_incident) = match draft.incident {
@@ -199,30 +261,37 @@ impl App {
             created_at: now,
             channels: channels.iter().map(|c| c.id.clone()).collect(),
         };
-        let source = Arc::new(MessageSource {
-            update: update.clone(),
-            incident: incident.clone(),
-        });
-        let sample = Contact::parse("customer@example.com")?;
-        let orders: Vec<_> = match &update.audience {
-            Audience::Orders(orders) => orders.iter().cloned().collect(),
-            Audience::Everyone => Vec::new(),
-        };
-        let mut previews = Vec::new();
-        for channel in &channels {
-            let recipient = match channel.reach() {
-                Reach::Subscribers(_) => Some((&sample, orders.as_slice())),
-                Reach::Broadcast { .. } => None,
-            };
-            let message = self.composer.message(&source, recipient, now);
-            previews.push((channel.id.clone(), channel.render(&message)?));
-        }
-        Ok(Composed {
+        Ok(Drafted {
             update,
             incident,
             new_incident,
-            previews,
+            channels,
+            now,
         })
+    }
+
+    /// What one channel would send of a drafted update, to a sample subscriber.
+    fn render_for(
+        &self,
+        drafted: &Drafted,
+        channel: &ConfiguredChannel,
+    ) -> Result<Vec<RenderedPart>, crate::channel::RejectError> {
+        let source = MessageSource {
+            update: drafted.update.clone(),
+            incident: drafted.incident.clone(),
+        };
+        let source = Arc::new(source);
+        let sample = Contact::parse("customer@example.com").expect("the sample address is valid");
+        let orders: Vec<_> = match &drafted.update.audience {
+            Audience::Orders(orders) => orders.iter().cloned().collect(),
+            Audience::Everyone => Vec::new(),
+        };
+        let recipient = match channel.reach() {
+            Reach::Subscribers(_) => Some((&sample, orders.as_slice())),
+            Reach::Broadcast { .. } => None,
+        };
+        let message = self.composer.message(&source, recipient, drafted.now);
+        channel.render(&message)
     }
 
     fn select_channels(&self, ids: &[String]) -> crate::Result<Vec<ConfiguredChannel>> {

@@ -304,6 +304,7 @@ pub async fn serve(
         links: app.composer.links().clone(),
         signer: app.composer.link_maker().signer().clone(),
     };
+    let console = Arc::new(crate::web::console::Console::new(api.clone())?);
     let router = crate::web::router(crate::web::Shared {
         status,
         store: app.store.clone(),
@@ -313,6 +314,7 @@ pub async fn serve(
         api,
         promises: promises_watched,
         metrics: crate::web::prometheus::install(),
+        console,
     });
     // The client's address feeds the limits on confirmations.
     let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();

@@ -25,6 +25,8 @@ pub enum TokenPurpose {
     SupportLink,
     /// The double-submit token of a web form: its cookie and its hidden field.
     Csrf,
+    /// The console's session cookie: who signed in, with which admin token, until when.
+    AdminSession,
 }
 
 impl TokenPurpose {
@@ -34,6 +36,7 @@ impl TokenPurpose {
             TokenPurpose::Unsubscribe => "unsubscribe",
             TokenPurpose::SupportLink => "support-link",
             TokenPurpose::Csrf => "csrf",
+            TokenPurpose::AdminSession => "admin-session",
         }
     }
 }

@@ -5,9 +5,11 @@
 //! of readers costs no store read and no rendering per request.
 
 pub mod api;
+pub mod console;
 pub mod inbound;
 pub mod pages;
 pub mod prometheus;
+pub mod session;
 pub mod subscribe;
 
 use crate::status_view::StatusProjection;
@@ -147,6 +149,7 @@ pub struct Shared {
     /// The watchdog's promises, for the metrics.
     pub promises: tokio::sync::watch::Receiver<Vec<crate::watchdog::Watched>>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub console: Arc<console::Console>,
 }
 
 /// The routes of `crier serve`.
@@ -189,6 +192,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .nest("/api", api::router(shared.api.clone()))
+        .nest("/admin", console::router(shared.clone()))
         .layer(middleware::from_fn(log_request))
         .with_state(shared)
 }

@@ -100,7 +100,7 @@ impl Subscriptions {
     }
 
     /// A fresh CSRF token, and the cookie that carries it.
-    fn csrf(&self) -> (String, HeaderValue) {
+    pub(super) fn csrf(&self) -> (String, HeaderValue) {
         let nonce = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 18]>());
         let token = self.signer().issue(
             TokenPurpose::Csrf,
@@ -120,7 +120,7 @@ impl Subscriptions {
     }
 
     /// Whether the form's field and the cookie carry the same genuine, unexpired token.
-    fn csrf_holds(&self, headers: &HeaderMap, field: &str) -> bool {
+    pub(super) fn csrf_holds(&self, headers: &HeaderMap, field: &str) -> bool {
         let Some(cookie) = cookie(headers, self.csrf_cookie()) else {
             return false;
         };
@@ -140,7 +140,7 @@ impl Subscriptions {
 }
 
 /// The value of one cookie of the request.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(super) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()

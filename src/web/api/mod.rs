@@ -6,6 +6,7 @@
 
 mod routes;
 
+pub(crate) use routes::{AcceptAnswer, accept_update};
 pub use routes::{
     Accepted, IncidentSummary, LinkRequest, Retried, RetryRequest, SubscribeRequest,
     SubscriberSummary, SupportLink,
@@ -86,6 +87,33 @@ impl Api {
             }
         }
         found
+    }
+}
+
+impl Api {
+    pub(crate) fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// The name of the token presented at the console's sign-in, and its fingerprint.
+    pub(crate) fn sign_in(&self, presented: &str) -> Option<(String, String)> {
+        let name = self.token_name(presented.trim().as_bytes())?;
+        let fingerprint = self.fingerprint(&name)?;
+        Some((name, fingerprint))
+    }
+
+    /// Whether the token named `name` still has the secret it had when `fingerprint` was
+    /// taken: a rotated or removed token ends the sessions it opened.
+    pub(crate) fn still_holds(&self, name: &str, fingerprint: &str) -> bool {
+        self.fingerprint(name)
+            .is_some_and(|current| super::same_secret(current.as_bytes(), fingerprint.as_bytes()))
+    }
+
+    /// A digest of the token's digest: names its secret without revealing it.
+    fn fingerprint(&self, name: &str) -> Option<String> {
+        let (_, token) = self.tokens.iter().find(|(known, _)| known == name)?;
+        let digest = Sha256::digest([b"session".as_slice(), token.as_slice()].concat());
+        Some(digest[..12].iter().map(|b| format!("{b:02x}")).collect())
     }
 }
 
@@ -195,6 +223,11 @@ impl ApiError {
             error,
             detail: detail.into(),
         }
+    }
+
+    /// What went wrong, in words.
+    pub(crate) fn detail(&self) -> &str {
+        &self.detail
     }
 
     fn invalid(detail: impl Into<String>) -> Self {

@@ -93,7 +93,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// The earlier answer to the same key: the same status and body again, or 422 when this
 /// request is not the one the key was first used for.
-fn replay(earlier: IdempotentAnswer, fingerprint: &str) -> Result<Response, ApiError> {
+fn replay(earlier: IdempotentAnswer, fingerprint: &str) -> Result<AcceptAnswer, ApiError> {
     if earlier.fingerprint != fingerprint {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -101,12 +101,11 @@ fn replay(earlier: IdempotentAnswer, fingerprint: &str) -> Result<Response, ApiE
             "this Idempotency-Key was used for another request; use a new key for a new update",
         ));
     }
-    let status = StatusCode::from_u16(earlier.status).unwrap_or(StatusCode::ACCEPTED);
-    let mut response = json_answer(status, earlier.body);
-    response
-        .headers_mut()
-        .insert("idempotent-replayed", HeaderValue::from_static("true"));
-    Ok(response)
+    Ok(AcceptAnswer {
+        status: StatusCode::from_u16(earlier.status).unwrap_or(StatusCode::ACCEPTED),
+        body: earlier.body,
+        replayed: true,
+    })
 }
 
 /// Send an update: the same input as `crier send`. The update is stored durably before the
@@ -130,18 +129,47 @@ async fn send_update(
     headers: HeaderMap,
     request: ApiJson<UpdateRequest>,
 ) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let answer = accept_update(&api, request.value, &request.bytes, author, key).await?;
+    let mut response = json_answer(answer.status, answer.body);
+    if answer.replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// What accepting an update answered: its status and JSON body ([`Accepted`]), and whether
+/// it is the first answer to the same `Idempotency-Key` again.
+pub(crate) struct AcceptAnswer {
+    pub status: StatusCode,
+    pub body: String,
+    pub replayed: bool,
+}
+
+/// Stores an update durably and hands it to the planner: what the API's `POST /updates` and
+/// the console's Send do. `bytes` is the request as sent, which an idempotency key is bound
+/// to; `key` is the caller's key, scoped here to the author.
+pub(crate) async fn accept_update(
+    api: &Api,
+    request: UpdateRequest,
+    bytes: &[u8],
+    author: String,
+    key: Option<String>,
+) -> Result<AcceptAnswer, ApiError> {
     let store = &api.app.store;
-    let fingerprint: String = Sha256::digest(&request.bytes)
+    let fingerprint: String = Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let key = idempotency_key(&headers)?.map(|key| format!("{author}:{key}"));
+    let key = key.map(|key| format!("{author}:{key}"));
     if let Some(key) = &key
         && let Some(earlier) = store.idempotent_answer(key).await?
     {
         return replay(earlier, &fingerprint);
     }
-    let draft = request.value.into_draft(&api.app.config, author)?;
+    let draft = request.into_draft(&api.app.config, author)?;
     let composed = api.app.compose(draft).await?;
     let update = &composed.update;
     let accepted = Accepted {
@@ -173,10 +201,14 @@ async fn send_update(
             store.accept_update(update, new_incident).await?;
         }
     }
-    tracing::info!(update = %update.id, incident = %update.incident, "update accepted through the API");
+    tracing::info!(update = %update.id, incident = %update.incident, "update accepted");
     // The planner is gone only while the server stops; the next start plans the update.
     let _ = api.plans.send(update.id);
-    Ok(json_answer(StatusCode::ACCEPTED, body))
+    Ok(AcceptAnswer {
+        status: StatusCode::ACCEPTED,
+        body,
+        replayed: false,
+    })
 }
 
 /// Render an update for every selected channel and check each channel's limits, storing
