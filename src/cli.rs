@@ -271,6 +271,7 @@ fn parse_state(text: &str) -> std::result::Result<IncidentState, String> {
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let config = Config::load(&cli.config, &ProcessEnv)?;
+    crate::render::use_time_zone(config.brand.time_zone);
     match cli.command {
         Command::CheckConfig => check_config(&config),
         Command::Serve => serve(config).await,

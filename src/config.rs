@@ -183,6 +183,9 @@ struct BrandFile {
     name: String,
     /// The public base URL of crier's web pages; links in messages point here.
     public_url: String,
+    /// The IANA time zone times are written in, like "Europe/London" [default: UTC].
+    #[serde(default)]
+    time_zone: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -318,6 +321,8 @@ pub struct Brand {
     pub name: String,
     /// Without a trailing slash.
     pub public_url: String,
+    /// Times on pages, in messages and alerts are written in it.
+    pub time_zone: chrono_tz::Tz,
 }
 
 #[derive(Debug, Clone)]
@@ -467,6 +472,18 @@ impl Config {
                 "must be an http or https URL",
             ));
         }
+        let time_zone = match raw.brand.time_zone.as_deref().map(str::trim) {
+            None | Some("") => chrono_tz::UTC,
+            Some(name) => name.parse::<chrono_tz::Tz>().map_err(|_| {
+                ConfigError::at(
+                    file,
+                    "brand.time_zone",
+                    format!(
+                        "'{name}' is not an IANA time zone; write one like \"Europe/London\", \"America/New_York\" or \"UTC\""
+                    ),
+                )
+            })?,
+        };
         if raw.brand.name.trim().is_empty() {
             return Err(ConfigError::at(file, "brand.name", "must not be empty"));
         }
@@ -552,6 +569,7 @@ impl Config {
             brand: Brand {
                 name: raw.brand.name.trim().to_owned(),
                 public_url: public_url.as_str().trim_end_matches('/').to_owned(),
+                time_zone,
             },
             link_secret,
             unsubscribe_ttl,

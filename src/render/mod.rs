@@ -151,9 +151,27 @@ pub fn rfc3339(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// "16:00 UTC, Mon 23 Nov 2026": how a time is written to customers.
+/// The site's time zone (`brand.time_zone`), set once when the configuration is read. It is
+/// process-wide because a process serves one site, and times are written for people in many
+/// places (pages, messages, alerts, reports) that have no configuration at hand.
+static TIME_ZONE: std::sync::OnceLock<chrono_tz::Tz> = std::sync::OnceLock::new();
+
+/// Writes every later [`human_time`] in `zone`. The first call wins: one process, one site.
+pub fn use_time_zone(zone: chrono_tz::Tz) {
+    let _ = TIME_ZONE.set(zone);
+}
+
+/// "16:00 UTC, Mon 23 Nov 2026" (or "17:00 CET, …" in the site's time zone): how a time is
+/// written to customers and to the comms lead.
 pub fn human_time(time: DateTime<Utc>) -> String {
-    time.format("%H:%M UTC, %a %-d %b %Y").to_string()
+    human_time_in(time, TIME_ZONE.get().copied().unwrap_or(chrono_tz::UTC))
+}
+
+/// [`human_time`] in `zone`.
+pub fn human_time_in(time: DateTime<Utc>, zone: chrono_tz::Tz) -> String {
+    time.with_timezone(&zone)
+        .format("%H:%M %Z, %a %-d %b %Y")
+        .to_string()
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -128,6 +128,21 @@ async fn a_bad_alerts_setting_is_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_zone_that_is_not_an_iana_name_is_named() {
+    let crier = Crier::new().status_page();
+    let main = std::fs::read_to_string(&crier.config).unwrap();
+    let main = main.replace(
+        "public_url = \"https://status.example.com\"\n",
+        "public_url = \"https://status.example.com\"\ntime_zone = \"London\"\n",
+    );
+    std::fs::write(&crier.config, main).unwrap();
+    crier
+        .run(&["check-config"])
+        .await
+        .assert_user_error("brand.time_zone: 'London' is not an IANA time zone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_secret_variable_or_an_invalid_value_is_named() {
     let crier = Crier::new()
         .webhook("http://127.0.0.1:9/hooks", "")

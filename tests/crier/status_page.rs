@@ -124,3 +124,33 @@ async fn the_senders_login_never_reaches_the_public_page_or_a_partner() {
     let body = String::from_utf8_lossy(&received[0].body);
     assert!(!body.contains("jsmith-login"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_are_written_in_the_sites_time_zone() {
+    let crier = Crier::new().status_page();
+    let main = std::fs::read_to_string(&crier.config).unwrap();
+    let main = main.replace(
+        "public_url = \"https://status.example.com\"\n",
+        "public_url = \"https://status.example.com\"\ntime_zone = \"Asia/Tokyo\"\n",
+    );
+    std::fs::write(&crier.config, main).unwrap();
+    let sent = crier
+        .send(&["--next-update-in", "2h"], "We're working on it.")
+        .await;
+    let json = std::fs::read_to_string(crier.path("var/status/status.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let due: chrono::DateTime<chrono::Utc> = json["incidents"][0]["updates"][0]["next_update_by"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a promise in {json}"))
+        .parse()
+        .unwrap();
+    // Tokyo keeps no summer time: always nine hours ahead of UTC.
+    let tokyo = (due + chrono::Duration::hours(9))
+        .format("%H:%M JST")
+        .to_string();
+    let page = std::fs::read_to_string(crier.path("var/status/status.html")).unwrap();
+    assert!(
+        page.contains(&format!("Next update by {tokyo}")),
+        "{tokyo} in {page} (update {sent})"
+    );
+}

@@ -3,7 +3,8 @@
 
 use crate::app::UpdateRequest;
 use axum::extract::Multipart;
-use chrono::{DateTime, Duration as Span, NaiveTime, Utc};
+use chrono::{DateTime, Duration as Span, NaiveTime, TimeZone, Utc};
+use chrono_tz::Tz;
 
 /// Every field of the compose form, as typed.
 #[derive(Debug, Default, Clone)]
@@ -84,11 +85,13 @@ impl ComposeForm {
         form
     }
 
-    /// The update the form asks for. `channels` are the configured channels' ids, in order.
+    /// The update the form asks for. `channels` are the configured channels' ids, in order;
+    /// a promised time of day is in `zone`, the site's.
     pub fn to_request(
         &self,
         channels: &[String],
         now: DateTime<Utc>,
+        zone: Tz,
     ) -> Result<UpdateRequest, String> {
         let filled = |text: &str| {
             let text = text.trim();
@@ -132,7 +135,7 @@ impl ComposeForm {
             body: self.body.clone(),
             state: filled(&self.state),
             incident: filled(&self.incident),
-            next_update_in: promise_wait(&self.next_update, now)?,
+            next_update_in: promise_wait(&self.next_update, now, zone)?,
             orders,
             // Every channel chosen is "every channel", as `crier send` without --channel.
             channels: if chosen.len() == channels.len() {
@@ -144,9 +147,9 @@ impl ComposeForm {
     }
 }
 
-/// "2h", "in 90 minutes", or a time like "16:30" (UTC, the next one to come), as the wait
-/// `next_update_in` takes.
-fn promise_wait(typed: &str, now: DateTime<Utc>) -> Result<Option<String>, String> {
+/// "2h", "in 90 minutes", or a time like "16:30" (in the site's time zone, the next one to
+/// come), as the wait `next_update_in` takes.
+fn promise_wait(typed: &str, now: DateTime<Utc>, zone: Tz) -> Result<Option<String>, String> {
     let typed = typed.trim();
     let typed = typed.strip_prefix("in ").unwrap_or(typed).trim();
     if typed.is_empty() {
@@ -155,10 +158,14 @@ fn promise_wait(typed: &str, now: DateTime<Utc>) -> Result<Option<String>, Strin
     let Ok(time) = NaiveTime::parse_from_str(typed, "%H:%M") else {
         return Ok(Some(typed.to_owned()));
     };
-    let mut due = now.date_naive().and_time(time).and_utc();
-    if due <= now {
-        due += Span::days(1);
-    }
+    let today = now.with_timezone(&zone).date_naive();
+    let due = [today, today + Span::days(1)]
+        .into_iter()
+        // A clock change may skip the time (none that day) or repeat it (the earlier one).
+        .filter_map(|day| zone.from_local_datetime(&day.and_time(time)).earliest())
+        .map(|due| due.with_timezone(&Utc))
+        .find(|due| *due > now)
+        .ok_or_else(|| format!("{typed} does not come in the next two days in {zone}"))?;
     let minutes = (due - now).num_minutes();
     if minutes < 1 {
         return Err(format!("{typed} is less than a minute away"));
@@ -225,7 +232,9 @@ mod tests {
 
     #[test]
     fn every_channel_and_everyone_ask_for_nothing_narrower() {
-        let request = form().to_request(&channels(), noon()).unwrap();
+        let request = form()
+            .to_request(&channels(), noon(), chrono_tz::UTC)
+            .unwrap();
         assert_eq!(request.headline.as_deref(), Some("Activations delayed"));
         assert!(request.channels.is_empty());
         assert!(request.orders.is_empty());
@@ -237,16 +246,19 @@ mod tests {
     fn a_choice_of_channels_is_kept_in_the_configured_order() {
         let mut form = form();
         form.channels = vec!["status".into(), "email".into()];
-        let request = form.to_request(&channels(), noon()).unwrap();
+        let request = form
+            .to_request(&channels(), noon(), chrono_tz::UTC)
+            .unwrap();
         assert_eq!(request.channels, vec!["email", "status"]);
         form.channels.clear();
         assert_eq!(
-            form.to_request(&channels(), noon()).unwrap_err(),
+            form.to_request(&channels(), noon(), chrono_tz::UTC)
+                .unwrap_err(),
             "choose at least one channel"
         );
         form.channels = vec!["fax".into()];
         assert!(
-            form.to_request(&channels(), noon())
+            form.to_request(&channels(), noon(), chrono_tz::UTC)
                 .unwrap_err()
                 .contains("'fax'")
         );
@@ -257,13 +269,18 @@ mod tests {
         let mut form = form();
         form.audience = "orders".into();
         form.orders = "AB-1001, AB-1002\nAB-1003;\"AB-1004\"  ".into();
-        let request = form.to_request(&channels(), noon()).unwrap();
+        let request = form
+            .to_request(&channels(), noon(), chrono_tz::UTC)
+            .unwrap();
         assert_eq!(
             request.orders,
             vec!["AB-1001", "AB-1002", "AB-1003", "AB-1004"]
         );
         form.orders = " \n ".into();
-        assert!(form.to_request(&channels(), noon()).is_err());
+        assert!(
+            form.to_request(&channels(), noon(), chrono_tz::UTC)
+                .is_err()
+        );
     }
 
     #[test]
@@ -272,23 +289,37 @@ mod tests {
         form.audience = "file".into();
         form.orders_file = "order,email\nAB-1001,ann@example.com\n\n\"AB-1002\",x\nAB-1003".into();
         form.orders_file_name = "orders.csv".into();
-        let request = form.to_request(&channels(), noon()).unwrap();
+        let request = form
+            .to_request(&channels(), noon(), chrono_tz::UTC)
+            .unwrap();
         assert_eq!(request.orders, vec!["AB-1001", "AB-1002", "AB-1003"]);
         form.orders_file = "order\n".into();
         assert_eq!(
-            form.to_request(&channels(), noon()).unwrap_err(),
+            form.to_request(&channels(), noon(), chrono_tz::UTC)
+                .unwrap_err(),
             "orders.csv holds no order number"
         );
     }
 
     #[test]
     fn a_promise_is_a_wait_or_the_next_such_time_of_day() {
-        assert_eq!(promise_wait("", noon()), Ok(None));
-        assert_eq!(promise_wait("2h", noon()), Ok(Some("2h".into())));
-        assert_eq!(promise_wait("in 90m", noon()), Ok(Some("90m".into())));
-        assert_eq!(promise_wait("16:30", noon()), Ok(Some("270m".into())));
+        let utc = chrono_tz::UTC;
+        assert_eq!(promise_wait("", noon(), utc), Ok(None));
+        assert_eq!(promise_wait("2h", noon(), utc), Ok(Some("2h".into())));
+        assert_eq!(promise_wait("in 90m", noon(), utc), Ok(Some("90m".into())));
+        assert_eq!(promise_wait("16:30", noon(), utc), Ok(Some("270m".into())));
         // A time already past today is tomorrow's.
-        assert_eq!(promise_wait("11:00", noon()), Ok(Some("1380m".into())));
+        assert_eq!(promise_wait("11:00", noon(), utc), Ok(Some("1380m".into())));
+        // In the site's zone: noon UTC is 13:00 in Paris in November.
+        let paris = chrono_tz::Europe::Paris;
+        assert_eq!(
+            promise_wait("16:30", noon(), paris),
+            Ok(Some("210m".into()))
+        );
+        assert_eq!(
+            promise_wait("12:30", noon(), paris),
+            Ok(Some("1410m".into()))
+        );
     }
 
     #[test]
@@ -296,7 +327,8 @@ mod tests {
         let mut form = form();
         form.audience = "martians".into();
         assert_eq!(
-            form.to_request(&channels(), noon()).unwrap_err(),
+            form.to_request(&channels(), noon(), chrono_tz::UTC)
+                .unwrap_err(),
             "'martians' is not an audience"
         );
     }

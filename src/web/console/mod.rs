@@ -462,6 +462,8 @@ struct ComposeView {
     orders: String,
     channels: Vec<ChannelOption>,
     error: Option<String>,
+    /// The site's time zone, which a promised time of day is in.
+    time_zone: &'static str,
     #[serde(flatten)]
     previews: PreviewsView,
 }
@@ -663,6 +665,7 @@ async fn compose_view(
         orders: form.orders.clone(),
         channels,
         error,
+        time_zone: app.config.brand.time_zone.name(),
         previews,
     }
 }
@@ -673,7 +676,11 @@ async fn preview(shared: &Shared, session: &Session, form: &ComposeForm) -> Prev
         return PreviewsView::default();
     }
     let app = shared.console.api.app();
-    let request = match form.to_request(&shared.console.channel_ids(), Utc::now()) {
+    let request = match form.to_request(
+        &shared.console.channel_ids(),
+        Utc::now(),
+        app.config.brand.time_zone,
+    ) {
         Ok(request) => request,
         Err(reason) => return PreviewsView::failed(reason),
     };
@@ -772,7 +779,8 @@ async fn read_compose_form(request: Request, shared: &Shared) -> Result<ComposeF
 /// Sends the form's update through the same path as `POST /api/updates`; the form's key
 /// makes a second press of Send (or the browser resubmitting) answer with the first update.
 async fn send(shared: &Shared, session: &Session, form: &ComposeForm) -> Result<Ulid, String> {
-    let request = form.to_request(&shared.console.channel_ids(), Utc::now())?;
+    let zone = shared.console.api.app().config.brand.time_zone;
+    let request = form.to_request(&shared.console.channel_ids(), Utc::now(), zone)?;
     let bytes = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
     let key = (!form.key.trim().is_empty()).then(|| format!("console:{}", form.key.trim()));
     let AcceptAnswer { body, .. } = accept_update(
