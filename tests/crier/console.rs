@@ -601,3 +601,95 @@ async fn a_browser_signs_in_types_past_the_sms_limit_sends_and_watches_the_progr
     crate::subscribe::stop(server).await;
     drop(browser);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_listed_with_its_reason_and_retried_from_the_progress_page() {
+    use crate::support::{Answer, WebhookSink};
+    // The partner refuses the first POST for good (400), and takes the retry.
+    let partner = WebhookSink::start(&[Answer::status(400)]).await;
+    let (crier, _smtp, _twilio, _) = console_crier().await;
+    let crier = crier.webhook(&partner.url, "");
+    let server = serve(&crier).await;
+    let base = &server.base;
+    let session = sign_in(&server).await;
+    let (_, csrf, key) = compose_page(&server, &session).await;
+    let sent = client()
+        .post(format!("{base}/admin/compose"))
+        .header("cookie", &session)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("key", key.as_str()),
+            ("headline", "Activations delayed"),
+            ("body", "We are on it."),
+            ("audience", "everyone"),
+            ("channel", "partners"),
+            ("action", "send"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 303);
+    let progress = format!("{base}{}", sent.headers()["location"].to_str().unwrap());
+    let page = |url: String| {
+        let session = session.clone();
+        async move {
+            client()
+                .get(url)
+                .header("cookie", session)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let mut shown = String::new();
+    for _ in 0..100 {
+        shown = page(format!("{progress}/progress")).await;
+        if shown.contains("data-final=\"true\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        shown.contains("every delivery is final, and 1 failed"),
+        "{shown}"
+    );
+    assert!(shown.contains("id=\"retry-dead\""), "{shown}");
+    assert!(shown.contains("id=\"failures-link\""), "{shown}");
+
+    let failures = page(format!("{progress}/failures")).await;
+    assert!(
+        failures.contains("partners") && failures.contains("dead"),
+        "{failures}"
+    );
+    assert!(
+        failures.contains("400"),
+        "the partner's answer is the reason: {failures}"
+    );
+
+    let retried = client()
+        .post(format!("{progress}/retry"))
+        .header("cookie", &session)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 303);
+    assert!(
+        wait_until(Duration::from_secs(10), || partner.received().len() == 2).await,
+        "the dead letter was sent again"
+    );
+    let mut after = String::new();
+    for _ in 0..100 {
+        after = page(format!("{progress}/progress")).await;
+        if after.contains("Done: every delivery is final.") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(after.contains("Done: every delivery is final."), "{after}");
+    assert!(!after.contains("retry-dead"), "{after}");
+    crate::subscribe::stop(server).await;
+}
