@@ -99,6 +99,7 @@ macro_rules! conformance {
             an_idempotent_accept_remembers_its_answer_and_a_second_one_accepts_nothing,
             provider_reports_are_kept_and_undelivered_ones_in_a_row_stop_the_contact,
             a_sent_alert_is_remembered_by_its_key,
+            a_form_request_stores_a_pending_follower_and_never_changes_a_confirmed_or_stopped_one,
         );
     };
     (@tests $backend:ident, $open:expr; $($test:ident),* $(,)?) => {
@@ -1949,4 +1950,71 @@ async fn a_sent_alert_is_remembered_by_its_key(store: &dyn Store) {
         None,
         "each stage on its own"
     );
+}
+
+async fn a_form_request_stores_a_pending_follower_and_never_changes_a_confirmed_or_stopped_one(
+    store: &dyn Store,
+) {
+    use crate::domain::SubscriberState;
+    use crate::store::FormRequest;
+    let ann = contact("ann@example.com");
+    let asked = store
+        .request_subscription(&ann, &order("AB-1001"), "email", at(0))
+        .await
+        .unwrap();
+    assert_eq!(asked, FormRequest::AskToConfirm);
+    let stored = store
+        .subscriber(&ann)
+        .await
+        .unwrap()
+        .expect("stored at once");
+    assert_eq!(stored.state, SubscriberState::Pending);
+    assert!(stored.orders.contains(&order("AB-1001")));
+    assert_eq!(store.subscriber_count().await.unwrap(), 1);
+
+    // Confirmed: the same order again sends nothing; another waits for its link.
+    store
+        .subscribe(&ann, &order("AB-1001"), true, at(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .request_subscription(&ann, &order("AB-1001"), "email", at(2))
+            .await
+            .unwrap(),
+        FormRequest::AlreadyFollowing
+    );
+    assert_eq!(
+        store
+            .request_subscription(&ann, &order("AB-1002"), "email", at(3))
+            .await
+            .unwrap(),
+        FormRequest::AskToConfirm
+    );
+    let ann_now = store.subscriber(&ann).await.unwrap().unwrap();
+    assert_eq!(ann_now.state, SubscriberState::Confirmed);
+    assert!(
+        !ann_now.orders.contains(&order("AB-1002")),
+        "a form does not change what a confirmed contact receives"
+    );
+
+    // A phone that unsubscribed is never texted from a form, and stays unsubscribed.
+    let phone = contact("+447700900123");
+    store
+        .subscribe(&phone, &order("AB-1001"), true, at(4))
+        .await
+        .unwrap();
+    store.unsubscribe(&phone, None, at(5)).await.unwrap();
+    assert_eq!(
+        store
+            .request_subscription(&phone, &order("AB-1001"), "sms", at(6))
+            .await
+            .unwrap(),
+        FormRequest::MustNotMessage
+    );
+    assert_eq!(
+        store.subscriber(&phone).await.unwrap().unwrap().state,
+        SubscriberState::Unsubscribed
+    );
+    assert_eq!(store.subscriber_count().await.unwrap(), 2);
 }

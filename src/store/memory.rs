@@ -4,8 +4,8 @@
 //! moment it is made; the dispatcher tests use it.
 
 use super::{
-    Cursor, DeliveryFilter, IdempotentAnswer, Page, PlanState, Recorded, Store, StoreError,
-    Subscribed, Subscription, apply_report, apply_subscription,
+    Cursor, DeliveryFilter, FormRequest, IdempotentAnswer, Page, PlanState, Recorded, Store,
+    StoreError, Subscribed, Subscription, apply_report, apply_subscription,
 };
 use crate::clock;
 use crate::delivery::{
@@ -596,6 +596,23 @@ impl Store for MemoryStore {
         now: DateTime<Utc>,
     ) -> Result<Subscriber, StoreError> {
         Ok(self.with(|state| state.subscribe(contact, order, confirmed, now)))
+    }
+
+    async fn request_subscription(
+        &self,
+        contact: &Contact,
+        order: &OrderNumber,
+        channel: &str,
+        now: DateTime<Utc>,
+    ) -> Result<FormRequest, StoreError> {
+        Ok(self.with(|state| {
+            let existing = state.subscribers.get(contact.as_str()).cloned();
+            let (request, store) = FormRequest::decide(existing.as_ref(), order, channel);
+            if store {
+                state.subscribe(contact, order, false, now);
+            }
+            request
+        }))
     }
 
     async fn subscribe_batch(

@@ -25,7 +25,9 @@ use crate::config::StoreSettings;
 use crate::delivery::{
     Counts, DeliveryKey, DeliveryRecord, DeliveryState, Outcome, ProviderReport, ReportedOutcome,
 };
-use crate::domain::{Audience, Contact, Incident, OrderNumber, Subscriber, Update};
+use crate::domain::{
+    Audience, Contact, Incident, OrderNumber, Subscriber, SubscriberState, Update,
+};
 use crate::error::ErrorKind;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -97,6 +99,47 @@ pub struct PlanState {
     pub cursor: Option<Cursor>,
     pub broadcast_planned: bool,
     pub done: bool,
+}
+
+/// What the subscribe form's request for one contact came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FormRequest {
+    /// Stored as a pending follower (or, already confirmed, left as it is until the link is
+    /// followed): send it a confirm link.
+    AskToConfirm,
+    /// It already follows the order, confirmed: nothing to send.
+    AlreadyFollowing,
+    /// A form anyone can fill in must not message it: a phone that unsubscribed (only a
+    /// support link brings it back), or a contact stopped on the channel.
+    MustNotMessage,
+}
+
+impl FormRequest {
+    /// How every backend decides a form's request: what it comes to, and whether the contact
+    /// is stored as a pending follower of the order.
+    pub fn decide(
+        existing: Option<&Subscriber>,
+        order: &OrderNumber,
+        channel: &str,
+    ) -> (Self, bool) {
+        let Some(subscriber) = existing else {
+            return (FormRequest::AskToConfirm, true);
+        };
+        let phone = matches!(subscriber.contact, Contact::Phone(_));
+        if (phone && subscriber.state == SubscriberState::Unsubscribed)
+            || subscriber.stopped_on.contains(channel)
+        {
+            return (FormRequest::MustNotMessage, false);
+        }
+        if subscriber.state == SubscriberState::Confirmed {
+            // A form must not change what a confirmed contact receives: the link adds the order.
+            if subscriber.orders.contains(order) {
+                return (FormRequest::AlreadyFollowing, false);
+            }
+            return (FormRequest::AskToConfirm, false);
+        }
+        (FormRequest::AskToConfirm, true)
+    }
 }
 
 /// One row of a bulk import: follow `order` with `contact`.
@@ -249,6 +292,19 @@ pub trait Store: Send + Sync + 'static {
         confirmed: bool,
         now: DateTime<Utc>,
     ) -> Result<Subscriber, StoreError>;
+
+    /// The subscribe form's request that `contact` follow `order`, decided by
+    /// [`FormRequest::decide`] (`channel` is the one its confirmation goes through) and stored
+    /// in one step. Durable on return whatever it decided, so the answer to the form comes
+    /// after the pending subscriber is safe, and how long it takes tells nothing about what the
+    /// store holds.
+    async fn request_subscription(
+        &self,
+        contact: &Contact,
+        order: &OrderNumber,
+        channel: &str,
+        now: DateTime<Utc>,
+    ) -> Result<FormRequest, StoreError>;
 
     /// Applies many subscriptions at once, in order, with one durable commit: what a bulk
     /// import writes. Returns what each row changed.

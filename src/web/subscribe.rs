@@ -3,8 +3,10 @@
 //! mail scanner that follows every link confirms nothing.
 //!
 //! The form tells an attacker nothing: its answer is the same page whether or not the order
-//! is followed or the contact known, and confirmations go out in the background, so neither
-//! the page nor its timing depends on what the store holds. It is protected by a double-submit
+//! is followed or the contact known. It comes once the pending subscriber is durable, through
+//! one store step that writes and flushes alike whatever it finds, and confirmations go out in
+//! the background, so neither the page nor its timing depends on what the store holds. It is
+//! protected by a double-submit
 //! CSRF token (an HttpOnly, SameSite=Strict cookie and a hidden field, both signed with the
 //! link secret), a honeypot field, and limits on confirmations per client address and per
 //! contact: an SMS costs money, and a form that sends them is a target for SMS pumping.
@@ -18,6 +20,7 @@ use crate::domain::{
 };
 use crate::links::{LinkMaker, LinkSubject, Links};
 use crate::render::{BrandView, Renderer, human_time};
+use crate::store::FormRequest;
 use axum::Form;
 use axum::body::Bytes;
 use axum::extract::connect_info::ConnectInfo;
@@ -548,66 +551,74 @@ pub(super) async fn subscribe(
         email.and_then(Result::ok).map(Contact::Email),
         phone.and_then(Result::ok).map(Contact::Phone),
     ];
+    let subscriptions = &shared.subscriptions;
+    let mut to_ask = Vec::new();
     for contact in contacts.into_iter().flatten() {
-        // In the background: the answer, and how long it takes, must not depend on what the
-        // store holds or on how fast a provider answers.
+        let masked = contact.masked();
+        let Some(channel) = subscriptions.channel_for(&contact) else {
+            tracing::warn!(contact = %masked, "no channel can send this contact a confirmation");
+            continue;
+        };
+        // Durable before the answer: a customer told "thank you" is on file even if the
+        // server dies next. The store decides and writes in one step that takes as long
+        // whatever it holds.
+        match shared
+            .store
+            .request_subscription(&contact, &order, &channel.id, Utc::now())
+            .await
+        {
+            Ok(FormRequest::AskToConfirm) => to_ask.push((contact, channel.clone())),
+            Ok(FormRequest::AlreadyFollowing) => {
+                tracing::info!(contact = %masked, %order, "confirmation not sent: already confirmed");
+            }
+            Ok(FormRequest::MustNotMessage) => {
+                tracing::info!(contact = %masked, channel = %channel.id, "confirmation not sent: the contact must not be messaged from a form");
+            }
+            Err(error) => {
+                tracing::error!(%error, contact = %masked, "cannot store the pending subscriber");
+                return shared.fresh_form(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    FormView {
+                        order: kept(&form.order),
+                        email: kept(&form.email),
+                        phone: kept(&form.phone),
+                        form_error: Some(
+                            "We could not take your request just now. Please send it again in a minute."
+                                .into(),
+                        ),
+                        ..FormView::default()
+                    },
+                );
+            }
+        }
+    }
+    for (contact, channel) in to_ask {
+        // In the background: the answer, and how long it takes, must not depend on the limits
+        // or on how fast a provider answers.
         let (shared, client, order) = (shared.clone(), client.clone(), order.clone());
-        tokio::spawn(async move { request_confirmation(&shared, &client, &order, &contact).await });
+        tokio::spawn(async move {
+            send_confirmation(&shared, &client, &order, &contact, &channel).await
+        });
     }
     shared.form_page(StatusCode::OK, sent)
 }
 
-/// Stores `contact` as a pending follower of `order` and sends it a confirm link, within the
-/// limits. Everything that goes wrong is logged (the contact masked, never the link).
-async fn request_confirmation(
+/// Sends `contact` a confirm link for `order` through `channel`, within the limits. Everything
+/// that goes wrong is logged (the contact masked, never the link).
+async fn send_confirmation(
     shared: &Shared,
     client: &str,
     order: &OrderNumber,
     contact: &Contact,
+    channel: &ConfiguredChannel,
 ) {
     let subscriptions = &shared.subscriptions;
     let masked = contact.masked();
-    let Some(channel) = subscriptions.channel_for(contact) else {
-        tracing::warn!(contact = %masked, "no channel can send this contact a confirmation");
-        return;
-    };
     if !subscriptions.limits.allow(client, contact, Instant::now()) {
         tracing::warn!(contact = %masked, client, "confirmation not sent: over the limit");
         return;
     }
     let now = Utc::now();
-    let existing = match shared.store.subscriber(contact).await {
-        Ok(existing) => existing,
-        Err(error) => {
-            tracing::error!(%error, contact = %masked, "cannot read the subscriber");
-            return;
-        }
-    };
-    if let Some(subscriber) = &existing {
-        // A phone that unsubscribed (STOP) gets no text from a form anyone can fill in: only
-        // a support link, which confirms without messaging it, brings it back.
-        if matches!(contact, Contact::Phone(_)) && subscriber.state == SubscriberState::Unsubscribed
-        {
-            tracing::info!(contact = %masked, "confirmation not sent: the phone unsubscribed");
-            return;
-        }
-        if subscriber.stopped_on.contains(&channel.id) {
-            // It replied STOP, or its provider said it cannot be reached: never message it.
-            tracing::info!(contact = %masked, channel = %channel.id, "confirmation not sent: stopped on the channel");
-            return;
-        }
-        if subscriber.state == SubscriberState::Confirmed && subscriber.orders.contains(order) {
-            tracing::info!(contact = %masked, %order, "confirmation not sent: already confirmed");
-            return;
-        }
-    }
-    // A confirmed contact follows a new order only once the link is followed: a form anyone
-    // can fill in must not change what a confirmed contact receives.
-    let confirmed = existing.is_some_and(|s| s.state == SubscriberState::Confirmed);
-    if !confirmed && let Err(error) = shared.store.subscribe(contact, order, false, now).await {
-        tracing::error!(%error, contact = %masked, "cannot store the pending subscriber");
-        return;
-    }
     let confirm_url = subscriptions
         .links
         .confirm_url(contact, order, now, CONFIRM_TTL);

@@ -204,6 +204,33 @@ async fn a_customer_subscribes_confirms_with_a_post_and_then_receives_updates() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_thanked_by_the_form_survives_a_kill_9_right_after_the_answer() {
+    let (crier, _smtp) = email_crier();
+    let mut server = serve(&crier).await;
+    let answer = submit(
+        &server,
+        &[
+            ("order", "AB-1001"),
+            ("email", "ann@example.com"),
+            ("phone", "+447700900123"),
+        ],
+    )
+    .await;
+    assert_eq!(answer.status(), 200);
+    assert!(answer.text().await.unwrap().contains("Thank you"));
+    // No grace: the process dies the moment the answer is read.
+    server.child.start_kill().unwrap();
+    server.child.wait().await.unwrap();
+    let ann = subscriber(&crier, "ann@example.com")
+        .await
+        .expect("the email was stored before the answer");
+    assert_eq!(ann.state, SubscriberState::Pending);
+    assert_eq!(ann.orders.len(), 1);
+    // The phone has no SMS channel to confirm it through, so it is not asked (nor stored).
+    assert!(subscriber(&crier, "+447700900123").await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_answer_is_the_same_whether_or_not_the_order_and_contact_are_known() {
     let (crier, _smtp) = email_crier();
     crier.subscribe("AB-1001", "ann@example.com").await;

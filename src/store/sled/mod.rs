@@ -10,8 +10,8 @@ mod outbox;
 mod thread;
 
 use super::{
-    Cursor, DeliveryFilter, IdempotentAnswer, Page, PlanState, Recorded, Store, StoreError,
-    Subscribed, Subscription, apply_subscription,
+    Cursor, DeliveryFilter, FormRequest, IdempotentAnswer, Page, PlanState, Recorded, Store,
+    StoreError, Subscribed, Subscription, apply_subscription,
 };
 use crate::config::StoreSettings;
 use crate::delivery::{Counts, DeliveryKey, DeliveryRecord, Outcome};
@@ -598,6 +598,26 @@ impl Store for SledStore {
         let (contact, order) = (contact.clone(), order.clone());
         self.write(move |trees| trees.subscribe(&contact, &order, confirmed, now))
             .await
+    }
+
+    async fn request_subscription(
+        &self,
+        contact: &Contact,
+        order: &OrderNumber,
+        channel: &str,
+        now: DateTime<Utc>,
+    ) -> Result<FormRequest, StoreError> {
+        let (contact, order, channel) = (contact.clone(), order.clone(), channel.to_owned());
+        // A write even when nothing changes: it returns after the shared flush like any other.
+        self.write(move |trees| {
+            let existing = trees.subscriber(&contact)?;
+            let (request, store) = FormRequest::decide(existing.as_ref(), &order, &channel);
+            if store {
+                trees.subscribe(&contact, &order, false, now)?;
+            }
+            Ok(request)
+        })
+        .await
     }
 
     async fn subscribe_batch(
