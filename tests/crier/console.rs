@@ -269,6 +269,20 @@ async fn signing_in_refuses_a_wrong_token_a_missing_csrf_token_and_a_cross_site_
             .unwrap()
             .contains("Max-Age=0")
     );
+    let fragment = client()
+        .get(format!(
+            "{base}/admin/updates/01ARZ3NDEKTSV4RRFFQ69G5FAV/progress"
+        ))
+        .header("cookie", &session)
+        .header("x-crier-fragment", "progress")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        fragment.status(),
+        401,
+        "the script is told, not sent to sign in"
+    );
     let after = client()
         .get(format!("{base}/admin"))
         .header("cookie", &session)
@@ -353,6 +367,20 @@ async fn without_javascript_preview_shows_every_channel_and_send_goes_once_to_pr
     // Pressing Send again (the browser resubmitting) answers with the same update.
     let again = post(form("We are on it.", "send")).await.unwrap();
     assert_eq!(again.headers()["location"].to_str().unwrap(), progress);
+    // Back on the sent page, the lead changes the text: that is a new update, asked for again.
+    let changed = post(form("We are on it. Really.", "send")).await.unwrap();
+    assert_eq!(changed.status(), 422);
+    let changed = changed.text().await.unwrap();
+    assert!(changed.contains("already sent an update"), "{changed}");
+    assert!(
+        changed.contains("We are on it. Really."),
+        "the text is kept: {changed}"
+    );
+    assert_ne!(
+        field(&changed, "key"),
+        key,
+        "a fresh key for the new update"
+    );
 
     let fragment = format!("{base}{progress}/progress");
     let mut done = String::new();

@@ -225,6 +225,11 @@ impl ApiError {
         }
     }
 
+    /// The stable code: `invalid`, `idempotency_key_reused`…
+    pub(crate) fn code(&self) -> &'static str {
+        self.error
+    }
+
     /// What went wrong, in words.
     pub(crate) fn detail(&self) -> &str {
         &self.detail

@@ -22,6 +22,9 @@
         credentials: "same-origin",
         headers: { "X-Crier-Fragment": "previews" }
       }).then(function (answer) {
+        if (answer.status === 401) {
+          throw new Error("your session has ended: sign in again in another tab, your text stays here");
+        }
         if (!answer.ok) { throw new Error("the preview answered " + answer.status); }
         return answer.text();
       }).then(function (html) {
@@ -53,16 +56,28 @@
     }
     function poll() {
       if (isFinal()) { return; }
-      fetch(url, { credentials: "same-origin" }).then(function (answer) {
+      fetch(url, { credentials: "same-origin", headers: { "X-Crier-Fragment": "progress" } }).then(function (answer) {
+        if (answer.status === 401) { signedOut(); return null; }
         if (!answer.ok) { throw new Error(String(answer.status)); }
         return answer.text();
       }).then(function (html) {
+        if (html === null) { return; }
         section.innerHTML = html;
         setTimeout(poll, 1000);
       }).catch(function () {
         // The server may be restarting: try again a little later.
         setTimeout(poll, 3000);
       });
+    }
+    function signedOut() {
+      var state = document.getElementById("progress-state");
+      if (state) {
+        state.textContent = "Your session has ended: sign in again to follow the progress. ";
+        var link = document.createElement("a");
+        link.href = "/admin/login";
+        link.textContent = "Sign in";
+        state.appendChild(link);
+      }
     }
     setTimeout(poll, 1000);
   }

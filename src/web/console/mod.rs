@@ -162,6 +162,10 @@ async fn require_session(
         .current(request.headers(), Utc::now())
         .filter(|session| console.api.still_holds(&session.name, &session.fingerprint));
     let Some(session) = session else {
+        // The script's requests get a status it can act on, not the sign-in page to paste in.
+        if request.headers().contains_key("x-crier-fragment") {
+            return (StatusCode::UNAUTHORIZED, "signed out\n").into_response();
+        }
         if request.method() == Method::GET {
             return Redirect::to("/admin/login").into_response();
         }
@@ -304,8 +308,8 @@ fn static_file(body: &'static str, content_type: &'static str) -> Response {
     (
         [
             (header::CONTENT_TYPE, content_type),
-            // Built into the binary: it changes only with crier, so an hour is safe.
-            (header::CACHE_CONTROL, "public, max-age=3600"),
+            // Built into the binary: it changes only when crier is upgraded, so a few minutes.
+            (header::CACHE_CONTROL, "public, max-age=300"),
         ],
         body,
     )
@@ -749,7 +753,18 @@ async fn compose(
     }
     match send(&shared, &session, &form).await {
         Ok(update) => Redirect::to(&format!("/admin/updates/{update}")).into_response(),
-        Err(reason) => {
+        Err(refusal) => {
+            let mut form = form;
+            let reason = match refusal {
+                SendRefusal::Invalid(reason) => reason,
+                SendRefusal::AlreadySent => {
+                    // A fresh key, so pressing Send again sends this text as a new update.
+                    form.key = form_key();
+                    "This page already sent an update, and its text has changed since. Press \
+                     Send again to send this one as a new update."
+                        .to_owned()
+                }
+            };
             let previews = preview(&shared, &session, &form).await;
             let view = compose_view(&shared, &session, &form, Some(reason), previews).await;
             console.render(StatusCode::UNPROCESSABLE_ENTITY, "compose", &view)
@@ -778,10 +793,12 @@ async fn read_compose_form(request: Request, shared: &Shared) -> Result<ComposeF
 
 /// Sends the form's update through the same path as `POST /api/updates`; the form's key
 /// makes a second press of Send (or the browser resubmitting) answer with the first update.
-async fn send(shared: &Shared, session: &Session, form: &ComposeForm) -> Result<Ulid, String> {
+async fn send(shared: &Shared, session: &Session, form: &ComposeForm) -> Result<Ulid, SendRefusal> {
     let zone = shared.console.api.app().config.brand.time_zone;
-    let request = form.to_request(&shared.console.channel_ids(), Utc::now(), zone)?;
-    let bytes = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+    let request = form
+        .to_request(&shared.console.channel_ids(), Utc::now(), zone)
+        .map_err(SendRefusal::Invalid)?;
+    let bytes = serde_json::to_vec(&request).map_err(|e| SendRefusal::Invalid(e.to_string()))?;
     let key = (!form.key.trim().is_empty()).then(|| format!("console:{}", form.key.trim()));
     let AcceptAnswer { body, .. } = accept_update(
         &shared.console.api,
@@ -791,9 +808,25 @@ async fn send(shared: &Shared, session: &Session, form: &ComposeForm) -> Result<
         key,
     )
     .await
-    .map_err(|error| error.detail().to_owned())?;
-    let accepted: Accepted = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-    Ulid::from_string(&accepted.update).map_err(|e| e.to_string())
+    .map_err(|error| {
+        if error.code() == "idempotency_key_reused" {
+            // The page was sent once already and then changed (the lead went back to it).
+            SendRefusal::AlreadySent
+        } else {
+            SendRefusal::Invalid(error.detail().to_owned())
+        }
+    })?;
+    let accepted: Accepted =
+        serde_json::from_str(&body).map_err(|e| SendRefusal::Invalid(e.to_string()))?;
+    Ulid::from_string(&accepted.update).map_err(|e| SendRefusal::Invalid(e.to_string()))
+}
+
+/// Why Send stored nothing.
+enum SendRefusal {
+    /// The update is refused, in words: over a channel's limit, a bad order number…
+    Invalid(String),
+    /// This page's form already sent a different update.
+    AlreadySent,
 }
 
 // ---- progress --------------------------------------------------------------------------------
