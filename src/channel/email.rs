@@ -120,6 +120,84 @@ pub struct EmailChannel {
     from: Mailbox,
     renderer: Arc<Renderer>,
     sender: Sender,
+    rendered: RenderedOnce,
+}
+
+/// Where a recipient's own contact goes in parts rendered once for many recipients.
+const CONTACT_MARK: &str = "\u{E000}crier-contact\u{E001}";
+/// Where a recipient's own unsubscribe link goes.
+const UNSUBSCRIBE_MARK: &str = "\u{E000}crier-unsubscribe\u{E001}";
+/// How many renderings are kept: one per update and number of orders a recipient has.
+const RENDERED_KEPT: usize = 32;
+
+/// Where a recipient's `index`th order goes.
+fn order_mark(index: usize) -> String {
+    format!("\u{E000}crier-order-{index}\u{E001}")
+}
+
+/// The subject, text and HTML of an update rendered once per number of orders a recipient
+/// has, with marks where each recipient's contact, orders and unsubscribe link go, so a send
+/// to many renders its templates a few times instead of three times per recipient. The first
+/// recipient of each rendering checks it: when filling the marks does not give exactly what
+/// rendering for that recipient gives (a template that tests or transforms one of those
+/// values), that rendering is never used and every recipient is rendered on its own.
+#[derive(Default)]
+struct RenderedOnce {
+    kept: std::sync::Mutex<std::collections::VecDeque<(RenderedKey, Option<Arc<Parts>>)>>,
+}
+
+/// The update, and how many orders the recipient has.
+type RenderedKey = (ulid::Ulid, usize);
+type Parts = (String, String, String);
+
+impl RenderedOnce {
+    fn get(&self, key: &RenderedKey) -> Option<Option<Arc<Parts>>> {
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.iter()
+            .find(|(kept_key, _)| kept_key == key)
+            .map(|(_, parts)| parts.clone())
+    }
+
+    fn keep(&self, key: RenderedKey, parts: Option<Arc<Parts>>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.iter().any(|(kept_key, _)| *kept_key == key) {
+            return;
+        }
+        if kept.len() >= RENDERED_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((key, parts));
+    }
+}
+
+/// `marked` with the recipient's own values in place of the marks; escaped for HTML.
+fn fill(marked: &Parts, recipient: &crate::render::RecipientView) -> Parts {
+    let fill_one = |part: &str, escape: bool| {
+        let value = |raw: &str| {
+            if escape {
+                handlebars::html_escape(raw)
+            } else {
+                raw.to_owned()
+            }
+        };
+        let mut filled = part
+            .replace(CONTACT_MARK, &value(&recipient.contact))
+            .replace(UNSUBSCRIBE_MARK, &value(&recipient.unsubscribe_url));
+        for (index, order) in recipient.orders.iter().enumerate() {
+            filled = filled.replace(&order_mark(index), &value(order));
+        }
+        filled
+    };
+    (
+        normalized_subject(&fill_one(&marked.0, false)),
+        fill_one(&marked.1, false),
+        fill_one(&marked.2, true),
+    )
+}
+
+/// A subject on one line, its runs of white space made one space.
+fn normalized_subject(subject: &str) -> String {
+    subject.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl EmailChannel {
@@ -173,17 +251,58 @@ impl EmailChannel {
             from: settings.from.clone(),
             renderer,
             sender,
+            rendered: RenderedOnce::default(),
         })
     }
 
-    fn parts(&self, message: &MessageContext) -> Result<(String, String, String), Rejection> {
-        let render = |name| self.renderer.render(name, message);
-        let subject = render("email.subject")?;
-        let subject = subject.split_whitespace().collect::<Vec<_>>().join(" ");
+    /// The subject, text and HTML for one message, from a rendering shared with the other
+    /// recipients of the same update and orders when there is one (see [`RenderedOnce`]).
+    fn parts(&self, message: &MessageContext) -> Result<Parts, Rejection> {
+        let Some(recipient) = &message.recipient else {
+            return self.render_parts(message);
+        };
+        let key = (message.source.update.id, recipient.orders.len());
+        match self.rendered.get(&key) {
+            Some(Some(marked)) => return Ok(fill(&marked, recipient)),
+            Some(None) => return self.render_parts(message),
+            None => {}
+        }
+        let own = self.render_parts(message)?;
+        let mut marked_message = message.clone();
+        if let Some(marked_recipient) = &mut marked_message.recipient {
+            marked_recipient.contact = CONTACT_MARK.to_owned();
+            marked_recipient.unsubscribe_url = UNSUBSCRIBE_MARK.to_owned();
+            marked_recipient.orders = (0..recipient.orders.len()).map(order_mark).collect();
+        }
+        let shared = self
+            .render_parts_unchecked(&marked_message)
+            .ok()
+            .filter(|marked| fill(marked, recipient) == own)
+            .map(Arc::new);
+        if shared.is_none() {
+            tracing::debug!(update = %key.0, "the email templates render per recipient");
+        }
+        self.rendered.keep(key, shared);
+        Ok(own)
+    }
+
+    fn render_parts(&self, message: &MessageContext) -> Result<Parts, Rejection> {
+        let (subject, text, html) = self.render_parts_unchecked(message)?;
+        let subject = normalized_subject(&subject);
         if subject.is_empty() {
             return Err(Rejection::Invalid("the subject renders empty".into()));
         }
-        Ok((subject, render("email.txt")?, render("email.html")?))
+        Ok((subject, text, html))
+    }
+
+    /// The three templates as they render, the subject as written.
+    fn render_parts_unchecked(&self, message: &MessageContext) -> Result<Parts, Rejection> {
+        let render = |name| self.renderer.render(name, message);
+        Ok((
+            render("email.subject")?,
+            render("email.txt")?,
+            render("email.html")?,
+        ))
     }
 
     /// A hash of the delivery key: the same on every retry.

@@ -241,3 +241,67 @@ async fn deliveries_past_their_retention_are_forgotten_and_their_counts_stay() {
         "the sent delivery itself is forgotten"
     );
 }
+
+/// The parts each recipient gets, as parsed from its message.
+fn parts_of(data: &str) -> (String, String, String) {
+    let message = MessageParser::default().parse(data.as_bytes()).unwrap();
+    (
+        message.subject().unwrap_or_default().to_owned(),
+        message.body_text(0).unwrap().into_owned(),
+        message.body_html(0).unwrap().into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_rendered_once_per_update_still_give_each_recipient_its_own_values() {
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 0);
+    // A template that shows the contact, in the subject and in HTML (where it is escaped).
+    let crier = crier.email(smtp.port, "").with_template(
+        "email.subject.hbs",
+        "{{update.headline}} for {{recipient.contact}}",
+    );
+    std::fs::write(
+        crier.path("templates/email.html.hbs"),
+        "<p>{{update.body}}</p><p>To {{recipient.contact}}, orders {{#each recipient.orders}}<b>{{this}}</b> {{/each}}</p><a href=\"{{recipient.unsubscribe_url}}\">Stop</a>",
+    )
+    .unwrap();
+    crier.subscribe("AB-1001", "ann@example.com").await;
+    crier.subscribe("AB-1002", "o'brien@example.com").await;
+    crier.subscribe("AB-1003", "o'brien@example.com").await;
+    crier.subscribe("AB-1004", "cat@example.com").await;
+    let summary = crier.send(&[], "We're working on it.").await;
+    assert_eq!(summary["channels"]["email"]["sent"], 3);
+
+    let mut seen_links = std::collections::BTreeSet::new();
+    for mail in smtp.messages() {
+        let to = mail.rcpt_tos[0].clone();
+        let (subject, text, html) = parts_of(&mail.data);
+        assert_eq!(subject, format!("Activations delayed for {to}"));
+        let link = raw_header(&mail.data, "List-Unsubscribe")
+            .trim_matches(['<', '>'])
+            .to_owned();
+        assert!(
+            text.contains(&format!("Stop these emails: {link}")),
+            "{text}"
+        );
+        assert!(
+            html.contains(&format!("<a href=\"{link}\">")),
+            "{to}: its own link in {html}"
+        );
+        let escaped = to.replace('\'', "&#x27;");
+        assert!(html.contains(&format!("To {escaped}, orders")), "{html}");
+        let orders: Vec<&str> = match to.as_str() {
+            "ann@example.com" => vec!["AB-1001"],
+            "o'brien@example.com" => vec!["AB-1002", "AB-1003"],
+            _ => vec!["AB-1004"],
+        };
+        let shown: String = orders.iter().map(|o| format!("<b>{o}</b> ")).collect();
+        assert!(html.contains(&shown), "{to}: {html}");
+        assert!(
+            text.contains(&format!("You follow order {}.", orders.join(", "))),
+            "{to}: {text}"
+        );
+        assert!(seen_links.insert(link), "every recipient its own link");
+    }
+}
