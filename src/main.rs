@@ -4,6 +4,13 @@ use clap::Parser;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+/// jemalloc instead of the system allocator: the store's work is mostly allocation (sled's
+/// copy-on-write nodes, JSON records), and glibc's malloc and free were a quarter of an
+/// import's time. Measured side by side on a 300,000-row import: 3.7 s to 2.9 s, for 14 MB
+/// more peak memory (mimalloc was as fast but held twice the memory).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = match crier::cli::Cli::try_parse() {
         Ok(cli) => cli,
