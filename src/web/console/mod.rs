@@ -30,7 +30,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::Utc;
 use form::ComposeForm;
 use handlebars::Handlebars;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::HashMap;
 use ulid::Ulid;
 
@@ -352,11 +352,8 @@ async fn login_page(State(shared): State<Shared>, headers: HeaderMap) -> Respons
     login_form(&shared, StatusCode::OK, None)
 }
 
-#[derive(Deserialize)]
 struct LoginForm {
-    #[serde(default)]
     csrf: String,
-    #[serde(default)]
     token: String,
 }
 
@@ -370,7 +367,7 @@ async fn login(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) ->
             Some("This sign-in came from another site, so it was refused."),
         );
     }
-    let form: LoginForm = serde_urlencoded_form(&body);
+    let form: LoginForm = login_fields(&body);
     if !shared.subscriptions.csrf_holds(&headers, &form.csrf) {
         return login_form(
             &shared,
@@ -393,7 +390,8 @@ async fn login(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) ->
     response
 }
 
-fn serde_urlencoded_form(body: &[u8]) -> LoginForm {
+/// The sign-in form's fields; any other is ignored.
+fn login_fields(body: &[u8]) -> LoginForm {
     let mut form = LoginForm {
         csrf: String::new(),
         token: String::new(),
