@@ -123,31 +123,32 @@ pub struct EmailChannel {
     rendered: RenderedOnce,
 }
 
-/// Where a recipient's own contact goes in parts rendered once for many recipients.
-const CONTACT_MARK: &str = "\u{E000}crier-contact\u{E001}";
-/// Where a recipient's own unsubscribe link goes.
-const UNSUBSCRIBE_MARK: &str = "\u{E000}crier-unsubscribe\u{E001}";
+/// Marks open with this private-use character and close with [`MARK_CLOSE`]; no template or
+/// value of crier's writes either.
+const MARK_OPEN: char = '\u{E000}';
+const MARK_CLOSE: char = '\u{E001}';
 /// How many renderings are kept: one per update and number of orders a recipient has.
 const RENDERED_KEPT: usize = 32;
-
-/// Where a recipient's `index`th order goes.
-fn order_mark(index: usize) -> String {
-    format!("\u{E000}crier-order-{index}\u{E001}")
-}
+/// Recipients with more orders than this are rendered on their own: they are rare, and a
+/// rendering per count of orders would not be shared.
+const MOST_ORDERS_SHARED: usize = 8;
 
 /// The subject, text and HTML of an update rendered once per number of orders a recipient
 /// has, with marks where each recipient's contact, orders and unsubscribe link go, so a send
-/// to many renders its templates a few times instead of three times per recipient. The first
-/// recipient of each rendering checks it: when filling the marks does not give exactly what
-/// rendering for that recipient gives (a template that tests or transforms one of those
-/// values), that rendering is never used and every recipient is rendered on its own.
+/// to many renders its templates a few times instead of three times per recipient.
+///
+/// A rendering is checked before it is used: filling it for the first recipient, and for a
+/// made-up one whose values are full of characters HTML escapes, must give exactly what
+/// rendering for each gives. A template that tests or transforms one of those values, or
+/// prints one unescaped, fails the check, and every recipient is then rendered on its own.
 #[derive(Default)]
 struct RenderedOnce {
     kept: std::sync::Mutex<std::collections::VecDeque<(RenderedKey, Option<Arc<Parts>>)>>,
 }
 
-/// The update, and how many orders the recipient has.
-type RenderedKey = (ulid::Ulid, usize);
+/// A digest of everything the templates see but the recipient (the update, the incident as
+/// it is now, the links, the brand), and how many orders the recipient has.
+type RenderedKey = (u64, usize);
 type Parts = (String, String, String);
 
 impl RenderedOnce {
@@ -158,9 +159,14 @@ impl RenderedOnce {
             .map(|(_, parts)| parts.clone())
     }
 
+    /// Keeps a checked rendering; a failed check (`None`) replaces a passed one, never the
+    /// other way round.
     fn keep(&self, key: RenderedKey, parts: Option<Arc<Parts>>) {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.iter().any(|(kept_key, _)| *kept_key == key) {
+        if let Some(entry) = kept.iter_mut().find(|(kept_key, _)| *kept_key == key) {
+            if parts.is_none() {
+                entry.1 = None;
+            }
             return;
         }
         if kept.len() >= RENDERED_KEPT {
@@ -170,22 +176,60 @@ impl RenderedOnce {
     }
 }
 
-/// `marked` with the recipient's own values in place of the marks; escaped for HTML.
+/// The mark named `name`: `\u{E000}name\u{E001}`.
+fn mark(name: &str) -> String {
+    format!("{MARK_OPEN}{name}{MARK_CLOSE}")
+}
+
+/// `recipient` with marks in place of its values.
+fn marked(recipient: &crate::render::RecipientView) -> crate::render::RecipientView {
+    crate::render::RecipientView {
+        contact: mark("contact"),
+        unsubscribe_url: mark("unsubscribe"),
+        orders: (0..recipient.orders.len())
+            .map(|index| mark(&format!("order-{index}")))
+            .collect(),
+    }
+}
+
+/// `marked` with the recipient's own values in place of the marks, escaped for HTML in the
+/// HTML part. One pass over each part: a value is never searched for marks itself.
 fn fill(marked: &Parts, recipient: &crate::render::RecipientView) -> Parts {
-    let fill_one = |part: &str, escape: bool| {
-        let value = |raw: &str| {
-            if escape {
-                handlebars::html_escape(raw)
-            } else {
-                raw.to_owned()
+    let value_of = |name: &str| -> Option<&str> {
+        match name {
+            "contact" => Some(&recipient.contact),
+            "unsubscribe" => Some(&recipient.unsubscribe_url),
+            _ => {
+                let index: usize = name.strip_prefix("order-")?.parse().ok()?;
+                recipient.orders.get(index).map(String::as_str)
             }
-        };
-        let mut filled = part
-            .replace(CONTACT_MARK, &value(&recipient.contact))
-            .replace(UNSUBSCRIBE_MARK, &value(&recipient.unsubscribe_url));
-        for (index, order) in recipient.orders.iter().enumerate() {
-            filled = filled.replace(&order_mark(index), &value(order));
         }
+    };
+    let fill_one = |part: &str, escape: bool| {
+        let mut filled = String::with_capacity(part.len() + 256);
+        let mut rest = part;
+        while let Some(open) = rest.find(MARK_OPEN) {
+            filled.push_str(&rest[..open]);
+            let after = &rest[open + MARK_OPEN.len_utf8()..];
+            let value = after
+                .find(MARK_CLOSE)
+                .and_then(|close| Some((value_of(&after[..close])?, close)));
+            match value {
+                Some((value, close)) => {
+                    if escape {
+                        filled.push_str(&handlebars::html_escape(value));
+                    } else {
+                        filled.push_str(value);
+                    }
+                    rest = &after[close + MARK_CLOSE.len_utf8()..];
+                }
+                None => {
+                    filled.push(MARK_OPEN);
+                    rest = after;
+                }
+            }
+        }
+        filled.push_str(rest);
         filled
     };
     (
@@ -193,6 +237,33 @@ fn fill(marked: &Parts, recipient: &crate::render::RecipientView) -> Parts {
         fill_one(&marked.1, false),
         fill_one(&marked.2, true),
     )
+}
+
+/// A recipient no one is, whose every value holds what HTML escapes: the second check of a
+/// rendering.
+fn made_up(orders: usize) -> crate::render::RecipientView {
+    crate::render::RecipientView {
+        contact: "check+'&<>\"=@example.invalid".to_owned(),
+        unsubscribe_url: "https://example.invalid/unsubscribe/'&<>\"=".to_owned(),
+        orders: (0..orders)
+            .map(|index| format!("ORDER'&<>\"={index}"))
+            .collect(),
+    }
+}
+
+/// What the key digests: everything the templates see but the recipient.
+fn rendered_key(message: &MessageContext, orders: usize) -> Option<RenderedKey> {
+    use std::hash::{Hash, Hasher};
+    let seen = serde_json::to_vec(&(
+        &message.update,
+        &message.incident,
+        &message.links,
+        &message.brand,
+    ))
+    .ok()?;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    seen.hash(&mut hasher);
+    Some((hasher.finish(), orders))
 }
 
 /// A subject on one line, its runs of white space made one space.
@@ -256,31 +327,39 @@ impl EmailChannel {
     }
 
     /// The subject, text and HTML for one message, from a rendering shared with the other
-    /// recipients of the same update and orders when there is one (see [`RenderedOnce`]).
+    /// recipients of the same update when there is one (see [`RenderedOnce`]).
     fn parts(&self, message: &MessageContext) -> Result<Parts, Rejection> {
         let Some(recipient) = &message.recipient else {
             return self.render_parts(message);
         };
-        let key = (message.source.update.id, recipient.orders.len());
+        let orders = recipient.orders.len();
+        let key = match rendered_key(message, orders) {
+            Some(key) if orders <= MOST_ORDERS_SHARED => key,
+            _ => return self.render_parts(message),
+        };
         match self.rendered.get(&key) {
             Some(Some(marked)) => return Ok(fill(&marked, recipient)),
             Some(None) => return self.render_parts(message),
             None => {}
         }
         let own = self.render_parts(message)?;
-        let mut marked_message = message.clone();
-        if let Some(marked_recipient) = &mut marked_message.recipient {
-            marked_recipient.contact = CONTACT_MARK.to_owned();
-            marked_recipient.unsubscribe_url = UNSUBSCRIBE_MARK.to_owned();
-            marked_recipient.orders = (0..recipient.orders.len()).map(order_mark).collect();
-        }
+        let with = |recipient: crate::render::RecipientView| {
+            let mut other = message.clone();
+            other.recipient = Some(recipient);
+            other
+        };
         let shared = self
-            .render_parts_unchecked(&marked_message)
+            .render_parts_unchecked(&with(marked(recipient)))
             .ok()
             .filter(|marked| fill(marked, recipient) == own)
+            .filter(|marked| {
+                let made_up = made_up(orders);
+                self.render_parts(&with(made_up.clone()))
+                    .is_ok_and(|direct| fill(marked, &made_up) == direct)
+            })
             .map(Arc::new);
         if shared.is_none() {
-            tracing::debug!(update = %key.0, "the email templates render per recipient");
+            tracing::debug!(update = %message.source.update.id, "the email templates render per recipient");
         }
         self.rendered.keep(key, shared);
         Ok(own)
@@ -400,7 +479,9 @@ impl Channel for EmailChannel {
     }
 
     fn render(&self, message: &MessageContext) -> Result<Vec<RenderedPart>, Rejection> {
-        let (subject, text, html) = self.parts(message)?;
+        // A preview renders directly: each draft is an update of its own, so a shared
+        // rendering of it would never be used again.
+        let (subject, text, html) = self.render_parts(message)?;
         Ok(vec![
             RenderedPart {
                 part: "subject".into(),

@@ -2017,4 +2017,30 @@ async fn a_form_request_stores_a_pending_follower_and_never_changes_a_confirmed_
         SubscriberState::Unsubscribed
     );
     assert_eq!(store.subscriber_count().await.unwrap(), 2);
+
+    // A pending contact takes only so many orders from the form.
+    let bob = contact("bob@example.com");
+    for n in 0..crate::store::FORM_PENDING_ORDERS {
+        let asked = store
+            .request_subscription(&bob, &order(&format!("CD-{:04}", n)), "email", at(7))
+            .await
+            .unwrap();
+        assert_eq!(asked, FormRequest::AskToConfirm);
+    }
+    let one_more = store
+        .request_subscription(&bob, &order("CD-9999"), "email", at(8))
+        .await
+        .unwrap();
+    assert_eq!(one_more, FormRequest::MustNotMessage);
+    let again = store
+        .request_subscription(&bob, &order("CD-0000"), "email", at(9))
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        FormRequest::AskToConfirm,
+        "one it follows may be asked again"
+    );
+    let bob_now = store.subscriber(&bob).await.unwrap().unwrap();
+    assert_eq!(bob_now.orders.len(), crate::store::FORM_PENDING_ORDERS);
 }

@@ -138,9 +138,17 @@ impl FormRequest {
             }
             return (FormRequest::AskToConfirm, false);
         }
+        // A form anyone can fill in may not pile orders onto a contact that has not confirmed:
+        // confirming is per contact, so each would be followed once the owner confirms one.
+        if !subscriber.orders.contains(order) && subscriber.orders.len() >= FORM_PENDING_ORDERS {
+            return (FormRequest::MustNotMessage, false);
+        }
         (FormRequest::AskToConfirm, true)
     }
 }
+
+/// The most orders a pending contact may be given through the subscribe form.
+pub const FORM_PENDING_ORDERS: usize = 5;
 
 /// One row of a bulk import: follow `order` with `contact`.
 #[derive(Debug, Clone, PartialEq, Eq)]

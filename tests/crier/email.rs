@@ -305,3 +305,25 @@ async fn templates_rendered_once_per_update_still_give_each_recipient_its_own_va
         assert!(seen_links.insert(link), "every recipient its own link");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_that_prints_the_contact_unescaped_is_rendered_per_recipient() {
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 0);
+    // Triple braces: the contact as it is, unescaped. Filling a shared rendering would escape
+    // it, so the check on a made-up recipient must refuse to share.
+    let crier = crier.email(smtp.port, "").with_template(
+        "email.html.hbs",
+        "<p>{{update.body}}</p><p>To {{{recipient.contact}}}</p><a href=\"{{recipient.unsubscribe_url}}\">Stop</a>",
+    );
+    crier.subscribe("AB-1001", "ann@example.com").await;
+    crier.subscribe("AB-1002", "bob@example.com").await;
+    crier.subscribe("AB-1003", "o'brien@example.com").await;
+    let summary = crier.send(&[], "We're working on it.").await;
+    assert_eq!(summary["channels"]["email"]["sent"], 3);
+    for mail in smtp.messages() {
+        let to = mail.rcpt_tos[0].clone();
+        let (_, _, html) = parts_of(&mail.data);
+        assert!(html.contains(&format!("<p>To {to}</p>")), "{to}: {html}");
+    }
+}

@@ -608,12 +608,22 @@ impl Store for SledStore {
         now: DateTime<Utc>,
     ) -> Result<FormRequest, StoreError> {
         let (contact, order, channel) = (contact.clone(), order.clone(), channel.to_owned());
-        // A write even when nothing changes: it returns after the shared flush like any other.
         self.write(move |trees| {
             let existing = trees.subscriber(&contact)?;
             let (request, store) = FormRequest::decide(existing.as_ref(), &order, &channel);
-            if store {
-                trees.subscribe(&contact, &order, false, now)?;
+            match (store, existing) {
+                (true, _) => {
+                    trees.subscribe(&contact, &order, false, now)?;
+                }
+                // Nothing changes, but the record is written again all the same: sled's flush
+                // returns at once when nothing is dirty, and an answer that came sooner would
+                // tell that the contact is known.
+                (false, Some(existing)) => {
+                    trees
+                        .subscribers
+                        .insert(contact.as_str(), encode(&existing)?)?;
+                }
+                (false, None) => {}
             }
             Ok(request)
         })

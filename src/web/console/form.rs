@@ -148,7 +148,8 @@ impl ComposeForm {
 }
 
 /// "2h", "in 90 minutes", or a time like "16:30" (in the site's time zone, the next one to
-/// come), as the wait `next_update_in` takes.
+/// come), as the wait `next_update_in` takes: whole seconds, rounded up, so the promise reads
+/// the time typed and never the minute before.
 fn promise_wait(typed: &str, now: DateTime<Utc>, zone: Tz) -> Result<Option<String>, String> {
     let typed = typed.trim();
     let typed = typed.strip_prefix("in ").unwrap_or(typed).trim();
@@ -159,18 +160,28 @@ fn promise_wait(typed: &str, now: DateTime<Utc>, zone: Tz) -> Result<Option<Stri
         return Ok(Some(typed.to_owned()));
     };
     let today = now.with_timezone(&zone).date_naive();
-    let due = [today, today + Span::days(1)]
-        .into_iter()
-        // A clock change may skip the time (none that day) or repeat it (the earlier one).
-        .filter_map(|day| zone.from_local_datetime(&day.and_time(time)).earliest())
-        .map(|due| due.with_timezone(&Utc))
-        .find(|due| *due > now)
-        .ok_or_else(|| format!("{typed} does not come in the next two days in {zone}"))?;
-    let minutes = (due - now).num_minutes();
-    if minutes < 1 {
+    let mut due = None;
+    for day in [today, today + Span::days(1)] {
+        // A clock change may repeat the time (the earlier one is meant) or skip it.
+        match zone.from_local_datetime(&day.and_time(time)).earliest() {
+            Some(at) if at.with_timezone(&Utc) > now => {
+                due = Some(at.with_timezone(&Utc));
+                break;
+            }
+            Some(_) => continue,
+            None => {
+                return Err(format!(
+                    "{typed} does not exist on {day} in {zone}: the clocks change then"
+                ));
+            }
+        }
+    }
+    let due = due.ok_or_else(|| format!("{typed} does not come in the next two days"))?;
+    let seconds = ((due - now).num_milliseconds() + 999) / 1000;
+    if seconds < 60 {
         return Err(format!("{typed} is less than a minute away"));
     }
-    Ok(Some(format!("{minutes}m")))
+    Ok(Some(format!("{seconds}s")))
 }
 
 /// Order numbers pasted into the form: separated by lines, spaces, commas or semicolons.
@@ -307,18 +318,40 @@ mod tests {
         assert_eq!(promise_wait("", noon(), utc), Ok(None));
         assert_eq!(promise_wait("2h", noon(), utc), Ok(Some("2h".into())));
         assert_eq!(promise_wait("in 90m", noon(), utc), Ok(Some("90m".into())));
-        assert_eq!(promise_wait("16:30", noon(), utc), Ok(Some("270m".into())));
+        assert_eq!(
+            promise_wait("16:30", noon(), utc),
+            Ok(Some("16200s".into()))
+        );
         // A time already past today is tomorrow's.
-        assert_eq!(promise_wait("11:00", noon(), utc), Ok(Some("1380m".into())));
+        assert_eq!(
+            promise_wait("11:00", noon(), utc),
+            Ok(Some("82800s".into()))
+        );
+        // Never the minute before: part of a second left rounds up.
+        let later = noon() + Span::milliseconds(300);
+        assert_eq!(promise_wait("16:30", later, utc), Ok(Some("16200s".into())));
+        assert_eq!(
+            promise_wait("12:00", noon() - Span::seconds(30), utc),
+            Err("12:00 is less than a minute away".into())
+        );
         // In the site's zone: noon UTC is 13:00 in Paris in November.
         let paris = chrono_tz::Europe::Paris;
         assert_eq!(
             promise_wait("16:30", noon(), paris),
-            Ok(Some("210m".into()))
+            Ok(Some("12600s".into()))
         );
         assert_eq!(
             promise_wait("12:30", noon(), paris),
-            Ok(Some("1410m".into()))
+            Ok(Some("84600s".into()))
+        );
+        // 02:30 does not exist in Paris on the last Sunday of March.
+        let spring = DateTime::parse_from_rfc3339("2026-03-29T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert!(
+            promise_wait("02:30", spring, paris)
+                .unwrap_err()
+                .contains("clocks change")
         );
     }
 

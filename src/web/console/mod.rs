@@ -796,7 +796,20 @@ async fn send(shared: &Shared, session: &Session, form: &ComposeForm) -> Result<
     let request = form
         .to_request(&shared.console.channel_ids(), Utc::now(), zone)
         .map_err(SendRefusal::Invalid)?;
-    let bytes = serde_json::to_vec(&request).map_err(|e| SendRefusal::Invalid(e.to_string()))?;
+    // The key is bound to the form as typed, not to the request made of it: "16:30" makes a
+    // different wait a minute later, and pressing Send again must still be the same update.
+    let typed = (
+        &form.incident,
+        &form.headline,
+        &form.body,
+        &form.state,
+        &form.next_update,
+        &form.audience,
+        &form.orders,
+        &form.orders_file,
+        &form.channels,
+    );
+    let bytes = serde_json::to_vec(&typed).map_err(|e| SendRefusal::Invalid(e.to_string()))?;
     let key = (!form.key.trim().is_empty()).then(|| format!("console:{}", form.key.trim()));
     let AcceptAnswer { body, .. } = accept_update(
         &shared.console.api,
