@@ -16,11 +16,20 @@ pub struct IncidentSection {
     #[serde(flatten)]
     pub incident: IncidentView,
     pub updated_at: String,
-    /// Public updates only, newest first.
+    /// Public updates only, newest first: at most [`UPDATES_SHOWN`] on the page.
     pub updates: Vec<UpdateView>,
+    /// Whether the incident has earlier public updates than those shown.
+    pub earlier: bool,
+    /// The incident's own page, every public update on it: `{status page}incidents/{id}.html`.
+    pub history: String,
     /// When the incident's next update is promised, while it is open.
     pub promise: Option<PromiseView>,
 }
+
+/// How many updates of one incident the page, the feed and the JSON show, newest first. The
+/// rest are on the incident's own page, so a long incident keeps the page small and the
+/// refresh that renders it reads a bounded number of updates.
+pub const UPDATES_SHOWN: usize = 10;
 
 /// The open promise of an incident, as the page shows it: "next update by", or late.
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +68,16 @@ pub struct StatusProjection {
 
 pub const TEMPLATE: &str = "status.html";
 
+/// Where an incident's own page is, beside the status page: `incidents/{id}.html`.
+pub fn history_path(incident: ulid::Ulid) -> String {
+    format!("incidents/{incident}.html")
+}
+
+fn history_url(links: &Links, incident: ulid::Ulid) -> String {
+    let base = links.status_page.trim_end_matches('/');
+    format!("{base}/{}", history_path(incident))
+}
+
 impl StatusProjection {
     pub fn new(
         store: Arc<dyn Store>,
@@ -74,8 +93,13 @@ impl StatusProjection {
         }
     }
 
+    /// The store the view is read from.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     /// The public updates sent through `channel`, by incident, newest first, at most
-    /// `incident_limit` incidents.
+    /// `incident_limit` incidents and [`UPDATES_SHOWN`] updates of each.
     pub async fn view(
         &self,
         channel: &str,
@@ -84,54 +108,96 @@ impl StatusProjection {
     ) -> Result<StatusView, StoreError> {
         let mut sections = Vec::new();
         for incident in self.store.incidents().await? {
-            let mut updates = Vec::new();
-            let mut promise = None;
-            for (index, id) in incident.updates.iter().rev().enumerate() {
-                let update = self.store.update(*id).await?;
-                if index == 0 {
-                    // The latest update, whoever it went to, holds the incident's promise: the
-                    // watchdog reads it the same way.
-                    promise = crate::watchdog::promise_of(&update, &incident.title)
-                        .filter(|_| incident.state != crate::domain::IncidentState::Resolved)
-                        .map(|promise| PromiseView {
-                            due: rfc3339(promise.due),
-                            due_text: human_time(promise.due),
-                            overdue: now >= promise.due,
-                        });
-                }
-                // Targeted updates concern a few customers and never appear in public, and an
-                // update sent through other channels only was not meant for this page.
-                let sent_here = update.channels.iter().any(|c| c == channel);
-                if sent_here && !update.audience.is_targeted() {
-                    updates.push(UpdateView::new(&update));
-                }
+            if let Some(section) = self
+                .section(channel, &incident, Some(UPDATES_SHOWN), now)
+                .await?
+            {
+                sections.push(section);
             }
-            if updates.is_empty() {
-                continue;
-            }
-            sections.push(IncidentSection {
-                incident: IncidentView::new(&incident),
-                updated_at: rfc3339(incident.updated_at),
-                updates,
-                promise,
-            });
             if sections.len() == incident_limit {
                 break;
             }
         }
+        Ok(self.status_view(sections, now))
+    }
+
+    /// One incident with every public update sent through `channel`: its own page. None when
+    /// it has no public update there.
+    pub async fn history(
+        &self,
+        channel: &str,
+        incident: &crate::domain::Incident,
+        now: DateTime<Utc>,
+    ) -> Result<Option<StatusView>, StoreError> {
+        Ok(self
+            .section(channel, incident, None, now)
+            .await?
+            .map(|section| self.status_view(vec![section], now)))
+    }
+
+    fn status_view(&self, sections: Vec<IncidentSection>, now: DateTime<Utc>) -> StatusView {
         let latest = sections
             .iter()
             .flat_map(|s| s.updates.first())
             .max_by(|a, b| a.created_at.cmp(&b.created_at))
             .cloned();
-        Ok(StatusView {
+        StatusView {
             brand: self.brand.clone(),
             links: self.links.clone(),
             generated_at: rfc3339(now),
             generated_at_text: human_time(now),
             latest,
             incidents: sections,
-        })
+        }
+    }
+
+    /// The incident's public updates through `channel`, newest first, at most `shown`; None
+    /// when it has none.
+    async fn section(
+        &self,
+        channel: &str,
+        incident: &crate::domain::Incident,
+        shown: Option<usize>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<IncidentSection>, StoreError> {
+        let mut updates = Vec::new();
+        let mut promise = None;
+        let mut earlier = false;
+        for (index, id) in incident.updates.iter().rev().enumerate() {
+            let update = self.store.update(*id).await?;
+            if index == 0 {
+                // The latest update, whoever it went to, holds the incident's promise: the
+                // watchdog reads it the same way.
+                promise = crate::watchdog::promise_of(&update, &incident.title)
+                    .filter(|_| incident.state != crate::domain::IncidentState::Resolved)
+                    .map(|promise| PromiseView {
+                        due: rfc3339(promise.due),
+                        due_text: human_time(promise.due),
+                        overdue: now >= promise.due,
+                    });
+            }
+            // Targeted updates concern a few customers and never appear in public, and an
+            // update sent through other channels only was not meant for this page.
+            let sent_here = update.channels.iter().any(|c| c == channel);
+            if sent_here && !update.audience.is_targeted() {
+                if shown.is_some_and(|shown| updates.len() == shown) {
+                    earlier = true;
+                    break;
+                }
+                updates.push(UpdateView::new(&update));
+            }
+        }
+        if updates.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(IncidentSection {
+            incident: IncidentView::new(incident),
+            updated_at: rfc3339(incident.updated_at),
+            updates,
+            earlier,
+            history: history_url(&self.links, incident.id),
+            promise,
+        }))
     }
 
     /// The view as a preview shows it: the new update as its own section.
@@ -146,6 +212,8 @@ impl StatusProjection {
                 incident: message.incident.clone(),
                 updated_at: message.update.created_at.clone(),
                 updates: vec![message.update.clone()],
+                earlier: false,
+                history: history_url(&self.links, message.source.incident.id),
                 promise: message
                     .update
                     .next_update_by

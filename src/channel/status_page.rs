@@ -114,7 +114,7 @@ impl Channel for StatusPageChannel {
 
     async fn deliver(
         &self,
-        _message: &MessageContext,
+        message: &MessageContext,
         _attempt: &Attempt<'_>,
     ) -> Result<Receipt, DeliveryError> {
         // The page is rebuilt from the store, so a retry or a late delivery always writes the
@@ -129,8 +129,37 @@ impl Channel for StatusPageChannel {
             .projection
             .files(&view)
             .map_err(|e| DeliveryError::permanent(e.to_string()))?;
+        // The incident's own page, with every public update on it: the status page shows its
+        // latest few and links here.
+        let incident = self
+            .projection
+            .store()
+            .incident(message.source.incident.id)
+            .await
+            .map_err(|e| DeliveryError::transient(e.to_string()))?;
+        let history = match self
+            .projection
+            .history(&self.id, &incident, Utc::now())
+            .await
+            .map_err(|e| DeliveryError::transient(e.to_string()))?
+        {
+            Some(view) => Some((
+                crate::status_view::history_path(incident.id),
+                self.projection
+                    .html(&view)
+                    .map_err(|e| DeliveryError::permanent(e.to_string()))?,
+            )),
+            None => None,
+        };
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if let Some((path, html)) = history {
+                let path = dir.join(path);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                crate::files::write_public(&path, html.as_bytes())?;
+            }
             crate::files::write_public(&dir.join("status.html"), files.html.as_bytes())?;
             crate::files::write_public(&dir.join("feed.atom"), files.atom.as_bytes())?;
             crate::files::write_public(&dir.join("status.json"), &files.json)

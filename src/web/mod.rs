@@ -129,6 +129,32 @@ impl StatusCache {
         Ok(())
     }
 
+    /// An incident's own page, every public update on it, rendered when asked: the long
+    /// tail of the status page, read far less than the page itself. None when the incident
+    /// is unknown or has no public update.
+    async fn history(&self, incident: ulid::Ulid) -> crate::Result<Option<Representation>> {
+        let Some(channel) = &self.channel else {
+            return Ok(None);
+        };
+        let incident = match self.projection.store().incident(incident).await {
+            Ok(incident) => incident,
+            Err(crate::store::StoreError::UnknownIncident(_)) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        let Some(view) = self
+            .projection
+            .history(channel, &incident, Utc::now())
+            .await?
+        else {
+            return Ok(None);
+        };
+        let html = self.projection.html(&view)?;
+        Ok(Some(Representation::new(
+            html.into_bytes(),
+            "text/html; charset=utf-8",
+        )))
+    }
+
     fn current(&self) -> Option<Arc<Rendered>> {
         self.current
             .read()
@@ -158,6 +184,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/", get(status_page))
         .route("/feed.atom", get(feed))
         .route("/status.json", get(status_json))
+        .route("/incidents/{page}", get(incident_history))
         .route(
             "/unsubscribe/{token}",
             get(pages::unsubscribe_page).post(pages::unsubscribe),
@@ -207,6 +234,33 @@ async fn feed(State(shared): State<Shared>, headers: HeaderMap) -> Response {
 
 async fn status_json(State(shared): State<Shared>, headers: HeaderMap) -> Response {
     serve_rendered(&shared, &headers, |r| &r.json)
+}
+
+/// `GET /incidents/{id}.html`: an incident's own page, linked from the status page.
+async fn incident_history(
+    State(shared): State<Shared>,
+    axum::extract::Path(page): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let not_found = || (StatusCode::NOT_FOUND, "no such incident\n").into_response();
+    let Some(id) = page
+        .strip_suffix(".html")
+        .and_then(|id| ulid::Ulid::from_string(id).ok())
+    else {
+        return not_found();
+    };
+    match shared.status.history(id).await {
+        Ok(Some(page)) => page.answer(&headers),
+        Ok(None) => not_found(),
+        Err(error) => {
+            tracing::warn!(%error, "the incident's page could not be rendered");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the page cannot be shown just now\n",
+            )
+                .into_response()
+        }
+    }
 }
 
 fn serve_rendered(

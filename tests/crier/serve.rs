@@ -227,3 +227,60 @@ async fn the_unsubscribe_link_asks_on_get_and_acts_on_a_one_click_post() {
     crier.send(&[], "Second update.").await;
     assert_eq!(smtp.count(), before, "the next update does not reach ann");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incidents_own_page_is_served_with_every_update_and_an_unknown_one_is_404() {
+    let crier = Crier::new().status_page();
+    let first = crier.send(&[], "Update 1.").await;
+    let incident = first["incident"].as_str().unwrap().to_owned();
+    for n in 2..=12 {
+        crier
+            .run(&[
+                "send",
+                "--yes",
+                "--incident",
+                &incident,
+                &format!("Update {n}."),
+            ])
+            .await
+            .assert_ok();
+    }
+    let server = serve(&crier).await;
+    let client = reqwest::Client::new();
+    let page = client
+        .get(format!("{}/incidents/{incident}.html", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    for n in 1..=12 {
+        assert!(page.contains(&format!("<p>Update {n}.</p>")), "update {n}");
+    }
+    let front = client
+        .get(&server.base)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !front.contains("<p>Update 2.</p>"),
+        "the front page shows the latest ten"
+    );
+    assert!(front.contains("Earlier updates"), "{front}");
+    for missing in [
+        "01ARZ3NDEKTSV4RRFFQ69G5FAV.html",
+        "nonsense",
+        "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+    ] {
+        let answer = client
+            .get(format!("{}/incidents/{missing}", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 404, "{missing}");
+    }
+    crate::subscribe::stop(server).await;
+}

@@ -154,3 +154,57 @@ async fn times_are_written_in_the_sites_time_zone() {
         "{tokyo} in {page} (update {sent})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_incident_shows_its_latest_updates_and_links_its_own_page_with_all() {
+    let crier = Crier::new().status_page();
+    let first = crier.send(&[], "Update 1.").await;
+    let incident = first["incident"].as_str().unwrap().to_owned();
+    for n in 2..=13 {
+        crier
+            .run(&[
+                "send",
+                "--yes",
+                "--json",
+                "--incident",
+                &incident,
+                &format!("Update {n}."),
+            ])
+            .await
+            .assert_ok();
+    }
+    let dir = crier.path("var/status");
+    let page = std::fs::read_to_string(dir.join("status.html")).unwrap();
+    let shown: Vec<usize> = (1..=13)
+        .filter(|n| page.contains(&format!("<p>Update {n}.</p>")))
+        .collect();
+    assert_eq!(shown, (4..=13).collect::<Vec<_>>(), "the latest ten");
+    let history = format!("https://status.example.com/incidents/{incident}.html");
+    assert!(
+        page.contains(&format!("<a href=\"{history}\">Earlier updates")),
+        "{page}"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("status.json")).unwrap()).unwrap();
+    assert_eq!(
+        json["incidents"][0]["updates"].as_array().unwrap().len(),
+        10
+    );
+    assert_eq!(json["incidents"][0]["earlier"], true);
+    assert_eq!(json["incidents"][0]["history"], history);
+    let feed = std::fs::read_to_string(dir.join("feed.atom")).unwrap();
+    assert_eq!(feed.matches("<entry>").count(), 10);
+
+    let own = std::fs::read_to_string(dir.join(format!("incidents/{incident}.html"))).unwrap();
+    for n in 1..=13 {
+        assert!(
+            own.contains(&format!("<p>Update {n}.</p>")),
+            "update {n} on its page"
+        );
+    }
+    assert!(
+        !own.contains("Earlier updates"),
+        "its own page holds them all"
+    );
+}
