@@ -119,6 +119,8 @@ pub struct Dispatcher {
     planning: watch::Receiver<bool>,
     /// Per channel with a `rate`, its limiter: a permit per attempt, taken before the lease.
     limiters: HashMap<String, Arc<DefaultDirectRateLimiter>>,
+    /// The rate-limited channels whose rate gives permits in bursts (thousands a second).
+    bursts: std::collections::HashSet<String>,
 }
 
 /// A leased delivery, with what its batch read about it when it was leased: whether its
@@ -138,19 +140,29 @@ enum Prepared {
     Settle(Outcome),
 }
 
-/// A limiter per rate-limited channel: one permit every `period / count`, without bursts.
-/// Providers count their limits in windows ("300 per 5 minutes"); evenly spaced attempts keep
-/// under the limit in every window, where a burst of `count` and then the steady pace would
-/// nearly double it in one.
+/// A limiter per rate-limited channel: one permit every `period / count`, without bursts
+/// beyond a millisecond's worth. Providers count their limits in windows ("300 per 5
+/// minutes"); evenly spaced attempts keep under the limit in every window, where a burst of
+/// `count` and then the steady pace would nearly double it in one. A rate of thousands a
+/// second may take a millisecond's permits at once (at most a thousandth of its window more):
+/// with none, the worker would get about one permit per look and lease one delivery at a
+/// time, a store round trip per message.
 fn channels_limiters(rates: &[(String, Rate)]) -> HashMap<String, Arc<DefaultDirectRateLimiter>> {
     rates
         .iter()
         .filter_map(|(id, rate)| {
             NonZeroU32::new(rate.count)?;
-            let quota = Quota::with_period(rate.period / rate.count)?;
+            let quota = Quota::with_period(rate.period / rate.count)?.allow_burst(burst_of(rate));
             Some((id.clone(), Arc::new(RateLimiter::direct(quota))))
         })
         .collect()
+}
+
+/// How many permits a rate gives at once: a millisecond's worth, at least one.
+fn burst_of(rate: &Rate) -> NonZeroU32 {
+    let per_millisecond = u128::from(rate.count) * 1_000_000 / rate.period.as_nanos().max(1);
+    NonZeroU32::new(u32::try_from(per_millisecond).unwrap_or(u32::MAX).max(1))
+        .unwrap_or(NonZeroU32::MIN)
 }
 
 impl Dispatcher {
@@ -177,6 +189,11 @@ impl Dispatcher {
             throttled_until: Mutex::new(HashMap::new()),
             planning: watch::channel(false).1,
             limiters: channels_limiters(&channels_rates),
+            bursts: channels_rates
+                .iter()
+                .filter(|(_, rate)| burst_of(rate).get() > 1)
+                .map(|(id, _)| id.clone())
+                .collect(),
         }
     }
 
@@ -384,9 +401,16 @@ impl Dispatcher {
             if let Some(limiter) = self.limiters.get(&channel.id) {
                 // A permit per delivery leased, taken before the lease, so no lease waits
                 // for the rate. Permits left over when the queue runs dry are lost: the rate
-                // is never exceeded, at worst underused once per drained queue.
+                // is never exceeded, at worst underused once per drained queue. Only a rate
+                // fast enough to give bursts (see `burst_of`) leases ahead of its free slots:
+                // a slower one keeps its attempts evenly spaced.
+                let ahead = if self.bursts.contains(&channel.id) {
+                    batch
+                } else {
+                    batch.min(free)
+                };
                 let mut permits = 0;
-                while permits < batch.min(free) {
+                while permits < ahead {
                     match limiter.check() {
                         Ok(()) => permits += 1,
                         Err(not_until) => {

@@ -434,3 +434,14 @@ async fn a_channels_rate_spaces_its_attempts_evenly_whatever_its_concurrency() {
         assert!(gap >= 90, "attempts {gap} ms apart: {starts:?}");
     }
 }
+
+#[test]
+fn only_a_rate_of_thousands_a_second_gives_its_permits_in_bursts() {
+    use crate::config::Rate;
+    let burst = |text: &str| super::burst_of(&Rate::parse(text).unwrap()).get();
+    assert_eq!(burst("1/1s"), 1);
+    assert_eq!(burst("300/5m"), 1);
+    assert_eq!(burst("1000/1s"), 1);
+    assert_eq!(burst("2000/1s"), 2);
+    assert_eq!(burst("1000000/1s"), 1000);
+}
