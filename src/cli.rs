@@ -17,7 +17,7 @@ use crate::web::api::{
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -860,20 +860,17 @@ async fn retry(config: Config, args: RetryArgs) -> Result<ExitCode> {
     }
     let app = App::open(config).await?;
     let stop = StopSignal::install()?;
-    let requeued = app.store.requeue_dead(args.update, Utc::now()).await?;
-    let channels: BTreeSet<&str> = requeued.iter().map(|r| r.channel.as_str()).collect();
-    for channel in channels {
-        if app.store.enable_channel(channel).await? {
-            eprintln!("channel {channel} is enabled again");
-        }
+    let requeued = crate::reports::retry_dead_letters(app.store.as_ref(), args.update).await?;
+    for channel in &requeued.enabled {
+        eprintln!("channel {channel} is enabled again");
     }
-    eprintln!("{} dead letter(s) queued again", requeued.len());
+    eprintln!("{} dead letter(s) queued again", requeued.count);
     let delivered = deliver_queued(&app, &stop, None).await?;
     let counts = app.store.counts(args.update).await?;
     if args.json {
         say!(
             "{}",
-            serde_json::json!({ "requeued": requeued.len(), "channels": counts })
+            serde_json::json!({ "requeued": requeued.count, "channels": counts })
         );
     } else {
         print_counts(&counts)?;

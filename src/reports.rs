@@ -235,6 +235,35 @@ impl Progress {
     }
 }
 
+/// What retrying dead letters did: how many were queued again, and which channels a gone
+/// endpoint had disabled were enabled again.
+#[derive(Debug, Default)]
+pub struct Requeued {
+    pub count: usize,
+    pub enabled: Vec<String>,
+}
+
+/// Queues the dead letters of `update` (of every update when none is named) again with a
+/// fresh attempt budget, and enables every channel among them that a gone endpoint had
+/// disabled: what `crier retry`, `POST /api/deliveries/retry` and the console's button do.
+pub async fn retry_dead_letters(
+    store: &dyn Store,
+    update: Option<Ulid>,
+) -> crate::Result<Requeued> {
+    let requeued = store.requeue_dead(update, Utc::now()).await?;
+    let channels: BTreeSet<&str> = requeued.iter().map(|r| r.channel.as_str()).collect();
+    let mut enabled = Vec::new();
+    for channel in channels {
+        if store.enable_channel(channel).await? {
+            enabled.push(channel.to_owned());
+        }
+    }
+    Ok(Requeued {
+        count: requeued.len(),
+        enabled,
+    })
+}
+
 pub async fn progress(store: &dyn Store, update: Ulid) -> crate::Result<Progress> {
     let record = store.update(update).await?;
     let planned = store.plan_state(update).await?.done;

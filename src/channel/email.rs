@@ -146,9 +146,11 @@ struct RenderedOnce {
     kept: std::sync::Mutex<std::collections::VecDeque<(RenderedKey, Option<Arc<Parts>>)>>,
 }
 
-/// A digest of everything the templates see but the recipient (the update, the incident as
-/// it is now, the links, the brand), and how many orders the recipient has.
-type RenderedKey = (u64, usize);
+/// What a shared rendering depends on besides the recipient: the update (immutable, by id),
+/// its incident's title and state as the templates see them now (a retry after the incident
+/// moved on renders it as it is), and how many orders the recipient has. The links and the
+/// brand are the composer's, the same for every message of the process.
+type RenderedKey = (ulid::Ulid, String, String, usize);
 type Parts = (String, String, String);
 
 impl RenderedOnce {
@@ -251,24 +253,18 @@ fn made_up(orders: usize) -> crate::render::RecipientView {
     }
 }
 
-/// What the key digests: everything the templates see but the recipient.
-fn rendered_key(message: &MessageContext, orders: usize) -> Option<RenderedKey> {
-    use std::hash::{Hash, Hasher};
-    let seen = serde_json::to_vec(&(
-        &message.update,
-        &message.incident,
-        &message.links,
-        &message.brand,
-    ))
-    .ok()?;
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    seen.hash(&mut hasher);
-    Some((hasher.finish(), orders))
-}
-
 /// A subject on one line, its runs of white space made one space.
 fn normalized_subject(subject: &str) -> String {
     subject.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn rendered_key(message: &MessageContext, orders: usize) -> RenderedKey {
+    (
+        message.source.update.id,
+        message.incident.title.clone(),
+        message.incident.state.clone(),
+        orders,
+    )
 }
 
 impl EmailChannel {
@@ -333,10 +329,10 @@ impl EmailChannel {
             return self.render_parts(message);
         };
         let orders = recipient.orders.len();
-        let key = match rendered_key(message, orders) {
-            Some(key) if orders <= MOST_ORDERS_SHARED => key,
-            _ => return self.render_parts(message),
-        };
+        if orders > MOST_ORDERS_SHARED {
+            return self.render_parts(message);
+        }
+        let key = rendered_key(message, orders);
         match self.rendered.get(&key) {
             Some(Some(marked)) => return Ok(fill(&marked, recipient)),
             Some(None) => return self.render_parts(message),

@@ -298,6 +298,17 @@ async fn readyz(State(shared): State<Shared>) -> Response {
     }
 }
 
+/// A cookie no script can read and no other site's request carries: `HttpOnly`,
+/// `SameSite=Strict`, `Path=/`, and `Secure` on an https site. Its value is a signed token
+/// (base64url and a dot) or empty, so the header is always valid.
+fn strict_cookie(name: &str, value: &str, max_age_seconds: u64, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; Max-Age={max_age_seconds}; HttpOnly; SameSite=Strict{secure}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
 /// Whether two secrets are equal, in time that depends only on their lengths (`subtle`).
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;

@@ -92,13 +92,7 @@ impl Sessions {
     }
 
     fn cookie(&self, value: &str, max_age: u64) -> HeaderValue {
-        let secure = if self.secure { "; Secure" } else { "" };
-        let cookie = format!(
-            "{}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}",
-            self.cookie_name()
-        );
-        // A signed token is base64url and a dot: always a valid header value.
-        HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""))
+        super::strict_cookie(self.cookie_name(), value, max_age, self.secure)
     }
 
     /// The session a request's cookie carries: genuine, unexpired and not logged out.

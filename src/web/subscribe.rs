@@ -110,15 +110,8 @@ impl Subscriptions {
             &nonce,
             crate::clock::after(Utc::now(), CSRF_TTL),
         );
-        let secure = if self.secure { "; Secure" } else { "" };
-        let cookie = format!(
-            "{}={token}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict{secure}",
-            self.csrf_cookie(),
-            CSRF_TTL.as_secs()
-        );
-        // A signed token is base64url and a dot: always a valid header value.
         let cookie =
-            HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""));
+            super::strict_cookie(self.csrf_cookie(), &token, CSRF_TTL.as_secs(), self.secure);
         (token, cookie)
     }
 

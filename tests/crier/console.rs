@@ -118,6 +118,32 @@ async fn compose_page(server: &Server, session: &str) -> (String, String, String
     (page, csrf, key)
 }
 
+/// A console page, signed in as `session`.
+async fn console_page(url: &str, session: &str) -> String {
+    client()
+        .get(url)
+        .header("cookie", session)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The page at `url` once it shows `needle`, or as it last was after 10 s.
+async fn page_showing(url: &str, session: &str, needle: &str) -> String {
+    let mut shown = String::new();
+    for _ in 0..100 {
+        shown = console_page(url, session).await;
+        if shown.contains(needle) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shown
+}
+
 async fn incidents(server: &Server) -> serde_json::Value {
     client()
         .get(format!("{}/api/incidents", server.base))
@@ -383,22 +409,7 @@ async fn without_javascript_preview_shows_every_channel_and_send_goes_once_to_pr
     );
 
     let fragment = format!("{base}{progress}/progress");
-    let mut done = String::new();
-    for _ in 0..100 {
-        done = client()
-            .get(&fragment)
-            .header("cookie", &session)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if done.contains("data-final=\"true\"") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let done = page_showing(&fragment, &session, "data-final=\"true\"").await;
     assert!(done.contains("Done: every delivery is final."), "{done}");
     assert!(wait_until(Duration::from_secs(10), || smtp.count() == 1).await);
     assert_eq!(
@@ -414,44 +425,20 @@ async fn without_javascript_preview_shows_every_channel_and_send_goes_once_to_pr
         "sent once"
     );
 
-    let page = client()
-        .get(format!("{base}{progress}"))
-        .header("cookie", &session)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let shown = console_page(&format!("{base}{progress}"), &session).await;
     assert!(
-        page.contains("Activations delayed") && page.contains("by lead"),
-        "{page}"
+        shown.contains("Activations delayed") && shown.contains("by lead"),
+        "{shown}"
     );
 
     // The update promised the next within 2 hours, inside the 3-hour lead time: every page
     // carries the watchdog's banner.
-    let mut banner = false;
-    for _ in 0..50 {
-        let page = client()
-            .get(format!("{base}/admin/incidents"))
-            .header("cookie", &session)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if page.contains("Update due soon") {
-            assert!(
-                page.contains("the next update on “Activations delayed” is promised by"),
-                "{page}"
-            );
-            banner = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(banner, "the banner shows the promise due soon");
+    let incidents_page = format!("{base}/admin/incidents");
+    let banner = page_showing(&incidents_page, &session, "Update due soon").await;
+    assert!(
+        banner.contains("the next update on “Activations delayed” is promised by"),
+        "the banner shows the promise due soon: {banner}"
+    );
     crate::subscribe::stop(server).await;
 }
 
@@ -658,28 +645,8 @@ async fn a_dead_letter_is_listed_with_its_reason_and_retried_from_the_progress_p
         .unwrap();
     assert_eq!(sent.status(), 303);
     let progress = format!("{base}{}", sent.headers()["location"].to_str().unwrap());
-    let page = |url: String| {
-        let session = session.clone();
-        async move {
-            client()
-                .get(url)
-                .header("cookie", session)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        }
-    };
-    let mut shown = String::new();
-    for _ in 0..100 {
-        shown = page(format!("{progress}/progress")).await;
-        if shown.contains("data-final=\"true\"") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let fragment = format!("{progress}/progress");
+    let shown = page_showing(&fragment, &session, "data-final=\"true\"").await;
     assert!(
         shown.contains("every delivery is final, and 1 failed"),
         "{shown}"
@@ -687,7 +654,7 @@ async fn a_dead_letter_is_listed_with_its_reason_and_retried_from_the_progress_p
     assert!(shown.contains("id=\"retry-dead\""), "{shown}");
     assert!(shown.contains("id=\"failures-link\""), "{shown}");
 
-    let failures = page(format!("{progress}/failures")).await;
+    let failures = console_page(&format!("{progress}/failures"), &session).await;
     assert!(
         failures.contains("partners") && failures.contains("dead"),
         "{failures}"
@@ -709,15 +676,40 @@ async fn a_dead_letter_is_listed_with_its_reason_and_retried_from_the_progress_p
         wait_until(Duration::from_secs(10), || partner.received().len() == 2).await,
         "the dead letter was sent again"
     );
-    let mut after = String::new();
-    for _ in 0..100 {
-        after = page(format!("{progress}/progress")).await;
-        if after.contains("Done: every delivery is final.") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let after = page_showing(&fragment, &session, "Done: every delivery is final.").await;
     assert!(after.contains("Done: every delivery is final."), "{after}");
     assert!(!after.contains("retry-dead"), "{after}");
+    crate::subscribe::stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_admin_token_ends_the_sessions_it_opened_and_a_restart_keeps_the_others() {
+    let (crier, _smtp, _twilio, _) = console_crier().await;
+    let server = serve(&crier).await;
+    let session = sign_in(&server).await;
+    crate::subscribe::stop(server).await;
+
+    // Restarted with the same token, the session holds: it is signed, not kept in memory.
+    let server = serve(&crier).await;
+    let kept = client()
+        .get(format!("{}/admin", server.base))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kept.status(), 200);
+    crate::subscribe::stop(server).await;
+
+    // Restarted with the token rotated, the session it opened is over.
+    let crier = crier.with_env("CRIER_API_TOKEN", "lead-token-rotated-0123456789abcdef");
+    let server = serve(&crier).await;
+    let ended = client()
+        .get(format!("{}/admin", server.base))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ended.status(), 303);
+    assert_eq!(ended.headers()["location"], "/admin/login");
     crate::subscribe::stop(server).await;
 }

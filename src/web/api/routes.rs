@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeSet;
 use ulid::Ulid;
 use utoipa::OpenApi;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
@@ -375,18 +374,10 @@ async fn retry_dead_letters(
         .as_deref()
         .map(|id| parse_ulid("an update", id))
         .transpose()?;
-    let store = &api.app.store;
-    let requeued = store.requeue_dead(update, Utc::now()).await?;
-    let channels: BTreeSet<&str> = requeued.iter().map(|r| r.channel.as_str()).collect();
-    let mut enabled = Vec::new();
-    for channel in channels {
-        if store.enable_channel(channel).await? {
-            enabled.push(channel.to_owned());
-        }
-    }
+    let requeued = reports::retry_dead_letters(api.app.store.as_ref(), update).await?;
     Ok(Json(Retried {
-        requeued: requeued.len(),
-        enabled,
+        requeued: requeued.count,
+        enabled: requeued.enabled,
     }))
 }
 

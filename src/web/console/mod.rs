@@ -1076,18 +1076,11 @@ async fn retry_dead(
     let Some(id) = parse_id(&id) else {
         return not_found(&shared, &session, "update");
     };
-    let requeued = match shared.store.requeue_dead(Some(id), Utc::now()).await {
+    let requeued = match crate::reports::retry_dead_letters(shared.store.as_ref(), Some(id)).await {
         Ok(requeued) => requeued,
-        Err(error) => return store_trouble(&shared, &session, &crate::Error::from(error)),
+        Err(error) => return store_trouble(&shared, &session, &error),
     };
-    let channels: std::collections::BTreeSet<&str> =
-        requeued.iter().map(|r| r.channel.as_str()).collect();
-    for channel in channels {
-        if let Err(error) = shared.store.enable_channel(channel).await {
-            return store_trouble(&shared, &session, &crate::Error::from(error));
-        }
-    }
-    tracing::info!(who = %session.name, update = %id, requeued = requeued.len(), "console: dead letters queued again");
+    tracing::info!(who = %session.name, update = %id, requeued = requeued.count, "console: dead letters queued again");
     Redirect::to(&format!("/admin/updates/{id}")).into_response()
 }
 
