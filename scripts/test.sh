@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs crier's whole test suite. The integration tests start real servers and a real browser:
-# an SMTP server (aiosmtpd, from PyPI), Kannel (bearerbox, smsbox and fakesmsc, Debian's kannel
-# and kannel-extras) and headless chromium driven over WebDriver (Debian's chromium and
+# Runs crier's whole test suite. The tests start real servers and a real browser: an SMTP
+# server (aiosmtpd, from PyPI), PostgreSQL (Debian's postgresql: initdb into a temporary folder,
+# the server on a free port, stopped when the tests end), Kannel (bearerbox, smsbox and
+# fakesmsc, Debian's kannel and kannel-extras) and headless chromium driven over WebDriver (Debian's chromium and
 # chromium-driver), which checks pages for accessibility with axe-core (from npm, into
 # target/npm; Debian's nodejs and npm to fetch it), so each is installed first when missing.
 set -euo pipefail
@@ -34,6 +35,13 @@ if ! { [ -x /usr/sbin/bearerbox ] && [ -x /usr/lib/kannel/test/fakesmsc ]; }; th
     apt_install kannel kannel-extras
   else
     echo "scripts/test.sh: Kannel is missing (apt-get install kannel kannel-extras as root); its test will fail" >&2
+  fi
+fi
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  if can_apt_install; then
+    apt_install postgresql
+  else
+    echo "scripts/test.sh: PostgreSQL is missing (apt-get install postgresql as root); its tests will fail" >&2
   fi
 fi
 if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then

@@ -135,7 +135,17 @@ fn default_templates_dir() -> PathBuf {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoreFile {
-    /// The embedded store's folder.
+    /// `sled` (embedded, the default) or `postgres` (shared by several nodes).
+    #[serde(default = "default_backend")]
+    backend: String,
+    /// With `postgres`: the environment variable holding the connection string.
+    #[serde(default = "default_url_env")]
+    url_env: String,
+    /// With `postgres`: the most connections this process opens.
+    #[serde(default = "default_pool_size")]
+    pool_size: usize,
+    /// The embedded store's folder (with `postgres`, only where `crier serve` announces
+    /// itself).
     #[serde(default = "default_store_path")]
     path: PathBuf,
     /// The embedded store's page cache in MiB (its own default would be 1 GiB).
@@ -151,9 +161,24 @@ fn default_retention() -> String {
     "30d".into()
 }
 
+fn default_backend() -> String {
+    "sled".into()
+}
+
+fn default_url_env() -> String {
+    "CRIER_DATABASE_URL".into()
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
 impl Default for StoreFile {
     fn default() -> Self {
         Self {
+            backend: default_backend(),
+            url_env: default_url_env(),
+            pool_size: default_pool_size(),
             path: default_store_path(),
             cache_capacity_mb: default_cache_capacity_mb(),
             retention: default_retention(),
@@ -314,6 +339,36 @@ const SHORTEST_API_TOKEN: usize = 24;
 pub struct StoreSettings {
     pub path: PathBuf,
     pub cache_capacity_bytes: u64,
+    pub backend: StoreBackend,
+}
+
+impl StoreSettings {
+    /// The embedded sled store in `path`.
+    pub fn sled(path: PathBuf, cache_capacity_bytes: u64) -> Self {
+        Self {
+            path,
+            cache_capacity_bytes,
+            backend: StoreBackend::Sled,
+        }
+    }
+}
+
+/// Which database holds the store.
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// The embedded one, in `StoreSettings::path`: one process at a time.
+    Sled,
+    /// A PostgreSQL database several processes share.
+    Postgres(PostgresSettings),
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresSettings {
+    /// The connection string, from the environment.
+    pub url: SecretString,
+    /// The variable it came from, for messages.
+    pub variable: String,
+    pub pool_size: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -563,6 +618,7 @@ impl Config {
             store: StoreSettings {
                 path: base.join(&raw.store.path),
                 cache_capacity_bytes: raw.store.cache_capacity_mb * 1024 * 1024,
+                backend: store_backend(file, &raw.store, secrets)?,
             },
             templates_dir: base.join(&raw.templates_dir),
             orders,
@@ -742,6 +798,37 @@ pub fn secret(
             format!("the environment variable {variable} is set but empty"),
         )),
         Some(value) => Ok(SecretString::from(value)),
+    }
+}
+
+/// The store's backend, and for PostgreSQL its connection string from the environment.
+fn store_backend(
+    file: &Path,
+    raw: &StoreFile,
+    secrets: &dyn SecretSource,
+) -> Result<StoreBackend, ConfigError> {
+    match raw.backend.as_str() {
+        "sled" => Ok(StoreBackend::Sled),
+        "postgres" => {
+            if raw.pool_size == 0 || raw.pool_size > 1000 {
+                return Err(ConfigError::at(
+                    file,
+                    "store.pool_size",
+                    "must be between 1 and 1000",
+                ));
+            }
+            let url = secret(file, "store.url_env", &raw.url_env, secrets)?;
+            Ok(StoreBackend::Postgres(PostgresSettings {
+                url,
+                variable: raw.url_env.clone(),
+                pool_size: raw.pool_size,
+            }))
+        }
+        other => Err(ConfigError::at(
+            file,
+            "store.backend",
+            format!("{other:?} is not a backend; use \"sled\" or \"postgres\""),
+        )),
     }
 }
 

@@ -13,15 +13,19 @@
 //! Cursors are opaque: callers keep them and hand them back, never look inside.
 
 mod memory;
+mod postgres;
 mod sled;
 
 #[cfg(test)]
 mod conformance;
 
 pub use memory::MemoryStore;
+pub use postgres::PostgresStore;
+#[cfg(test)]
+pub(crate) use postgres::test_server;
 pub use sled::SledStore;
 
-use crate::config::StoreSettings;
+use crate::config::{StoreBackend, StoreSettings};
 use crate::delivery::{
     Counts, DeliveryKey, DeliveryRecord, DeliveryState, Outcome, ProviderReport, ReportedOutcome,
 };
@@ -492,6 +496,19 @@ pub trait Store: Send + Sync + 'static {
     /// Ticks whenever deliveries become due-able (planned, retried, requeued), so idle workers
     /// wake at once instead of polling.
     fn queue_changes(&self) -> watch::Receiver<u64>;
+
+    /// Whether other processes use this store at the same time (several `crier serve` nodes
+    /// on one database). Then a lease another owner holds may be live, and updates may be
+    /// accepted elsewhere.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// On a shared store, ticks whenever any process accepts an update, so every node's status
+    /// page follows at once. A store one process owns has none: that process knows.
+    fn update_changes(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Whether retention forgets this delivery: sent or skipped; a dead letter stays for `retry`.
@@ -504,6 +521,8 @@ pub(crate) fn forgettable(record: &DeliveryRecord) -> bool {
 
 /// Opens the configured backend.
 pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn Store>, StoreError> {
-    let store = SledStore::open(settings).await?;
-    Ok(Arc::new(store))
+    Ok(match &settings.backend {
+        StoreBackend::Sled => Arc::new(SledStore::open(settings).await?),
+        StoreBackend::Postgres(postgres) => Arc::new(PostgresStore::open(postgres).await?),
+    })
 }

@@ -522,10 +522,10 @@ link_secret_env = "CRIER_LINK_SECRET"
 
     /// Opens the store through the library: only while no crier process runs.
     pub async fn store(&self) -> std::sync::Arc<dyn crier::store::Store> {
-        crier::store::open(&crier::config::StoreSettings {
-            path: self.path("var/store"),
-            cache_capacity_bytes: 16 * 1024 * 1024,
-        })
+        crier::store::open(&crier::config::StoreSettings::sled(
+            self.path("var/store"),
+            16 * 1024 * 1024,
+        ))
         .await
         .expect("the store opens")
     }
