@@ -25,8 +25,9 @@ fn main() -> ExitCode {
         }
     };
     // The server's log is its record of requests and deliveries; a command only warns.
+    // The PostgreSQL driver's notices and the migrations' progress are not crier's record.
     let default_level = match cli.command {
-        crier::cli::Command::Serve => "info",
+        crier::cli::Command::Serve => "info,tokio_postgres=warn,refinery_core=warn",
         _ => "warn",
     };
     tracing_subscriber::fmt()

@@ -51,6 +51,12 @@ impl Announcement {
             address,
             pid: std::process::id(),
         })?;
+        // On PostgreSQL nothing else lives in the store's folder, so it may not exist yet.
+        if let Some(folder) = path.parent() {
+            std::fs::create_dir_all(folder).map_err(|e| {
+                Error::internal(anyhow::anyhow!("cannot create {}: {e}", folder.display()))
+            })?;
+        }
         crate::files::write_private(&path, &text).map_err(|e| {
             Error::internal(anyhow::anyhow!("cannot write {}: {e}", path.display()))
         })?;

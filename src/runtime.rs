@@ -224,6 +224,19 @@ pub async fn serve(
         })
     };
 
+    // On a store other nodes share, an update accepted or published on any node reaches this
+    // node's page within moments, not at its next restart.
+    let shared_refresher = app.store.update_changes().map(|mut changes| {
+        let status = status.clone();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                if let Err(error) = status.refresh().await {
+                    tracing::error!(%error, "cannot render the status page");
+                }
+            }
+        })
+    });
+
     let pruner = {
         let (store, retention) = (app.store.clone(), app.config.retention);
         tokio::spawn(async move {
@@ -327,6 +340,9 @@ pub async fn serve(
     planner.abort();
     let _ = planner.await;
     refresher.abort();
+    if let Some(shared_refresher) = shared_refresher {
+        shared_refresher.abort();
+    }
     pruner.abort();
     watching.abort();
     promise_refresher.abort();

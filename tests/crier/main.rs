@@ -17,6 +17,7 @@ mod inbound;
 mod mastodon;
 mod metrics;
 mod order;
+mod postgres;
 mod serve;
 mod sms;
 mod status_page;

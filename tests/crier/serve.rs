@@ -23,7 +23,9 @@ pub async fn serve(crier: &Crier) -> Server {
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let base = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut before = Vec::new();
         while let Some(line) = lines.next_line().await.unwrap() {
+            before.push(line.clone());
             if let Some(rest) = line.strip_prefix("crier serves ") {
                 return rest
                     .split_whitespace()
@@ -33,7 +35,10 @@ pub async fn serve(crier: &Crier) -> Server {
                     .to_owned();
             }
         }
-        panic!("crier serve ended before it listened");
+        panic!(
+            "crier serve ended before it listened:\n{}",
+            before.join("\n")
+        );
     })
     .await
     .expect("crier serve listened within a minute");

@@ -1321,6 +1321,11 @@ impl Store for PostgresStore {
                 ) {
                     notify(tx, QUEUE_CHANNEL).await?;
                 }
+                // A broadcast (the status page, a post) settling changes what every node's
+                // page shows.
+                if record.recipient.contact().is_none() && record.state.is_settled() {
+                    notify(tx, UPDATES_CHANNEL).await?;
+                }
                 Ok(Recorded {
                     record,
                     applied: true,

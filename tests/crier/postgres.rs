@@ -1,0 +1,348 @@
+//! crier on PostgreSQL, a real server the tests start: the CLI's whole job on it, three
+//! `crier serve` nodes sharing one outbox (one of them killed with `kill -9` mid-send), and a
+//! clear error for a backend or a connection variable that is wrong.
+
+use crate::serve::{Server, serve};
+use crate::subscribe::client;
+use crate::support::{Crier, SmtpSink, wait_until};
+use crier::config::PostgresSettings;
+use crier::delivery::{DeliveryRecord, DeliveryState};
+use crier::store::{DeliveryFilter, PostgresStore, Store};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use ulid::Ulid;
+
+#[path = "../../src/store/postgres/test_server.rs"]
+mod test_server;
+pub use test_server::PostgresServer;
+
+const TOKEN: &str = "lead-token-0123456789abcdefghij";
+
+impl Crier {
+    /// Keeps the store in the PostgreSQL database at `url` instead of sled.
+    pub fn on_postgres(self, url: &str) -> Self {
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let config = config.replacen(
+            "[store]\n",
+            "[store]\nbackend = \"postgres\"\nurl_env = \"CRIER_DATABASE_URL\"\npool_size = 8\n",
+            1,
+        );
+        std::fs::write(&self.config, config).unwrap();
+        self.with_env("CRIER_DATABASE_URL", url)
+    }
+
+    fn with_api_token(self) -> Self {
+        let mut config = std::fs::read_to_string(&self.config).unwrap();
+        config.push_str("[api]\ntokens = { lead = \"CRIER_API_TOKEN\" }\n");
+        std::fs::write(&self.config, config).unwrap();
+        self.with_env("CRIER_API_TOKEN", TOKEN)
+    }
+}
+
+/// A fresh database on the test process's PostgreSQL server.
+async fn fresh_database() -> String {
+    tokio::task::spawn_blocking(|| PostgresServer::shared().database())
+        .await
+        .unwrap()
+}
+
+async fn open_store(url: &str) -> PostgresStore {
+    PostgresStore::open(&PostgresSettings {
+        url: url.to_owned().into(),
+        variable: "CRIER_DATABASE_URL".into(),
+        pool_size: 2,
+    })
+    .await
+    .expect("the test opens the store")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_subscribes_sends_and_looks_up_an_order_on_postgres() {
+    let url = fresh_database().await;
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 0);
+    let crier = crier.email(smtp.port, "").status_page().on_postgres(&url);
+
+    crier.subscribe("AB-1001", "ann@example.com").await;
+    crier.subscribe("AB-1002", "bob@example.com").await;
+    let sent = crier.send(&[], "We're on it.").await;
+    assert_eq!(sent["channels"]["email"]["sent"], 2, "{sent}");
+    let per_recipient = smtp.per_recipient();
+    assert_eq!(
+        per_recipient.keys().collect::<Vec<_>>(),
+        ["ann@example.com", "bob@example.com"]
+    );
+
+    let order = crier.run(&["order", "AB-1001", "--json"]).await;
+    order.assert_ok();
+    let order = order.json();
+    assert_eq!(order["update"]["id"], sent["update"], "{order}");
+    let deliveries = crier.run(&["deliveries", "--json"]).await;
+    deliveries.assert_ok();
+    assert_eq!(deliveries.json()["channels"]["email"]["sent"], 2);
+    // Nothing of it went to a sled folder.
+    assert!(!crier.path("var/store/db").exists());
+}
+
+#[tokio::test]
+async fn a_wrong_backend_or_an_unset_connection_variable_is_a_one_line_error() {
+    let crier = Crier::new();
+    let config = std::fs::read_to_string(&crier.config).unwrap();
+    std::fs::write(
+        &crier.config,
+        config.replacen("[store]\n", "[store]\nbackend = \"mysql\"\n", 1),
+    )
+    .unwrap();
+    crier
+        .run(&[
+            "subscribe",
+            "--order",
+            "AB-1001",
+            "--email",
+            "ann@example.com",
+        ])
+        .await
+        .assert_user_error("store.backend: \"mysql\" is not a backend");
+
+    let crier = Crier::new()
+        .on_postgres("unused")
+        .without_env("CRIER_DATABASE_URL");
+    crier
+        .run(&[
+            "subscribe",
+            "--order",
+            "AB-1001",
+            "--email",
+            "ann@example.com",
+        ])
+        .await
+        .assert_user_error("store.url_env: the environment variable CRIER_DATABASE_URL is not set");
+
+    // Nothing listens there: the store cannot be used, and says where.
+    let crier = Crier::new().on_postgres(&format!(
+        "postgres://crier@127.0.0.1:{}/nowhere",
+        free_port()
+    ));
+    let output = crier
+        .run(&[
+            "subscribe",
+            "--order",
+            "AB-1001",
+            "--email",
+            "ann@example.com",
+        ])
+        .await;
+    assert_eq!(output.code, 2, "{}", output.stderr);
+    assert!(
+        output.stderr.contains("PostgreSQL at 127.0.0.1"),
+        "{}",
+        output.stderr
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+// ---- three nodes, one database ----------------------------------------------------------------
+
+const SUBSCRIBERS: usize = 20_000;
+/// Short, so a killed node's leases come back within the test.
+const LEASE: &str = "6s";
+
+/// One `crier serve` node: its own folder and port, the shared database, email to the shared
+/// SMTP server.
+fn node(url: &str, smtp_port: u16) -> Crier {
+    let crier = Crier::new()
+        .email(smtp_port, "[delivery]\nconcurrency = 8\ntimeout = \"4s\"\n")
+        .on_postgres(url)
+        .with_api_token();
+    let mut config = std::fs::read_to_string(&crier.config).unwrap();
+    config.push_str(&format!("[dispatch]\nlease = \"{LEASE}\"\n"));
+    std::fs::write(&crier.config, config).unwrap();
+    crier
+}
+
+/// Subscribes `count` confirmed customers through `crier import`, into the shared database.
+async fn import_subscribers(crier: &Crier, count: usize) {
+    let mut csv = String::from("order,email,phone,confirmed\n");
+    for i in 0..count {
+        csv.push_str(&format!(
+            "AB-{},customer{i}@example.com,,true\n",
+            100_000 + i
+        ));
+    }
+    let file = crier.path("subscribers.csv");
+    std::fs::write(&file, csv).unwrap();
+    let imported = crier
+        .run(&["import", file.to_str().unwrap(), "--json"])
+        .await;
+    imported.assert_ok();
+}
+
+/// Sends an update through a node's admin API; returns its id.
+async fn send_through(server: &Server, headline: &str) -> Ulid {
+    let answer = client()
+        .post(format!("{}/api/updates", server.base))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({
+            "headline": headline,
+            "body": "We're working on it.",
+            "channels": ["email"],
+        }))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(status, 202, "{body}");
+    body["update"].as_str().unwrap().parse().unwrap()
+}
+
+/// How many emails a node's own `/metrics` says it sent.
+async fn sent_by(server: &Server) -> u64 {
+    let text = client()
+        .get(format!("{}/metrics", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| {
+            line.starts_with("crier_delivery_outcomes_total")
+                && line.contains("channel=\"email\"")
+                && line.contains("outcome=\"sent\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn email_counts(store: &PostgresStore, update: Ulid) -> crier::delivery::Counts {
+    let counts = store.counts(Some(update)).await.unwrap();
+    counts.get("email").copied().unwrap_or_default()
+}
+
+/// Every delivery of an update, read page by page.
+async fn every_delivery(store: &PostgresStore, update: Ulid) -> Vec<DeliveryRecord> {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .deliveries(update, DeliveryFilter::All, after.as_ref(), 2_000)
+            .await
+            .unwrap();
+        if page.items.is_empty() {
+            return all;
+        }
+        all.extend(page.items);
+        after = page.next;
+    }
+}
+
+/// Emails of one update per recipient, told apart by the headline in the subject.
+fn received_per_recipient(smtp: &SmtpSink, headline: &str) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for mail in smtp.messages() {
+        if mail.data.contains(headline) {
+            for recipient in mail.rcpt_tos {
+                *counts.entry(recipient).or_insert(0) += 1;
+            }
+        }
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_share_one_outbox_and_a_node_killed_mid_send_loses_nobody() {
+    let url = fresh_database().await;
+    let smtp_dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpSink::start(smtp_dir.path(), 0);
+    let nodes: Vec<Crier> = (0..3).map(|_| node(&url, smtp.port)).collect();
+    import_subscribers(&nodes[0], SUBSCRIBERS).await;
+    let store = open_store(&url).await;
+    assert_eq!(store.subscriber_count().await.unwrap(), SUBSCRIBERS as u64);
+
+    let mut servers = Vec::new();
+    for node in &nodes {
+        servers.push(serve(node).await);
+    }
+
+    // All three nodes up: every one delivers a share, each subscriber gets one email.
+    let first = send_through(&servers[0], "Activations delayed").await;
+    let done = wait_until(Duration::from_secs(600), || {
+        let counts = futures_lite(email_counts(&store, first));
+        counts.sent == SUBSCRIBERS as u64
+    })
+    .await;
+    assert!(done, "{:?}", email_counts(&store, first).await);
+    let mut shares = Vec::new();
+    for server in &servers {
+        shares.push(sent_by(server).await);
+    }
+    println!("three nodes: each sent {shares:?} of {SUBSCRIBERS}");
+    assert!(
+        shares.iter().all(|&share| share > 0),
+        "every node delivers a share: {shares:?}"
+    );
+    assert_eq!(shares.iter().sum::<u64>(), SUBSCRIBERS as u64);
+    let per_recipient = received_per_recipient(&smtp, "Activations delayed");
+    assert_eq!(per_recipient.len(), SUBSCRIBERS, "no subscriber is missed");
+    assert!(per_recipient.values().all(|&n| n == 1), "and none twice");
+
+    // Again, and node C is killed a quarter of the way through.
+    let second = send_through(&servers[0], "Activations resumed").await;
+    let midway = wait_until(Duration::from_secs(600), || {
+        futures_lite(email_counts(&store, second)).sent >= SUBSCRIBERS as u64 / 4
+    })
+    .await;
+    assert!(midway, "the second send got a quarter of the way");
+    let killed = servers.pop().unwrap();
+    let killed_pid = killed.child.id().unwrap();
+    let mut child = killed.child;
+    child.start_kill().unwrap(); // SIGKILL: no chance to give anything back
+    child.wait().await.unwrap();
+    let owner = format!("crier-{killed_pid}-");
+    let held_by_killed = every_delivery(&store, second)
+        .await
+        .iter()
+        .filter(|record| {
+            record.state == DeliveryState::InFlight
+                && record
+                    .owner
+                    .as_deref()
+                    .is_some_and(|o| o.starts_with(&owner))
+        })
+        .count();
+
+    let done = wait_until(Duration::from_secs(600), || {
+        futures_lite(email_counts(&store, second)).sent == SUBSCRIBERS as u64
+    })
+    .await;
+    assert!(done, "{:?}", email_counts(&store, second).await);
+    let per_recipient = received_per_recipient(&smtp, "Activations resumed");
+    let duplicates: usize = per_recipient.values().map(|n| n - 1).sum();
+    println!(
+        "node killed mid-send holding {held_by_killed} lease(s): {} of {SUBSCRIBERS} subscribers reached, {duplicates} duplicate(s)",
+        per_recipient.len()
+    );
+    assert_eq!(per_recipient.len(), SUBSCRIBERS, "no subscriber is missed");
+    assert!(
+        duplicates <= held_by_killed,
+        "{duplicates} duplicates, but the killed node held {held_by_killed} leases"
+    );
+    for server in servers {
+        crate::subscribe::stop(server).await;
+    }
+}
+
+/// Waits for a future from inside `wait_until`'s synchronous condition.
+fn futures_lite<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
+}
