@@ -25,6 +25,9 @@ const PRUNED_PER_PASS: usize = 100_000;
 /// How often `crier serve` forgets what is past its retention.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+/// How soon `crier serve` tries again to plan an update while a shared store is away.
+const PLAN_AGAIN_AFTER: Duration = Duration::from_secs(2);
+
 /// Forgets the settled deliveries older than `retention` (one bounded pass).
 pub async fn prune(store: &dyn crate::store::Store, retention: Duration) -> crate::Result<()> {
     let before = Utc::now() - chrono::TimeDelta::from_std(retention).unwrap_or_default();
@@ -266,6 +269,7 @@ pub async fn serve(
             app.channels.clone(),
             app.config.plan_batch,
         );
+        let plan_again = plans.clone();
         tokio::spawn(async move {
             while let Some(id) = to_plan.recv().await {
                 let planned = match store.update(id).await {
@@ -282,9 +286,25 @@ pub async fn serve(
                     }
                     Err(error) => Err(error),
                 };
-                // The plan stays unfinished in the store: the next start resumes it.
-                if let Err(error) = planned {
-                    tracing::error!(update = %id, %error, "cannot plan the update; the next start resumes it");
+                match planned {
+                    Ok(_) => {}
+                    // A shared database that is away comes back: planning resumes from its
+                    // cursor then, without waiting for a restart.
+                    Err(error)
+                        if error.kind() == crate::error::ErrorKind::Unavailable
+                            && store.shared() =>
+                    {
+                        tracing::warn!(update = %id, %error, "cannot plan the update now; trying again");
+                        let again = plan_again.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(PLAN_AGAIN_AFTER).await;
+                            let _ = again.send(id);
+                        });
+                    }
+                    // The plan stays unfinished in the store: the next start resumes it.
+                    Err(error) => {
+                        tracing::error!(update = %id, %error, "cannot plan the update; the next start resumes it");
+                    }
                 }
             }
         })

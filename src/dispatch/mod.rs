@@ -68,7 +68,7 @@ use crate::delivery::{
 };
 use crate::domain::{Contact, Subscriber};
 use crate::render::{Composer, MessageContext, MessageSource};
-use crate::store::{Store, StoreError};
+use crate::store::{Recorded, Store, StoreError};
 use chrono::{DateTime, Utc};
 use governor::clock::{Clock as _, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -98,6 +98,12 @@ pub enum Mode {
     /// Keep serving until shutdown (`serve`).
     Forever,
 }
+
+/// How long a worker first pauses when a shared store cannot be reached, and at most.
+const FIRST_OUTAGE_PAUSE: Duration = Duration::from_millis(250);
+const LONGEST_OUTAGE_PAUSE: Duration = Duration::from_secs(5);
+/// How soon an outcome the store could not take is offered again.
+const RECORD_AGAIN_AFTER: Duration = Duration::from_millis(500);
 
 /// How many updates the dispatcher keeps in memory; a long-running process sends many.
 const CACHED_UPDATES: usize = 256;
@@ -284,6 +290,15 @@ impl Dispatcher {
         *entry = (*entry).max(until);
     }
 
+    /// Whether a worker waits out this error instead of stopping on it: in `serve`, on a
+    /// store other nodes share, a database that cannot be reached (restarting, failing over)
+    /// pauses the work until it is back. The CLI stops at once and says why.
+    fn rides_out(&self, mode: Mode, error: &crate::Error) -> bool {
+        matches!(mode, Mode::Forever)
+            && self.store.shared()
+            && error.kind() == crate::error::ErrorKind::Unavailable
+    }
+
     /// One channel's worker. Returns the due time of a retry it left queued for later.
     async fn work(
         self: Arc<Self>,
@@ -300,6 +315,8 @@ impl Dispatcher {
         // The store failing stops the leasing, never the attempts already under way: they
         // finish and are recorded, or their leases come back at the next start.
         let mut failure: Option<crate::Error> = None;
+        // While a shared store is away (see `rides_out`), how long the worker last paused.
+        let mut outage_pause: Option<Duration> = None;
         loop {
             let stopping = *shutdown.borrow() || failure.is_some();
             // Seen now, before looking at the queue: anything queued (or planning ending) from
@@ -321,18 +338,44 @@ impl Dispatcher {
                 failure.get_or_insert(error);
             }
             if !stopping {
-                if throttled.is_none()
-                    && let Err(error) = self
-                        .fill(&channel, &mut in_flight, &mut ready, concurrency, now)
-                        .await
-                {
-                    failure = Some(error);
-                    continue;
-                }
-                match self.store.next_due(&channel.id).await {
-                    Ok(due) => next_due = due.map(|due| throttled.map_or(due, |t| due.max(t))),
+                let looked = match throttled {
+                    None => {
+                        self.fill(&channel, &mut in_flight, &mut ready, concurrency, now)
+                            .await
+                    }
+                    Some(_) => Ok(()),
+                };
+                let looked = match looked {
+                    Ok(()) => self.store.next_due(&channel.id).await.map_err(Into::into),
+                    Err(error) => Err(error),
+                };
+                match looked {
+                    Ok(due) => {
+                        next_due = due.map(|due| throttled.map_or(due, |t| due.max(t)));
+                        outage_pause = None;
+                    }
+                    Err(error) if self.rides_out(mode, &error) => {
+                        let pause = outage_pause.map_or(FIRST_OUTAGE_PAUSE, |p: Duration| {
+                            (p * 2).min(LONGEST_OUTAGE_PAUSE)
+                        });
+                        outage_pause = Some(pause);
+                        tracing::warn!(
+                            channel = %channel.id,
+                            %error,
+                            "the store cannot be used; the worker pauses {} and tries again",
+                            humantime::format_duration(pause)
+                        );
+                        // What was leased ahead is left to expire: after an outage its leases
+                        // may already have gone to another node.
+                        ready.clear();
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                        continue;
+                    }
                     Err(error) => {
-                        failure = Some(error.into());
+                        failure = Some(error);
                         continue;
                     }
                 }
@@ -360,8 +403,14 @@ impl Dispatcher {
             };
             tokio::select! {
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    if let Err(error) = done.map_err(crate::Error::from).and_then(|result| result) {
-                        failure.get_or_insert(error);
+                    match done.map_err(crate::Error::from).and_then(|result| result) {
+                        Ok(()) => {}
+                        // The attempt could not record its outcome while the store was away:
+                        // its lease expires and the delivery goes out again.
+                        Err(error) if self.rides_out(mode, &error) => {}
+                        Err(error) => {
+                            failure.get_or_insert(error);
+                        }
                     }
                 }
                 _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
@@ -506,6 +555,32 @@ impl Dispatcher {
         Ok(loaded)
     }
 
+    /// Records an attempt's outcome. On a shared store that cannot be reached just now, it
+    /// tries again while the lease holds: the message went out, and recording it before the
+    /// lease expires is what keeps another node from sending it again.
+    async fn record_outcome(
+        &self,
+        delivery: &DeliveryRecord,
+        outcome: &Outcome,
+        now: DateTime<Utc>,
+    ) -> Result<Recorded, StoreError> {
+        loop {
+            match self.store.record_outcome(delivery, outcome, now).await {
+                Err(error)
+                    if error.kind() == crate::error::ErrorKind::Unavailable
+                        && self.store.shared()
+                        && delivery.lease_until.is_some_and(|until| {
+                            clock::after(self.clock.now(), RECORD_AGAIN_AFTER) < until
+                        }) =>
+                {
+                    tracing::warn!(delivery = %delivery.key(), %error, "cannot record the outcome yet; trying again");
+                    tokio::time::sleep(RECORD_AGAIN_AFTER).await;
+                }
+                recorded => return recorded,
+            }
+        }
+    }
+
     /// One attempt at one leased delivery, with its outcome on disk before it returns. Only
     /// the store failing is an error, and it leaves the delivery leased (it comes back to the
     /// queue when the lease is recovered): everything wrong with the delivery itself is an
@@ -525,7 +600,7 @@ impl Dispatcher {
         };
         // The attempt ends here: that is when it finished.
         let now = self.clock.now();
-        let recorded = self.store.record_outcome(delivery, &outcome, now).await?;
+        let recorded = self.record_outcome(delivery, &outcome, now).await?;
         let record = &recorded.record;
         log_outcome(&channel.id, delivery, &outcome, recorded.applied);
         if recorded.applied

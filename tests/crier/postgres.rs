@@ -346,3 +346,203 @@ async fn three_nodes_share_one_outbox_and_a_node_killed_mid_send_loses_nobody() 
 fn futures_lite<T>(future: impl std::future::Future<Output = T>) -> T {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
 }
+
+// ---- the database goes away -------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_rides_out_a_database_restart_mid_send_and_loses_nothing() {
+    const COUNT: usize = 2_000;
+    const CONCURRENCY: usize = 4;
+    let mut database = tokio::task::spawn_blocking(PostgresServer::start)
+        .await
+        .unwrap();
+    let url = database.database();
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 10);
+    let crier = crier
+        .email(
+            smtp.port,
+            &format!("[delivery]\nconcurrency = {CONCURRENCY}\ntimeout = \"4s\"\n"),
+        )
+        .status_page()
+        .on_postgres(&url)
+        .with_api_token();
+    let mut config = std::fs::read_to_string(&crier.config).unwrap();
+    config.push_str("[dispatch]\nlease = \"40s\"\n");
+    std::fs::write(&crier.config, config).unwrap();
+    import_subscribers(&crier, COUNT).await;
+    let server = serve(&crier).await;
+    let store = open_store(&url).await;
+
+    let update = send_through_all(&server, "Activations delayed").await;
+    let started = wait_until(Duration::from_secs(120), || {
+        futures_lite(email_counts(&store, update)).sent >= COUNT as u64 / 4
+    })
+    .await;
+    assert!(started, "the send got a quarter of the way");
+    let mut database = tokio::task::spawn_blocking(move || {
+        database.stop();
+        database
+    })
+    .await
+    .unwrap();
+
+    // Requests that need the store say why they cannot be answered; the status page, served
+    // from memory, stays up.
+    let answer = client()
+        .get(format!("{}/api/incidents", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 503);
+    let error: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(error["error"], "unavailable", "{error}");
+    assert!(
+        error["detail"]
+            .as_str()
+            .unwrap()
+            .contains("PostgreSQL at 127.0.0.1"),
+        "{error}"
+    );
+    let refused = client()
+        .post(format!("{}/api/updates", server.base))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "headline": "Lost?", "body": "Never stored." }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 503);
+    let page = client().get(&server.base).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.text().await.unwrap().contains("Activations delayed"));
+    let ready = client()
+        .get(format!("{}/readyz", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+
+    // Three seconds without a database: the node keeps running and waits.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut server = server;
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the node is still running"
+    );
+    let during = smtp.count();
+
+    database = tokio::task::spawn_blocking(move || {
+        database.resume();
+        database
+    })
+    .await
+    .unwrap();
+    let done = wait_until(Duration::from_secs(180), || {
+        futures_lite(email_counts(&store, update)).sent == COUNT as u64
+    })
+    .await;
+    assert!(done, "{:?}", email_counts(&store, update).await);
+    let per_recipient = received_per_recipient(&smtp, "Activations delayed");
+    let duplicates: usize = per_recipient.values().map(|n| n - 1).sum();
+    println!(
+        "database stopped for 3 s with {during} of {COUNT} emails out: all {} reached afterwards, {duplicates} duplicate(s)",
+        per_recipient.len()
+    );
+    assert_eq!(per_recipient.len(), COUNT, "no subscriber is missed");
+    // At most what was in flight or leased ahead when the database went away.
+    assert!(duplicates <= 2 * CONCURRENCY, "{duplicates} duplicates");
+    assert!(
+        server
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains("the worker pauses")
+                || line.contains("cannot record the outcome yet")),
+        "the log says the node waited for the database: {:?}",
+        server
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+            .collect::<Vec<_>>()
+    );
+    crate::subscribe::stop(server).await;
+    drop(store);
+    tokio::task::spawn_blocking(move || drop(database))
+        .await
+        .unwrap();
+}
+
+/// Sends an update to every channel through a node's admin API; returns its id.
+async fn send_through_all(server: &Server, headline: &str) -> Ulid {
+    let answer = client()
+        .post(format!("{}/api/updates", server.base))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "headline": headline, "body": "We're working on it." }))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(status, 202, "{body}");
+    body["update"].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_sent_through_one_node_reaches_every_nodes_status_page_at_once() {
+    let url = fresh_database().await;
+    let smtp_dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpSink::start(smtp_dir.path(), 0);
+    let nodes: Vec<Crier> = (0..2)
+        .map(|_| {
+            node(&url, smtp.port).channel(
+                "status",
+                "kind = \"status_page\"\ndir = \"var/status\"\n[delivery]\ntimeout = \"3s\"\n",
+            )
+        })
+        .collect();
+    let mut servers = Vec::new();
+    for node in &nodes {
+        servers.push(serve(node).await);
+    }
+    let status_of = |server: &Server| {
+        let url = format!("{}/status.json", server.base);
+        async move {
+            client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    assert!(!status_of(&servers[1]).await.contains("Network maintenance"));
+
+    let sent_at = std::time::Instant::now();
+    send_through_all(&servers[0], "Network maintenance").await;
+    let mut reached = [None, None];
+    let everywhere = wait_until(Duration::from_secs(10), || {
+        for (i, server) in servers.iter().enumerate() {
+            if reached[i].is_none()
+                && futures_lite(status_of(server)).contains("Network maintenance")
+            {
+                reached[i] = Some(sent_at.elapsed());
+            }
+        }
+        reached.iter().all(Option::is_some)
+    })
+    .await;
+    println!("the update reached the nodes' pages after {reached:?}");
+    assert!(
+        everywhere,
+        "every node's page shows the update: {reached:?}"
+    );
+    for server in servers {
+        crate::subscribe::stop(server).await;
+    }
+}

@@ -366,7 +366,18 @@ fn reason(error: &PgError) -> String {
     match error.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None if error.is_closed() => "the connection to the database was lost".into(),
-        None => error.to_string(),
+        None => {
+            // The driver's own words are general ("error connecting to server"); the cause
+            // says which ("Connection refused").
+            let mut words = error.to_string();
+            let mut cause = std::error::Error::source(error);
+            while let Some(inner) = cause {
+                words.push_str(": ");
+                words.push_str(&inner.to_string());
+                cause = inner.source();
+            }
+            words
+        }
     }
 }
 
