@@ -420,6 +420,13 @@ impl Rate {
         Self { count, period }
     }
 
+    /// How many attempts may go at once: a millisecond's worth, at least one (see the
+    /// dispatcher's limiters for why no more).
+    pub fn burst(&self) -> u32 {
+        let per_millisecond = u128::from(self.count) * 1_000_000 / self.period.as_nanos().max(1);
+        u32::try_from(per_millisecond).unwrap_or(u32::MAX).max(1)
+    }
+
     /// Reads `N/period`, like `300/5m` or `1/s`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let (count, period) = text

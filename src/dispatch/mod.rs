@@ -166,9 +166,7 @@ fn channels_limiters(rates: &[(String, Rate)]) -> HashMap<String, Arc<DefaultDir
 
 /// How many permits a rate gives at once: a millisecond's worth, at least one.
 fn burst_of(rate: &Rate) -> NonZeroU32 {
-    let per_millisecond = u128::from(rate.count) * 1_000_000 / rate.period.as_nanos().max(1);
-    NonZeroU32::new(u32::try_from(per_millisecond).unwrap_or(u32::MAX).max(1))
-        .unwrap_or(NonZeroU32::MIN)
+    NonZeroU32::new(rate.burst()).unwrap_or(NonZeroU32::MIN)
 }
 
 impl Dispatcher {
@@ -447,7 +445,24 @@ impl Dispatcher {
             } else {
                 free
             };
-            if let Some(limiter) = self.limiters.get(&channel.id) {
+            if let Some(rate) = channel.policy.rate.as_ref().filter(|_| self.store.shared()) {
+                // Every node on a shared store takes its slots from the store, so the rate
+                // holds for all of them together (leasing ahead as below).
+                let ahead = if self.bursts.contains(&channel.id) {
+                    batch
+                } else {
+                    batch.min(free)
+                };
+                let slots = self
+                    .store
+                    .take_slots(&channel.id, rate, u32::try_from(ahead).unwrap_or(u32::MAX))
+                    .await?;
+                if slots.granted == 0 {
+                    self.throttle(&channel.id, clock::after(now, slots.wait));
+                    return Ok(());
+                }
+                batch = slots.granted as usize;
+            } else if let Some(limiter) = self.limiters.get(&channel.id) {
                 // A permit per delivery leased, taken before the lease, so no lease waits
                 // for the rate. Permits left over when the queue runs dry are lost: the rate
                 // is never exceeded, at worst underused once per drained queue. Only a rate

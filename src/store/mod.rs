@@ -25,7 +25,7 @@ pub use postgres::PostgresStore;
 pub(crate) use postgres::test_server;
 pub use sled::SledStore;
 
-use crate::config::{StoreBackend, StoreSettings};
+use crate::config::{Rate, StoreBackend, StoreSettings};
 use crate::delivery::{
     Counts, DeliveryKey, DeliveryRecord, DeliveryState, Outcome, ProviderReport, ReportedOutcome,
 };
@@ -504,11 +504,31 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// Takes up to `want` of `channel`'s sending slots under `rate`, for every process on
+    /// the store together: a provider's limit is per account, not per process. Returns how
+    /// many were granted and, when none was, how long until the next one frees. A store one
+    /// process owns grants them all: that process's own limiter keeps the rate.
+    async fn take_slots(&self, channel: &str, rate: &Rate, want: u32) -> Result<Slots, StoreError> {
+        let _ = (channel, rate);
+        Ok(Slots {
+            granted: want,
+            wait: Duration::ZERO,
+        })
+    }
+
     /// On a shared store, ticks whenever any process accepts an update, so every node's status
     /// page follows at once. A store one process owns has none: that process knows.
     fn update_changes(&self) -> Option<watch::Receiver<u64>> {
         None
     }
+}
+
+/// Sending slots a shared rate granted (see [`Store::take_slots`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slots {
+    pub granted: u32,
+    /// With none granted, how long until the next slot frees.
+    pub wait: Duration,
 }
 
 /// Whether retention forgets this delivery: sent or skipped; a dead letter stays for `retry`.

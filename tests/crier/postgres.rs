@@ -546,3 +546,82 @@ async fn an_update_sent_through_one_node_reaches_every_nodes_status_page_at_once
         crate::subscribe::stop(server).await;
     }
 }
+
+// ---- one rate for every node ------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_keep_a_channels_rate_together_measured_at_the_provider() {
+    const TEXTS: usize = 300;
+    const RATE: usize = 50;
+    let url = fresh_database().await;
+    let twilio = crate::sms::TwilioSink::start(&[], &[]).await;
+    let nodes: Vec<Crier> = (0..3)
+        .map(|_| {
+            crate::sms::twilio_crier(
+                &twilio.url,
+                &format!("[delivery]\nconcurrency = 8\nrate = \"{RATE}/1s\"\n"),
+            )
+            .on_postgres(&url)
+            .with_api_token()
+        })
+        .collect();
+    let phones: Vec<String> = (0..TEXTS).map(|i| format!("+447700900{i:03}")).collect();
+    let mut csv = String::from("order,email,phone,confirmed\n");
+    for (i, phone) in phones.iter().enumerate() {
+        csv.push_str(&format!("AB-{},,{phone},true\n", 100_000 + i));
+    }
+    let file = nodes[0].path("phones.csv");
+    std::fs::write(&file, csv).unwrap();
+    nodes[0]
+        .run(&["import", file.to_str().unwrap()])
+        .await
+        .assert_ok();
+    let mut servers = Vec::new();
+    for node in &nodes {
+        servers.push(serve(node).await);
+    }
+
+    send_through_all(&servers[0], "Activations delayed").await;
+    let all = wait_until(Duration::from_secs(120), || {
+        twilio.received().len() >= TEXTS
+    })
+    .await;
+    let received = twilio.received();
+    assert!(all, "{} of {TEXTS} texts arrived", received.len());
+    let mut by_phone: BTreeMap<&str, usize> = BTreeMap::new();
+    for request in &received {
+        *by_phone.entry(request.field("To")).or_default() += 1;
+    }
+    for phone in &phones {
+        assert_eq!(
+            by_phone.get(phone.as_str()),
+            Some(&1),
+            "{phone} got one text"
+        );
+    }
+    received[0].assert_documented(received[0].field("To"));
+
+    // The most texts that arrived within any one second, at the provider.
+    let mut arrivals: Vec<std::time::Instant> = received.iter().map(|r| r.at).collect();
+    arrivals.sort();
+    let busiest = (0..arrivals.len())
+        .map(|first| {
+            arrivals[first..]
+                .iter()
+                .take_while(|at| at.duration_since(arrivals[first]) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    let took = arrivals[arrivals.len() - 1].duration_since(arrivals[0]);
+    println!(
+        "three nodes at {RATE}/s together: {TEXTS} texts in {took:?}, at most {busiest} within any second"
+    );
+    assert!(
+        busiest <= RATE,
+        "{busiest} texts arrived within one second, over the rate of {RATE}"
+    );
+    for server in servers {
+        crate::subscribe::stop(server).await;
+    }
+}

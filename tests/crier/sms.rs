@@ -46,7 +46,7 @@ pub(crate) struct TwilioRequest {
     path: String,
     headers: BTreeMap<String, String>,
     form: Vec<(String, String)>,
-    at: Instant,
+    pub(crate) at: Instant,
     /// The sid answered, for a message it took.
     sid: Option<String>,
 }
@@ -71,7 +71,7 @@ impl TwilioRequest {
     /// account's Messages.json, HTTP Basic with the account SID and auth token, a form body of
     /// exactly To, From, Body and StatusCallback.
     #[track_caller]
-    fn assert_documented(&self, to: &str) {
+    pub(crate) fn assert_documented(&self, to: &str) {
         assert_eq!(self.method, "POST");
         assert_eq!(self.path, MESSAGES_PATH);
         let credentials = STANDARD.encode(format!("{ACCOUNT_SID}:{AUTH_TOKEN}"));
@@ -256,7 +256,7 @@ fn form_fields(body: &[u8]) -> Vec<(String, String)> {
 // ---- crier with an SMS channel --------------------------------------------------------------
 
 /// crier with one Twilio channel, `sms`, sending to `base_url`.
-fn twilio_crier(base_url: &str, extra: &str) -> Crier {
+pub(crate) fn twilio_crier(base_url: &str, extra: &str) -> Crier {
     let toml = format!(
         "kind = \"sms\"\nprovider = \"twilio\"\nbase_url = \"{base_url}\"\naccount_sid = \"{ACCOUNT_SID}\"\nauth_token_env = \"TWILIO_AUTH_TOKEN\"\nfrom = \"{FROM}\"\n{extra}"
     );

@@ -14,11 +14,11 @@ mod listen;
 pub(crate) mod test_server;
 
 use super::{
-    Cursor, DeliveryFilter, FormRequest, IdempotentAnswer, Page, PlanState, Recorded, Store,
+    Cursor, DeliveryFilter, FormRequest, IdempotentAnswer, Page, PlanState, Recorded, Slots, Store,
     StoreError, Subscribed, Subscription, apply_report, apply_subscription,
 };
 use crate::clock;
-use crate::config::PostgresSettings;
+use crate::config::{PostgresSettings, Rate};
 use crate::delivery::{
     Counts, DeliveryKey, DeliveryRecord, DeliveryState, FailureKind, Outcome, ProviderReport,
 };
@@ -94,6 +94,18 @@ fn state_slot(state: DeliveryState) -> usize {
         DeliveryState::Dead => 4,
         DeliveryState::Skipped => 5,
     }
+}
+
+/// How far under the configured rate a shared rate keeps, in thousandths. Between taking a
+/// slot and the request reaching the provider, scheduling and the network move requests by
+/// milliseconds; two slots drawn together by that must still fit the provider's window.
+const SHARED_RATE_HEADROOM_PER_MILLE: u128 = 20;
+
+/// The time between two slots of a shared rate, in nanoseconds.
+fn slot_interval(rate: &Rate) -> i64 {
+    let nanos = rate.period.as_nanos() * (1000 + SHARED_RATE_HEADROOM_PER_MILLE)
+        / (1000 * u128::from(rate.count.max(1)));
+    i64::try_from(nanos).unwrap_or(i64::MAX).max(1)
 }
 
 /// A time as the tables compare it: nanoseconds since 1970, saturating at what an `i64`
@@ -1629,6 +1641,62 @@ impl Store for PostgresStore {
         )
         .await?;
         Ok(())
+    }
+
+    async fn take_slots(&self, channel: &str, rate: &Rate, want: u32) -> Result<Slots, StoreError> {
+        if want == 0 {
+            return Ok(Slots {
+                granted: 0,
+                wait: Duration::ZERO,
+            });
+        }
+        let interval = slot_interval(rate);
+        let burst = i64::from(rate.burst());
+        self.transaction(async |tx| {
+            // The row is locked until the commit: nodes take slots one after another.
+            let rows = run(
+                tx,
+                "INSERT INTO rate_slots (channel, tat_ns) VALUES ($1, 0)
+                 ON CONFLICT (channel) DO UPDATE SET channel = EXCLUDED.channel
+                 RETURNING tat_ns,
+                           (extract(epoch FROM clock_timestamp()) * 1000000)::int8 * 1000",
+                &[&channel],
+            )
+            .await?;
+            let row = rows
+                .first()
+                .ok_or_else(|| StoreError::Corrupt("a rate slot row vanished".into()))?;
+            let (tat, now): (i64, i64) = (row.get(0), row.get(1));
+            let tat = tat.max(now);
+            let room = now
+                .saturating_add(burst.saturating_mul(interval))
+                .saturating_sub(tat);
+            let granted = (room / interval).clamp(0, i64::from(want));
+            if granted == 0 {
+                let frees_at = tat.saturating_sub((burst - 1).saturating_mul(interval));
+                let wait = u64::try_from(frees_at.saturating_sub(now))
+                    .unwrap_or(0)
+                    .max(1);
+                return Ok(Slots {
+                    granted: 0,
+                    wait: Duration::from_nanos(wait),
+                });
+            }
+            exec(
+                tx,
+                "UPDATE rate_slots SET tat_ns = $2 WHERE channel = $1",
+                &[
+                    &channel,
+                    &tat.saturating_add(granted.saturating_mul(interval)),
+                ],
+            )
+            .await?;
+            Ok(Slots {
+                granted: u32::try_from(granted).unwrap_or(want),
+                wait: Duration::ZERO,
+            })
+        })
+        .await
     }
 
     fn queue_changes(&self) -> watch::Receiver<u64> {
