@@ -92,6 +92,9 @@ pub enum Command {
     Retry(RetryArgs),
     /// Validate the configuration, channel files, secrets and templates without touching the store.
     CheckConfig,
+    /// Manage the store itself.
+    #[command(subcommand)]
+    Store(StoreCommand),
 }
 
 #[derive(Debug, Args)]
@@ -248,6 +251,27 @@ pub struct DeliveriesArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy every subscriber, order, incident, update and delivery (in its state, with its
+    /// counts) from an embedded sled store into the PostgreSQL database the config names
+    /// (store.backend = "postgres"). Records the database already holds are kept; run it
+    /// again after an interruption.
+    Copy(CopyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// The store to copy, as sled:PATH (the folder store.path named).
+    #[arg(long)]
+    pub from: String,
+    /// Where to copy it: postgres, the database in the config.
+    #[arg(long, default_value = "postgres", value_parser = ["postgres"])]
+    pub to: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct RetryArgs {
     /// Only this update's dead letters [default: all of them].
@@ -285,6 +309,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Link(args) => link(&config, args).await,
         Command::Deliveries(args) => deliveries(config, args).await,
         Command::Retry(args) => retry(config, args).await,
+        Command::Store(StoreCommand::Copy(args)) => copy_store(config, args).await,
     }
 }
 
@@ -833,6 +858,69 @@ async fn dispatch(config: Config, args: DispatchArgs) -> Result<ExitCode> {
         print_counts(&counts)?;
     }
     Ok(exit_after(&delivered))
+}
+
+async fn copy_store(config: Config, args: CopyArgs) -> Result<ExitCode> {
+    let Some(path) = args.from.strip_prefix("sled:").filter(|p| !p.is_empty()) else {
+        return Err(Error::user(format!(
+            "--from {}: give the store to copy as sled:PATH",
+            args.from
+        )));
+    };
+    let crate::config::StoreBackend::Postgres(target) = &config.store.backend else {
+        return Err(Error::user(format!(
+            "{}: store.backend: set it to \"postgres\" (with the connection string in the variable store.url_env names) to copy into PostgreSQL",
+            config.file.display()
+        )));
+    };
+    let path = std::path::PathBuf::from(path);
+    if !path.join("db").is_file() {
+        return Err(Error::user(format!(
+            "--from sled:{}: no sled store there",
+            path.display()
+        )));
+    }
+    let source = crate::store::SledStore::open(&crate::config::StoreSettings::sled(
+        path,
+        config.store.cache_capacity_bytes,
+    ))
+    .await?;
+    let target = crate::store::PostgresStore::open(target).await?;
+    let bar = ProgressBar::with_draw_target(None, progress_target());
+    if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}") {
+        bar.set_style(style);
+    }
+    let copied = target
+        .copy_from(&source, Utc::now(), |so_far| {
+            bar.set_message(format!(
+                "{} subscribers, {} updates, {} deliveries",
+                so_far.subscribers, so_far.updates, so_far.deliveries
+            ));
+            bar.tick();
+        })
+        .await?;
+    bar.finish_and_clear();
+    if args.json {
+        say!("{}", serde_json::to_string(&copied)?);
+    } else {
+        say!(
+            "copied {} subscribers, {} incidents, {} updates and {} deliveries ({} already there{})",
+            copied.subscribers,
+            copied.incidents,
+            copied.updates,
+            copied.deliveries,
+            copied.already_there,
+            if copied.released > 0 {
+                format!(
+                    "; {} left in flight by a stopped process are queued again",
+                    copied.released
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn retry(config: Config, args: RetryArgs) -> Result<ExitCode> {

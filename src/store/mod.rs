@@ -20,9 +20,9 @@ mod sled;
 mod conformance;
 
 pub use memory::MemoryStore;
-pub use postgres::PostgresStore;
 #[cfg(test)]
 pub(crate) use postgres::test_server;
+pub use postgres::{Copied, PostgresStore};
 pub use sled::SledStore;
 
 use crate::config::{Rate, StoreBackend, StoreSettings};

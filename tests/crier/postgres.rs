@@ -625,3 +625,81 @@ async fn three_nodes_keep_a_channels_rate_together_measured_at_the_provider() {
         crate::subscribe::stop(server).await;
     }
 }
+
+// ---- moving from sled -------------------------------------------------------------------------
+
+/// What `crier deliveries` and `crier order` answer, as JSON.
+async fn answers(crier: &Crier) -> Vec<serde_json::Value> {
+    let mut answers = Vec::new();
+    for args in [
+        &["deliveries", "--json"][..],
+        &["deliveries", "--failed", "--json"],
+        &["order", "AB-1001", "--json"],
+        &["order", "AB-1002", "--json"],
+    ] {
+        let output = crier.run(args).await;
+        output.assert_ok();
+        let mut answer = output.json();
+        // The reply's subscribe link is signed afresh with an expiry counted from now.
+        if let Some(snippet) = answer.get_mut("snippet") {
+            let text = snippet.as_str().unwrap();
+            let unsigned = text.split("/s/").next().unwrap().to_owned();
+            assert_ne!(unsigned, text, "the reply has a subscribe link");
+            *snippet = unsigned.into();
+        }
+        answers.push(answer);
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_copy_moves_a_sled_store_to_postgres_with_the_same_answers() {
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 0);
+    let crier = crier.email(smtp.port, "[delivery]\nmax_attempts = 1\n");
+    crier.subscribe("AB-1001", "ann@example.com").await;
+    crier.subscribe("AB-1002", "reject-bob@example.com").await;
+    let sent = crier.send(&[], "We're on it.").await;
+    assert_eq!(sent["channels"]["email"]["sent"], 1, "{sent}");
+    assert_eq!(sent["channels"]["email"]["dead"], 1, "{sent}");
+    let on_sled = answers(&crier).await;
+
+    let url = fresh_database().await;
+    let crier = crier.on_postgres(&url);
+    let sled_store = format!("sled:{}", crier.path("var/store").display());
+    let copy = crier
+        .run(&["store", "copy", "--from", &sled_store, "--json"])
+        .await;
+    copy.assert_ok();
+    let copied = copy.json();
+    assert_eq!(
+        (
+            &copied["subscribers"],
+            &copied["incidents"],
+            &copied["updates"],
+            &copied["deliveries"],
+            &copied["already_there"]
+        ),
+        (&2.into(), &1.into(), &1.into(), &2.into(), &0.into()),
+        "{copied}"
+    );
+    assert_eq!(
+        answers(&crier).await,
+        on_sled,
+        "the same answers on PostgreSQL"
+    );
+
+    // Run again (after an interruption, say): nothing is copied twice.
+    let again = crier
+        .run(&["store", "copy", "--from", &sled_store, "--json"])
+        .await;
+    again.assert_ok();
+    assert_eq!(again.json()["already_there"], 6, "{}", again.stdout);
+    assert_eq!(answers(&crier).await, on_sled);
+
+    // The counter came along with the subscribers.
+    let store = open_store(&url).await;
+    assert_eq!(store.subscriber_count().await.unwrap(), 2);
+    let bad = crier.run(&["store", "copy", "--from", "var/store"]).await;
+    bad.assert_user_error("give the store to copy as sled:PATH");
+}

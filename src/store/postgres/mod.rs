@@ -9,6 +9,7 @@
 //! always in key order, so two nodes never deadlock; counters are spread over shards, so
 //! concurrent writers do not queue on one row.
 
+mod copy;
 mod listen;
 #[cfg(test)]
 pub(crate) mod test_server;
@@ -52,6 +53,8 @@ const UPDATES_CHANNEL: &str = "crier_updates";
 /// How long a request waits for a connection, and a connection for the server, before the
 /// store answers that it cannot be used.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub use copy::Copied;
 
 pub struct PostgresStore {
     pool: Pool,
