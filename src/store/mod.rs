@@ -42,7 +42,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use ulid::Ulid;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("the store at {} is in use by another crier process; wait for it to finish", .0.display())]
     Locked(PathBuf),

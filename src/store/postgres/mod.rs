@@ -30,8 +30,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
 use secrecy::ExposeSecret;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::NoTls;
 use tokio_postgres::types::{Json, ToSql};
 use ulid::Ulid;
@@ -39,6 +40,11 @@ use ulid::Ulid;
 mod embedded {
     refinery::embed_migrations!("migrations/postgres");
 }
+
+/// How many transactions recording outcomes may run at once; each takes every outcome that
+/// arrived meanwhile (up to [`OUTCOME_BATCH`]).
+const OUTCOME_RECORDERS: usize = 4;
+const OUTCOME_BATCH: usize = 256;
 
 /// Counters and delivery counts are spread over this many rows each.
 const COUNTER_SHARDS: i16 = 16;
@@ -57,13 +63,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub use copy::Copied;
 
 pub struct PostgresStore {
-    pool: Pool,
-    /// The database as messages name it: host, port and name, never the password.
-    place: String,
+    db: Database,
+    /// Outcomes on their way to the recorders, which record those that arrive together in
+    /// one transaction.
+    outcomes: mpsc::UnboundedSender<OutcomeRequest>,
     queue_changes: watch::Sender<u64>,
     update_changes: watch::Sender<u64>,
     /// Hears the other nodes' `NOTIFY`s; stops with the store.
     listener: Option<StopOnDrop>,
+}
+
+/// The pool and the database's name in messages: what every transaction needs.
+#[derive(Clone)]
+struct Database {
+    pool: Pool,
+    /// The database as messages name it: host, port and name, never the password.
+    place: String,
 }
 
 struct StopOnDrop(tokio::task::JoinHandle<()>);
@@ -253,9 +268,18 @@ impl PostgresStore {
                 place: place.clone(),
                 reason: e.to_string(),
             })?;
-        let mut store = Self {
+        let db = Database {
             pool,
             place: place.clone(),
+        };
+        let (outcomes, to_record) = mpsc::unbounded_channel();
+        let to_record = Arc::new(tokio::sync::Mutex::new(to_record));
+        for _ in 0..OUTCOME_RECORDERS {
+            tokio::spawn(record_outcomes(db.clone(), to_record.clone()));
+        }
+        let mut store = Self {
+            db,
+            outcomes,
             queue_changes: watch::Sender::new(0),
             update_changes: watch::Sender::new(0),
             listener: None,
@@ -273,13 +297,14 @@ impl PostgresStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
+        let db = &self.db;
+        let mut client = db.client().await?;
         let client: &mut tokio_postgres::Client = &mut client;
         // Nodes started together would otherwise race to create the history table.
         client
             .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
             .await
-            .map_err(|e| self.failed(e))?;
+            .map_err(|e| db.failed(e))?;
         let migrated = embedded::migrations::runner()
             .set_abort_divergent(true)
             .run_async(client)
@@ -288,13 +313,35 @@ impl PostgresStore {
             .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
             .await;
         migrated.map_err(|e| StoreError::Unavailable {
-            place: self.place.clone(),
+            place: db.place.clone(),
             reason: format!("its schema cannot be brought up to date: {e}"),
         })?;
-        unlocked.map_err(|e| self.failed(e))?;
+        unlocked.map_err(|e| db.failed(e))?;
         Ok(())
     }
 
+    async fn transaction<T>(
+        &self,
+        work: impl AsyncFnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.db.transaction(work).await
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        self.db.query(sql, params).await
+    }
+
+    /// Ticks this node's watchers at once (the others hear the `NOTIFY`).
+    fn queued_here(&self) {
+        self.queue_changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+impl Database {
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         self.pool.get().await.map_err(|e| StoreError::Unavailable {
             place: self.place.clone(),
@@ -353,11 +400,6 @@ impl PostgresStore {
             .query(&statement, params)
             .await
             .map_err(|e| self.failed(e))
-    }
-
-    /// Ticks this node's watchers at once (the others hear the `NOTIFY`).
-    fn queued_here(&self) {
-        self.queue_changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -791,63 +833,63 @@ impl PostgresStore {
         notify(tx, UPDATES_CHANNEL).await?;
         Ok(incident)
     }
+}
 
-    /// Stores the remote thread a receipt named on the incident of the record's update.
-    async fn keep_thread(
-        &self,
-        tx: &Transaction<'_>,
-        record: &DeliveryRecord,
-        thread: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        let rows = run(
-            tx,
-            "SELECT i.id, i.record FROM updates u JOIN incidents i
+/// Stores the remote thread a receipt named on the incident of the record's update.
+async fn keep_thread(
+    tx: &Transaction<'_>,
+    record: &DeliveryRecord,
+    thread: &serde_json::Value,
+) -> Result<(), StoreError> {
+    let rows = run(
+        tx,
+        "SELECT i.id, i.record FROM updates u JOIN incidents i
                  ON i.id = u.record->>'incident'
              WHERE u.id = $1 FOR UPDATE OF i",
-            &[&record.update.to_string()],
-        )
-        .await?;
-        let Some(row) = rows.first() else {
-            tracing::warn!(
-                delivery = %record.key(),
-                "the receipt names a thread, but the delivery's update has no incident to keep it on"
-            );
-            return Ok(());
-        };
-        let id: String = row.get(0);
-        let mut incident: Incident = decode(row, "record")?;
-        incident
-            .remote_threads
-            .insert(record.channel.clone(), thread.clone());
-        exec(
-            tx,
-            "UPDATE incidents SET record = $2 WHERE id = $1",
-            &[&id, &Json(&incident)],
-        )
-        .await?;
-        Ok(())
-    }
+        &[&record.update.to_string()],
+    )
+    .await?;
+    let Some(row) = rows.first() else {
+        tracing::warn!(
+            delivery = %record.key(),
+            "the receipt names a thread, but the delivery's update has no incident to keep it on"
+        );
+        return Ok(());
+    };
+    let id: String = row.get(0);
+    let mut incident: Incident = decode(row, "record")?;
+    incident
+        .remote_threads
+        .insert(record.channel.clone(), thread.clone());
+    exec(
+        tx,
+        "UPDATE incidents SET record = $2 WHERE id = $1",
+        &[&id, &Json(&incident)],
+    )
+    .await?;
+    Ok(())
+}
 
-    /// Stops a contact on a channel, as a `RecipientGone` failure says.
-    async fn stop_contact(
-        &self,
-        tx: &Transaction<'_>,
-        record: &DeliveryRecord,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let Some(contact) = record.recipient.contact() else {
-            return Ok(());
-        };
-        let mut locked = lock_subscribers(tx, &[contact], None).await?;
-        let Some(Some(before)) = locked.existing.remove(contact.as_str()) else {
-            return Ok(());
-        };
-        let mut after = before.clone();
-        after.stopped_on.insert(record.channel.clone());
-        after.updated_at = now;
-        write_subscribers(tx, &[rewrite(after, Some(&before))]).await
-    }
+/// Stops a contact on a channel, as a `RecipientGone` failure says.
+async fn stop_contact(
+    tx: &Transaction<'_>,
+    record: &DeliveryRecord,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let Some(contact) = record.recipient.contact() else {
+        return Ok(());
+    };
+    let mut locked = lock_subscribers(tx, &[contact], None).await?;
+    let Some(Some(before)) = locked.existing.remove(contact.as_str()) else {
+        return Ok(());
+    };
+    let mut after = before.clone();
+    after.stopped_on.insert(record.channel.clone());
+    after.updated_at = now;
+    write_subscribers(tx, &[rewrite(after, Some(&before))]).await
+}
 
+impl PostgresStore {
     async fn followers_page(
         &self,
         orders: &BTreeSet<OrderNumber>,
@@ -1292,76 +1334,24 @@ impl Store for PostgresStore {
         outcome: &Outcome,
         now: DateTime<Utc>,
     ) -> Result<Recorded, StoreError> {
-        let key = leased.key().as_str().to_owned();
-        let recorded = self
-            .transaction(async |tx| {
-                // Read afresh: if the lease expired meanwhile, the record went back to the
-                // queue (or to another attempt), and that must be undone on success, or it
-                // would be sent again.
-                let mut locked = lock_deliveries(tx, std::slice::from_ref(&key)).await?;
-                let Some(mut record) = locked.remove(&key) else {
-                    return Err(StoreError::Corrupt(format!("delivery {key} vanished")));
-                };
-                let superseded = record.leases != leased.leases || record.state.is_settled();
-                let succeeded = matches!(outcome, Outcome::Sent { .. });
-                if record.state == DeliveryState::Sent || (superseded && !succeeded) {
-                    return Ok(Recorded {
-                        record,
-                        applied: false,
-                    });
-                }
-                let from = record.state;
-                record.apply(outcome, now);
-                let mut moves = CountMoves::default();
-                moves.moved(&record, Some(from));
-                write_deliveries(tx, &[&record]).await?;
-                write_counts(tx, moves).await?;
-                match outcome {
-                    Outcome::Sent { receipt } => {
-                        if let Some(thread) = &receipt.thread {
-                            self.keep_thread(tx, &record, thread).await?;
-                        }
-                    }
-                    Outcome::Dead { failure } => match failure.kind {
-                        FailureKind::RecipientGone => self.stop_contact(tx, &record, now).await?,
-                        FailureKind::EndpointGone => {
-                            exec(
-                                tx,
-                                "INSERT INTO disabled_channels (channel, since, reason)
-                                 VALUES ($1, $2, $3)
-                                 ON CONFLICT (channel) DO UPDATE SET since = EXCLUDED.since,
-                                                                     reason = EXCLUDED.reason",
-                                &[&record.channel, &exact_time(now), &failure.reason],
-                            )
-                            .await?;
-                        }
-                        FailureKind::Transient
-                        | FailureKind::Throttled
-                        | FailureKind::Permanent => {}
-                    },
-                    Outcome::Retry { .. } | Outcome::Skipped { .. } => {}
-                }
-                if matches!(
-                    record.state,
-                    DeliveryState::Queued | DeliveryState::Retrying
-                ) {
-                    notify(tx, QUEUE_CHANNEL).await?;
-                }
-                // A broadcast (the status page, a post) settling changes what every node's
-                // page shows.
-                if record.recipient.contact().is_none() && record.state.is_settled() {
-                    notify(tx, UPDATES_CHANNEL).await?;
-                }
-                Ok(Recorded {
-                    record,
-                    applied: true,
-                })
-            })
-            .await?;
-        if matches!(
-            recorded.record.state,
-            DeliveryState::Queued | DeliveryState::Retrying
-        ) && recorded.applied
+        let (reply, answer) = oneshot::channel();
+        let request = OutcomeRequest {
+            leased: leased.clone(),
+            outcome: outcome.clone(),
+            now,
+            reply,
+        };
+        let gone = || StoreError::Unavailable {
+            place: self.db.place.clone(),
+            reason: "the outcome recorders stopped".into(),
+        };
+        self.outcomes.send(request).map_err(|_| gone())?;
+        let recorded = answer.await.map_err(|_| gone())??;
+        if recorded.applied
+            && matches!(
+                recorded.record.state,
+                DeliveryState::Queued | DeliveryState::Retrying
+            )
         {
             self.queued_here();
         }
@@ -1713,4 +1703,141 @@ impl Store for PostgresStore {
     fn update_changes(&self) -> Option<watch::Receiver<u64>> {
         Some(self.update_changes.subscribe())
     }
+}
+
+/// One attempt's outcome, waiting to be recorded, and who waits for the answer.
+struct OutcomeRequest {
+    leased: DeliveryRecord,
+    outcome: Outcome,
+    now: DateTime<Utc>,
+    reply: oneshot::Sender<Result<Recorded, StoreError>>,
+}
+
+/// A recorder: takes every outcome waiting (one at least), records them in one transaction,
+/// and answers each once it is committed. Outcomes that arrive while a transaction runs wait
+/// for the next, so under load many share one commit instead of a round trip each.
+async fn record_outcomes(
+    db: Database,
+    waiting: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<OutcomeRequest>>>,
+) {
+    loop {
+        let batch = {
+            let mut waiting = waiting.lock().await;
+            let Some(first) = waiting.recv().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < OUTCOME_BATCH {
+                match waiting.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        let requests: Vec<(&DeliveryRecord, &Outcome, DateTime<Utc>)> = batch
+            .iter()
+            .map(|request| (&request.leased, &request.outcome, request.now))
+            .collect();
+        match db
+            .transaction(async |tx| record_batch(tx, &requests).await)
+            .await
+        {
+            Ok(answers) => {
+                for (request, answer) in batch.into_iter().zip(answers) {
+                    let _ = request.reply.send(answer);
+                }
+            }
+            Err(error) => {
+                for request in batch {
+                    let _ = request.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Records outcomes in one transaction, each fenced by its lease: an attempt whose lease was
+/// taken over only gets its say if it succeeded, and nothing reopens a sent delivery. Returns
+/// each outcome's answer, in order.
+async fn record_batch(
+    tx: &Transaction<'_>,
+    requests: &[(&DeliveryRecord, &Outcome, DateTime<Utc>)],
+) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
+    let mut keys: Vec<String> = requests
+        .iter()
+        .map(|(leased, _, _)| leased.key().as_str().to_owned())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    // Read afresh: if a lease expired meanwhile, the record went back to the queue (or to
+    // another attempt), and that must be undone on success, or it would be sent again.
+    let mut records = lock_deliveries(tx, &keys).await?;
+    let mut moves = CountMoves::default();
+    let mut changed = BTreeSet::new();
+    let mut answers = Vec::with_capacity(requests.len());
+    let (mut queued, mut broadcast_settled) = (false, false);
+    for (leased, outcome, now) in requests {
+        let key = leased.key().as_str().to_owned();
+        let Some(record) = records.get_mut(&key) else {
+            answers.push(Err(StoreError::Corrupt(format!("delivery {key} vanished"))));
+            continue;
+        };
+        let superseded = record.leases != leased.leases || record.state.is_settled();
+        let succeeded = matches!(outcome, Outcome::Sent { .. });
+        if record.state == DeliveryState::Sent || (superseded && !succeeded) {
+            answers.push(Ok(Recorded {
+                record: record.clone(),
+                applied: false,
+            }));
+            continue;
+        }
+        let from = record.state;
+        record.apply(outcome, *now);
+        moves.moved(record, Some(from));
+        changed.insert(key);
+        match outcome {
+            Outcome::Sent { receipt } => {
+                if let Some(thread) = &receipt.thread {
+                    keep_thread(tx, record, thread).await?;
+                }
+            }
+            Outcome::Dead { failure } => match failure.kind {
+                FailureKind::RecipientGone => stop_contact(tx, record, *now).await?,
+                FailureKind::EndpointGone => {
+                    exec(
+                        tx,
+                        "INSERT INTO disabled_channels (channel, since, reason)
+                         VALUES ($1, $2, $3)
+                         ON CONFLICT (channel) DO UPDATE SET since = EXCLUDED.since,
+                                                             reason = EXCLUDED.reason",
+                        &[&record.channel, &exact_time(*now), &failure.reason],
+                    )
+                    .await?;
+                }
+                FailureKind::Transient | FailureKind::Throttled | FailureKind::Permanent => {}
+            },
+            Outcome::Retry { .. } | Outcome::Skipped { .. } => {}
+        }
+        queued |= matches!(
+            record.state,
+            DeliveryState::Queued | DeliveryState::Retrying
+        );
+        // A broadcast (the status page, a post) settling changes what every node's page shows.
+        broadcast_settled |= record.recipient.contact().is_none() && record.state.is_settled();
+        answers.push(Ok(Recorded {
+            record: record.clone(),
+            applied: true,
+        }));
+    }
+    let written: Vec<&DeliveryRecord> = changed.iter().filter_map(|key| records.get(key)).collect();
+    write_deliveries(tx, &written).await?;
+    write_counts(tx, moves).await?;
+    if queued {
+        notify(tx, QUEUE_CHANNEL).await?;
+    }
+    if broadcast_settled {
+        notify(tx, UPDATES_CHANNEL).await?;
+    }
+    Ok(answers)
 }
