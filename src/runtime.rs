@@ -28,6 +28,9 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// How soon `crier serve` tries again to plan an update while a shared store is away.
 const PLAN_AGAIN_AFTER: Duration = Duration::from_secs(2);
 
+/// How often `crier serve`, on a shared store, looks for plans a dead node left unfinished.
+const PLAN_SWEEP_EVERY: Duration = Duration::from_secs(3);
+
 /// Forgets the settled deliveries older than `retention` (one bounded pass).
 pub async fn prune(store: &dyn crate::store::Store, retention: Duration) -> crate::Result<()> {
     let before = Utc::now() - chrono::TimeDelta::from_std(retention).unwrap_or_default();
@@ -272,6 +275,21 @@ pub async fn serve(
         let plan_again = plans.clone();
         tokio::spawn(async move {
             while let Some(id) = to_plan.recv().await {
+                // On a shared store another node may be planning it: then that node finishes
+                // it, or, if it dies, the sweep below brings it back here.
+                let claim = match store.claim_plan(id).await {
+                    Ok(Some(claim)) => claim,
+                    Ok(None) => continue,
+                    Err(error) => {
+                        tracing::warn!(update = %id, %error, "cannot claim the update's planning now; trying again");
+                        let again = plan_again.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(PLAN_AGAIN_AFTER).await;
+                            let _ = again.send(id);
+                        });
+                        continue;
+                    }
+                };
                 let planned = match store.update(id).await {
                     Ok(update) => {
                         plan_update_counting(
@@ -306,9 +324,29 @@ pub async fn serve(
                         tracing::error!(update = %id, %error, "cannot plan the update; the next start resumes it");
                     }
                 }
+                drop(claim);
             }
         })
     };
+
+    // On a shared store, plans left unfinished (their node died mid-plan) are offered to this
+    // node's planner now and then; the claim makes sure one node at a time takes each.
+    let plan_sweeper = app.store.shared().then(|| {
+        let (store, plans) = (app.store.clone(), plans.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PLAN_SWEEP_EVERY).await;
+                match store.unfinished_plans().await {
+                    Ok(ids) => {
+                        for id in ids {
+                            let _ = plans.send(id);
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot look for unfinished plans"),
+                }
+            }
+        })
+    });
 
     // The page is rendered again whenever its channel settles a delivery.
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Settled>();
@@ -362,6 +400,9 @@ pub async fn serve(
     refresher.abort();
     if let Some(shared_refresher) = shared_refresher {
         shared_refresher.abort();
+    }
+    if let Some(plan_sweeper) = plan_sweeper {
+        plan_sweeper.abort();
     }
     pruner.abort();
     watching.abort();

@@ -363,9 +363,8 @@ impl Dispatcher {
                             "the store cannot be used; the worker pauses {} and tries again",
                             humantime::format_duration(pause)
                         );
-                        // What was leased ahead is left to expire: after an outage its leases
-                        // may already have gone to another node.
-                        ready.clear();
+                        // What was leased ahead waits; `fill` leaves to expire any whose
+                        // lease would run out before its attempt could end.
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {}
                             _ = shutdown.changed() => {}
@@ -438,8 +437,18 @@ impl Dispatcher {
         if free == 0 {
             return Ok(());
         }
+        let attempt_limit = channel.policy.timeout + Duration::from_secs(1);
+        // A delivery leased ahead whose lease would run out before its attempt could end (the
+        // worker waited out a store that was away, say) is left to expire: another worker
+        // may hold it by then, and sending it here too would send it twice.
+        let deadline = clock::after(now, attempt_limit);
+        ready.retain(|leased| {
+            leased
+                .record
+                .lease_until
+                .is_none_or(|until| until > deadline)
+        });
         if ready.is_empty() {
-            let attempt_limit = channel.policy.timeout + Duration::from_secs(1);
             let mut batch = if self.lease >= attempt_limit * 2 {
                 concurrency.max(free)
             } else {

@@ -120,6 +120,7 @@ macro_rules! conformance {
             provider_reports_are_kept_and_undelivered_ones_in_a_row_stop_the_contact,
             a_sent_alert_is_remembered_by_its_key,
             a_form_request_stores_a_pending_follower_and_never_changes_a_confirmed_or_stopped_one,
+            a_shared_store_lets_one_holder_at_a_time_claim_an_updates_planning,
         );
     };
     (@tests $backend:ident, $open:expr; $($test:ident),* $(,)?) => {
@@ -2088,4 +2089,33 @@ async fn a_form_request_stores_a_pending_follower_and_never_changes_a_confirmed_
     );
     let bob_now = store.subscriber(&bob).await.unwrap().unwrap();
     assert_eq!(bob_now.orders.len(), crate::store::FORM_PENDING_ORDERS);
+}
+
+async fn a_shared_store_lets_one_holder_at_a_time_claim_an_updates_planning(store: &dyn Store) {
+    let update = Ulid::new();
+    let first = store.claim_plan(update).await.unwrap();
+    assert!(first.is_some(), "the first claim is granted");
+    let second = store.claim_plan(update).await.unwrap();
+    assert_eq!(
+        second.is_some(),
+        !store.shared(),
+        "a shared store refuses a second holder; one process's store has no other"
+    );
+    let other = store.claim_plan(Ulid::new()).await.unwrap();
+    assert!(
+        other.is_some(),
+        "another update's planning is claimed apart"
+    );
+    drop((first, second, other));
+
+    // The claim ends with its holder (on PostgreSQL, once the server sees its session close).
+    let mut again = None;
+    for _ in 0..100 {
+        again = store.claim_plan(update).await.unwrap();
+        if again.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(again.is_some(), "a dropped claim lets another take over");
 }

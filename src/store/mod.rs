@@ -516,10 +516,38 @@ pub trait Store: Send + Sync + 'static {
         })
     }
 
+    /// Claims the planning of `update` for this process, unless another process holds it: on
+    /// a shared store one node plans an update at a time, and when that node dies its claim
+    /// ends with its connection, so another can take over at once. A store one process owns
+    /// always grants it. Planning stops being this process's when the claim is dropped.
+    async fn claim_plan(&self, update: Ulid) -> Result<Option<PlanClaim>, StoreError> {
+        let _ = update;
+        Ok(Some(PlanClaim::unshared()))
+    }
+
     /// On a shared store, ticks whenever any process accepts an update, so every node's status
     /// page follows at once. A store one process owns has none: that process knows.
     fn update_changes(&self) -> Option<watch::Receiver<u64>> {
         None
+    }
+}
+
+/// The right to plan one update, held until dropped (see [`Store::claim_plan`]).
+pub struct PlanClaim {
+    _held: Option<Box<dyn Send + Sync>>,
+}
+
+impl PlanClaim {
+    /// A claim no other process could contest.
+    pub fn unshared() -> Self {
+        Self { _held: None }
+    }
+
+    /// A claim that lasts as long as `held` lives (a database session holding a lock, say).
+    pub fn holding(held: impl Send + Sync + 'static) -> Self {
+        Self {
+            _held: Some(Box::new(held)),
+        }
     }
 }
 

@@ -703,3 +703,75 @@ async fn store_copy_moves_a_sled_store_to_postgres_with_the_same_answers() {
     let bad = crier.run(&["store", "copy", "--from", "var/store"]).await;
     bad.assert_user_error("give the store to copy as sled:PATH");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_while_planning_leaves_the_plan_to_another_node() {
+    const COUNT: usize = 5_000;
+    let url = fresh_database().await;
+    let smtp_dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpSink::start(smtp_dir.path(), 0);
+    // Small planning batches, so planning is still under way when node A dies.
+    let nodes: Vec<Crier> = (0..2)
+        .map(|_| {
+            let crier = node(&url, smtp.port);
+            let config = std::fs::read_to_string(&crier.config).unwrap();
+            std::fs::write(
+                &crier.config,
+                config.replace("[dispatch]\n", "[dispatch]\nplan_batch = 5\n"),
+            )
+            .unwrap();
+            crier
+        })
+        .collect();
+    import_subscribers(&nodes[0], COUNT).await;
+    let store = open_store(&url).await;
+    let mut servers = Vec::new();
+    for node in &nodes {
+        servers.push(serve(node).await);
+    }
+
+    let update = send_through(&servers[0], "Activations delayed").await;
+    let planning = wait_until(Duration::from_secs(60), || {
+        let counts = futures_lite(email_counts(&store, update));
+        counts.queued + counts.in_flight + counts.sent >= 100
+    })
+    .await;
+    assert!(planning, "node A started planning");
+    let accepting = servers.remove(0);
+    let mut child = accepting.child;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let counts = email_counts(&store, update).await;
+    let planned_at_kill = counts.queued
+        + counts.in_flight
+        + counts.sent
+        + counts.retrying
+        + counts.dead
+        + counts.skipped;
+    assert!(
+        planned_at_kill < COUNT as u64,
+        "node A was killed before it finished planning ({planned_at_kill} planned)"
+    );
+    assert!(!store.plan_state(update).await.unwrap().done);
+
+    let done = wait_until(Duration::from_secs(300), || {
+        futures_lite(email_counts(&store, update)).sent == COUNT as u64
+    })
+    .await;
+    assert!(done, "{:?}", email_counts(&store, update).await);
+    assert!(store.plan_state(update).await.unwrap().done);
+    let per_recipient = received_per_recipient(&smtp, "Activations delayed");
+    let duplicates: usize = per_recipient.values().map(|n| n - 1).sum();
+    println!(
+        "node A killed with {planned_at_kill} of {COUNT} deliveries planned: node B planned the rest, {} reached, {duplicates} duplicate(s)",
+        per_recipient.len()
+    );
+    assert_eq!(per_recipient.len(), COUNT, "no subscriber is missed");
+    assert!(
+        duplicates <= 16,
+        "{duplicates} duplicates, but node A held at most 16 leases (8 attempts, 8 ahead)"
+    );
+    for server in servers {
+        crate::subscribe::stop(server).await;
+    }
+}

@@ -15,8 +15,8 @@ mod listen;
 pub(crate) mod test_server;
 
 use super::{
-    Cursor, DeliveryFilter, FormRequest, IdempotentAnswer, Page, PlanState, Recorded, Slots, Store,
-    StoreError, Subscribed, Subscription, apply_report, apply_subscription,
+    Cursor, DeliveryFilter, FormRequest, IdempotentAnswer, Page, PlanClaim, PlanState, Recorded,
+    Slots, Store, StoreError, Subscribed, Subscription, apply_report, apply_subscription,
 };
 use crate::clock;
 use crate::config::{PostgresSettings, Rate};
@@ -76,6 +76,8 @@ pub struct PostgresStore {
 /// The pool and the database's name in messages: what every transaction needs.
 #[derive(Clone)]
 struct Database {
+    /// How to connect, for the connections outside the pool (listening, plan claims).
+    config: tokio_postgres::Config,
     pool: Pool,
     /// The database as messages name it: host, port and name, never the password.
     place: String,
@@ -124,6 +126,11 @@ fn slot_interval(rate: &Rate) -> i64 {
     let nanos = rate.period.as_nanos() * (1000 + SHARED_RATE_HEADROOM_PER_MILLE)
         / (1000 * u128::from(rate.count.max(1)));
     i64::try_from(nanos).unwrap_or(i64::MAX).max(1)
+}
+
+/// The advisory lock that claims an update's planning: its id's low 64 bits (random).
+fn plan_lock(update: Ulid) -> i64 {
+    u128::from(update) as u64 as i64
 }
 
 /// A time as the tables compare it: nanoseconds since 1970, saturating at what an `i64`
@@ -269,6 +276,7 @@ impl PostgresStore {
                 reason: e.to_string(),
             })?;
         let db = Database {
+            config: config.clone(),
             pool,
             place: place.clone(),
         };
@@ -1690,6 +1698,31 @@ impl Store for PostgresStore {
             })
         })
         .await
+    }
+
+    async fn claim_plan(&self, update: Ulid) -> Result<Option<PlanClaim>, StoreError> {
+        // A session lock on a connection of the claim's own: it ends with the connection, so
+        // a node that dies (or loses the database) lets go of its plans by itself.
+        let (client, connection) = self
+            .db
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(|e| self.db.failed(e))?;
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let lock = plan_lock(update);
+        let rows = client
+            .query("SELECT pg_try_advisory_lock($1)", &[&lock])
+            .await
+            .map_err(|e| self.db.failed(e))?;
+        let granted = rows.first().is_some_and(|row| row.get::<_, bool>(0));
+        if !granted {
+            driver.abort();
+            return Ok(None);
+        }
+        Ok(Some(PlanClaim::holding((client, StopOnDrop(driver)))))
     }
 
     fn queue_changes(&self) -> watch::Receiver<u64> {
