@@ -255,8 +255,8 @@ pub struct DeliveriesArgs {
 pub enum StoreCommand {
     /// Copy every subscriber, order, incident, update and delivery (in its state, with its
     /// counts) from an embedded sled store into the PostgreSQL database the config names
-    /// (store.backend = "postgres"). Records the database already holds are kept; run it
-    /// again after an interruption.
+    /// (store.backend = "postgres"), before any node uses it. Records the database already
+    /// holds are kept; run it again after an interruption.
     Copy(CopyArgs),
 }
 

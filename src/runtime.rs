@@ -7,9 +7,10 @@ use crate::dispatch::plan::plan_update_counting;
 use crate::dispatch::{Dispatcher, Mode, Settled};
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::collections::HashSet;
 use std::io::IsTerminal;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use ulid::Ulid;
@@ -266,6 +267,9 @@ pub async fn serve(
     for id in app.store.unfinished_plans().await? {
         let _ = plans.send(id);
     }
+    // The plans the sweeper below has put in the planner's queue and the planner has not
+    // taken yet.
+    let offered: Arc<Mutex<HashSet<Ulid>>> = Arc::default();
     let planner = {
         let (store, channels, batch) = (
             app.store.clone(),
@@ -273,8 +277,13 @@ pub async fn serve(
             app.config.plan_batch,
         );
         let plan_again = plans.clone();
+        let offered = offered.clone();
         tokio::spawn(async move {
             while let Some(id) = to_plan.recv().await {
+                offered
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
                 // On a shared store another node may be planning it: then that node finishes
                 // it, or, if it dies, the sweep below brings it back here.
                 let claim = match store.claim_plan(id).await {
@@ -332,14 +341,22 @@ pub async fn serve(
     // On a shared store, plans left unfinished (their node died mid-plan) are offered to this
     // node's planner now and then; the claim makes sure one node at a time takes each.
     let plan_sweeper = app.store.shared().then(|| {
-        let (store, plans) = (app.store.clone(), plans.clone());
+        let (store, plans, offered) = (app.store.clone(), plans.clone(), offered.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(PLAN_SWEEP_EVERY).await;
                 match store.unfinished_plans().await {
                     Ok(ids) => {
                         for id in ids {
-                            let _ = plans.send(id);
+                            // Once in the planner's queue is enough: a long plan must not
+                            // pile up copies of every other.
+                            let fresh = offered
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .insert(id);
+                            if fresh {
+                                let _ = plans.send(id);
+                            }
                         }
                     }
                     Err(error) => tracing::warn!(%error, "cannot look for unfinished plans"),

@@ -442,35 +442,34 @@ impl Dispatcher {
         // worker waited out a store that was away, say) is left to expire: another worker
         // may hold it by then, and sending it here too would send it twice.
         let deadline = clock::after(now, attempt_limit);
-        ready.retain(|leased| {
-            leased
-                .record
-                .lease_until
-                .is_none_or(|until| until > deadline)
-        });
+        let (keep, stale): (Vec<Leased>, Vec<Leased>) =
+            std::mem::take(ready).into_iter().partition(|leased| {
+                leased
+                    .record
+                    .lease_until
+                    .is_none_or(|until| until > deadline)
+            });
+        *ready = keep.into();
+        if !stale.is_empty() {
+            // Given back at once rather than left to expire (the lease counter fences it, should
+            // another worker hold it already).
+            let stale: Vec<DeliveryRecord> = stale.into_iter().map(|l| l.record).collect();
+            if let Err(error) = self.store.give_back(&stale, now).await {
+                tracing::warn!(channel = %channel.id, %error, "cannot give back stale leases; they expire");
+            }
+        }
         if ready.is_empty() {
             let mut batch = if self.lease >= attempt_limit * 2 {
                 concurrency.max(free)
             } else {
                 free
             };
-            if let Some(rate) = channel.policy.rate.as_ref().filter(|_| self.store.shared()) {
-                // Every node on a shared store takes its slots from the store, so the rate
-                // holds for all of them together (leasing ahead as below).
-                let ahead = if self.bursts.contains(&channel.id) {
-                    batch
-                } else {
-                    batch.min(free)
-                };
-                let slots = self
-                    .store
-                    .take_slots(&channel.id, rate, u32::try_from(ahead).unwrap_or(u32::MAX))
-                    .await?;
-                if slots.granted == 0 {
-                    self.throttle(&channel.id, clock::after(now, slots.wait));
-                    return Ok(());
+            let shared_rate = channel.policy.rate.as_ref().filter(|_| self.store.shared());
+            if shared_rate.is_some() {
+                // Slots come from the store after the lease (below), for what was leased.
+                if !self.bursts.contains(&channel.id) {
+                    batch = batch.min(free);
                 }
-                batch = slots.granted as usize;
             } else if let Some(limiter) = self.limiters.get(&channel.id) {
                 // A permit per delivery leased, taken before the lease, so no lease waits
                 // for the rate. Permits left over when the queue runs dry are lost: the rate
@@ -498,10 +497,29 @@ impl Dispatcher {
                 }
                 batch = permits;
             }
-            let leased = self
+            let mut leased = self
                 .store
                 .lease_due(&channel.id, &self.owner, batch, self.lease, now)
                 .await?;
+            if let Some(rate) = shared_rate
+                && !leased.is_empty()
+            {
+                // Every node on a shared store takes its slots from the store, so the rate
+                // holds for all of them together. Taken after leasing, so a worker that finds
+                // nothing due (another node leased it) spends no slot; what the slots do not
+                // cover goes back to the queue.
+                let want = u32::try_from(leased.len()).unwrap_or(u32::MAX);
+                let slots = self.store.take_slots(&channel.id, rate, want).await?;
+                let granted = (slots.granted as usize).min(leased.len());
+                if granted < leased.len() {
+                    let extra = leased.split_off(granted);
+                    self.store.give_back(&extra, now).await?;
+                }
+                if granted == 0 {
+                    self.throttle(&channel.id, clock::after(now, slots.wait));
+                    return Ok(());
+                }
+            }
             if !leased.is_empty() {
                 ready.extend(self.read_for(channel, leased).await?);
             }

@@ -121,6 +121,7 @@ macro_rules! conformance {
             a_sent_alert_is_remembered_by_its_key,
             a_form_request_stores_a_pending_follower_and_never_changes_a_confirmed_or_stopped_one,
             a_shared_store_lets_one_holder_at_a_time_claim_an_updates_planning,
+            a_delivery_twice_in_one_planning_write_is_stored_and_counted_once,
         );
     };
     (@tests $backend:ident, $open:expr; $($test:ident),* $(,)?) => {
@@ -2118,4 +2119,16 @@ async fn a_shared_store_lets_one_holder_at_a_time_claim_an_updates_planning(stor
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(again.is_some(), "a dropped claim lets another take over");
+}
+
+async fn a_delivery_twice_in_one_planning_write_is_stored_and_counted_once(store: &dyn Store) {
+    // A subscriber following two of a targeted update's orders comes up once per order.
+    let update = Ulid::new();
+    let ann = record(update, CHANNEL, to("ann@example.com"), at(0));
+    let bob = record(update, CHANNEL, to("bob@example.com"), at(0));
+    let added = enqueue(store, update, &[ann.clone(), ann.clone(), bob]).await;
+    assert_eq!(added, 2);
+    let counts = store.counts(Some(update)).await.unwrap();
+    assert_eq!(counts[CHANNEL].queued, 2);
+    assert_eq!(counts, recount(store, update).await);
 }

@@ -49,6 +49,10 @@ pub enum StoreError {
     /// The backend cannot read or write: a full disk, a permission, a broken connection.
     #[error("the store at {place} cannot be used: {reason}")]
     Unavailable { place: String, reason: String },
+    /// The backend refused a change for a reason waiting will not cure (a value it cannot
+    /// hold, a broken constraint): a bug, not an outage.
+    #[error("the store at {place} refused a change: {reason}")]
+    Refused { place: String, reason: String },
     #[error(
         "the store holds a record it cannot read ({0}); was it written by another version of crier?"
     )]
@@ -66,7 +70,7 @@ impl StoreError {
         match self {
             StoreError::Locked(_) => ErrorKind::Conflict,
             StoreError::Unavailable { .. } => ErrorKind::Unavailable,
-            StoreError::Corrupt(_) => ErrorKind::Internal,
+            StoreError::Corrupt(_) | StoreError::Refused { .. } => ErrorKind::Internal,
             StoreError::UnknownIncident(_)
             | StoreError::UnknownUpdate(_)
             | StoreError::UnknownSubscriber(_) => ErrorKind::NotFound,

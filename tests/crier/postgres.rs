@@ -138,6 +138,21 @@ async fn a_wrong_backend_or_an_unset_connection_variable_is_a_one_line_error() {
         "{}",
         output.stderr
     );
+
+    // An '@' left unescaped in the password: said so, and no piece of the password shown.
+    let crier = Crier::new().on_postgres("postgres://crier:se@cret@127.0.0.1:5432/crier");
+    let output = crier
+        .run(&[
+            "subscribe",
+            "--order",
+            "AB-1001",
+            "--email",
+            "ann@example.com",
+        ])
+        .await;
+    assert_eq!(output.code, 2, "{}", output.stderr);
+    assert!(output.stderr.contains("%40"), "{}", output.stderr);
+    assert!(!output.stderr.contains("cret"), "{}", output.stderr);
 }
 
 fn free_port() -> u16 {

@@ -1,10 +1,13 @@
-//! `crier store copy`: moves a whole store (an embedded sled one, say) into PostgreSQL, so a
-//! user who outgrows one machine keeps everything: subscribers with their orders, incidents,
-//! updates with their plans, and every delivery in its state with its counts.
+//! `crier store copy`: moves a store (an embedded sled one, say) into PostgreSQL, so a user
+//! who outgrows one machine keeps subscribers with their orders, incidents, updates with their
+//! plans, and every delivery in its state with its counts. Disabled channels, the watchdog's
+//! sent-alert marks and idempotency records stay behind.
 //!
 //! The source is read through the [`Store`] interface alone, page by page, so memory stays
 //! flat. Each page is one transaction that inserts what the target does not hold yet: a copy
 //! stopped half-way is run again, and records already there (by key) are kept as they are.
+//! No node may use the database meanwhile: an update's counts go in after its deliveries, and
+//! only if the database counts nothing for it yet.
 
 use super::{
     CountMoves, PostgresStore, SubscriberWrite, add_to_counter, exec, insert_deliveries, run,
@@ -126,7 +129,7 @@ impl PostgresStore {
         progress: &mut impl FnMut(&Copied),
     ) -> Result<(), StoreError> {
         let mut after: Option<Cursor> = None;
-        let mut released = 0u64;
+        let mut released = BTreeSet::new();
         loop {
             let page = source
                 .deliveries(update, DeliveryFilter::All, after.as_ref(), PAGE)
@@ -140,24 +143,33 @@ impl PostgresStore {
                 .map(|mut record| {
                     if record.state == DeliveryState::InFlight {
                         record.release(now);
-                        released += 1;
+                        released.insert(record.key().as_str().to_owned());
                     }
                     record
                 })
                 .collect();
-            let inserted = self
-                .transaction(async |tx| Ok(insert_deliveries(tx, &records).await?.len()))
-                .await? as u64;
+            let inserted: Vec<String> = self
+                .transaction(async |tx| {
+                    let inserted = insert_deliveries(tx, &records).await?;
+                    Ok(inserted
+                        .iter()
+                        .map(|record| record.key().as_str().to_owned())
+                        .collect())
+                })
+                .await?;
+            copied.released += inserted
+                .iter()
+                .filter(|key| released.contains(*key))
+                .count() as u64;
+            let inserted = inserted.len() as u64;
             copied.deliveries += inserted;
             copied.already_there += records.len() as u64 - inserted;
             after = page.next;
             progress(copied);
         }
-        copied.released += released;
-
         let mut counts = source.counts(Some(update)).await?;
         // The leases released above are counted queued.
-        if released > 0 {
+        if !released.is_empty() {
             for channel_counts in counts.values_mut() {
                 let moved = channel_counts.in_flight;
                 channel_counts.queued += moved;

@@ -128,6 +128,11 @@ fn slot_interval(rate: &Rate) -> i64 {
     i64::try_from(nanos).unwrap_or(i64::MAX).max(1)
 }
 
+/// A count as SQL's `LIMIT` takes it (`usize::MAX` means no limit, not -1).
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
 /// The advisory lock that claims an update's planning: its id's low 64 bits (random).
 fn plan_lock(update: Ulid) -> i64 {
     u128::from(update) as u64 as i64
@@ -256,6 +261,17 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("crier");
         }
+        let host_with_at = config.get_hosts().iter().any(
+            |host| matches!(host, tokio_postgres::config::Host::Tcp(name) if name.contains('@')),
+        );
+        if host_with_at {
+            // An unescaped '@' in the password splits the string at the wrong place, and the
+            // rest of the password would be shown as the host.
+            return Err(StoreError::Unavailable {
+                place: format!("the connection string in {}", settings.variable),
+                reason: "its host contains '@': write an '@' in the user or password as %40".into(),
+            });
+        }
         let place = describe(&config);
         let manager = Manager::from_config(
             config.clone(),
@@ -370,15 +386,16 @@ impl Database {
                 place: self.place.clone(),
                 reason,
             },
+            StoreError::Refused { reason, .. } => StoreError::Refused {
+                place: self.place.clone(),
+                reason,
+            },
             other => other,
         }
     }
 
     fn failed(&self, error: PgError) -> StoreError {
-        StoreError::Unavailable {
-            place: self.place.clone(),
-            reason: reason(&error),
-        }
+        self.placed(classify(&error))
     }
 
     /// Runs `work` in one transaction and commits it: the change is durable on return.
@@ -466,9 +483,28 @@ async fn exec(
 }
 
 fn unavailable(error: PgError) -> StoreError {
-    StoreError::Unavailable {
-        place: "PostgreSQL".into(),
-        reason: reason(&error),
+    classify(&error)
+}
+
+/// Whether waiting cures a driver error: a lost or refused connection, a server shutting
+/// down or out of resources, a deadlock or serialization failure (the next try succeeds).
+/// Anything else is the change itself being refused. The place is filled in by the caller.
+fn classify(error: &PgError) -> StoreError {
+    let transient = match error.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            ["08", "53", "57", "58", "40"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        }
+        None => true,
+    };
+    let place = "PostgreSQL".to_owned();
+    let reason = reason(error);
+    if transient {
+        StoreError::Unavailable { place, reason }
+    } else {
+        StoreError::Refused { place, reason }
     }
 }
 
@@ -600,11 +636,13 @@ async fn insert_deliveries<'r>(
         &[&keys, &updates, &channels, &states, &due, &leases, &bodies],
     )
     .await?;
-    let inserted: BTreeSet<String> = inserted.iter().map(|row| row.get(0)).collect();
+    // A planning page may hold one delivery twice (a subscriber following two targeted
+    // orders): the row went in once, so it counts once, as the first record.
+    let mut inserted: BTreeSet<String> = inserted.iter().map(|row| row.get(0)).collect();
     Ok(records
         .iter()
         .zip(&keys)
-        .filter(|(_, key)| inserted.contains(*key))
+        .filter(|(_, key)| inserted.remove(*key))
         .map(|(record, _)| record)
         .collect())
 }
@@ -843,58 +881,135 @@ impl PostgresStore {
     }
 }
 
-/// Stores the remote thread a receipt named on the incident of the record's update.
-async fn keep_thread(
+/// What recording a batch of outcomes changes besides the deliveries, gathered first and
+/// applied after, each kind of row locked in key order (incidents, then subscribers, then
+/// channels), so concurrent batches on any nodes take their locks in one order.
+#[derive(Default)]
+struct SideEffects {
+    /// A receipt's thread, kept on the incident of the delivery's update: (update, channel,
+    /// thread).
+    threads: Vec<(Ulid, String, serde_json::Value)>,
+    /// A `RecipientGone` failure stops the contact on the channel.
+    stops: Vec<(Contact, String, DateTime<Utc>)>,
+    /// An `EndpointGone` failure disables the channel: (since, reason).
+    disables: BTreeMap<String, (DateTime<Utc>, String)>,
+}
+
+impl SideEffects {
+    async fn apply(self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+        keep_threads(tx, &self.threads).await?;
+        stop_contacts(tx, &self.stops).await?;
+        for (channel, (since, reason)) in &self.disables {
+            exec(
+                tx,
+                "INSERT INTO disabled_channels (channel, since, reason) VALUES ($1, $2, $3)
+                 ON CONFLICT (channel) DO UPDATE SET since = EXCLUDED.since,
+                                                     reason = EXCLUDED.reason",
+                &[channel, &exact_time(*since), reason],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Stores the remote threads receipts named on the incidents of their updates.
+async fn keep_threads(
     tx: &Transaction<'_>,
-    record: &DeliveryRecord,
-    thread: &serde_json::Value,
+    threads: &[(Ulid, String, serde_json::Value)],
 ) -> Result<(), StoreError> {
+    if threads.is_empty() {
+        return Ok(());
+    }
+    let updates: Vec<String> = threads.iter().map(|(u, _, _)| u.to_string()).collect();
     let rows = run(
         tx,
-        "SELECT i.id, i.record FROM updates u JOIN incidents i
-                 ON i.id = u.record->>'incident'
-             WHERE u.id = $1 FOR UPDATE OF i",
-        &[&record.update.to_string()],
+        "SELECT id, record->>'incident' FROM updates WHERE id = ANY($1)",
+        &[&updates],
     )
     .await?;
-    let Some(row) = rows.first() else {
-        tracing::warn!(
-            delivery = %record.key(),
-            "the receipt names a thread, but the delivery's update has no incident to keep it on"
-        );
-        return Ok(());
-    };
-    let id: String = row.get(0);
-    let mut incident: Incident = decode(row, "record")?;
-    incident
-        .remote_threads
-        .insert(record.channel.clone(), thread.clone());
-    exec(
+    let incident_of: HashMap<String, String> = rows
+        .iter()
+        .map(|row| {
+            (
+                row.get(0),
+                row.get::<_, Option<String>>(1).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let mut ids: Vec<&str> = incident_of.values().map(String::as_str).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let rows = run(
         tx,
-        "UPDATE incidents SET record = $2 WHERE id = $1",
-        &[&id, &Json(&incident)],
+        "SELECT id, record FROM incidents WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        &[&ids],
     )
     .await?;
+    let mut incidents: BTreeMap<String, Incident> = BTreeMap::new();
+    for row in &rows {
+        incidents.insert(row.get(0), decode(row, "record")?);
+    }
+    for (update, channel, thread) in threads {
+        let incident = incident_of
+            .get(&update.to_string())
+            .and_then(|id| incidents.get_mut(id));
+        match incident {
+            Some(incident) => {
+                incident
+                    .remote_threads
+                    .insert(channel.clone(), thread.clone());
+            }
+            None => tracing::warn!(
+                %update,
+                channel,
+                "the receipt names a thread, but the delivery's update has no incident to keep it on"
+            ),
+        }
+    }
+    for (id, incident) in &incidents {
+        exec(
+            tx,
+            "UPDATE incidents SET record = $2 WHERE id = $1",
+            &[id, &Json(incident)],
+        )
+        .await?;
+    }
     Ok(())
 }
 
-/// Stops a contact on a channel, as a `RecipientGone` failure says.
-async fn stop_contact(
+/// Stops contacts on channels, as `RecipientGone` failures say.
+async fn stop_contacts(
     tx: &Transaction<'_>,
-    record: &DeliveryRecord,
-    now: DateTime<Utc>,
+    stops: &[(Contact, String, DateTime<Utc>)],
 ) -> Result<(), StoreError> {
-    let Some(contact) = record.recipient.contact() else {
+    if stops.is_empty() {
         return Ok(());
-    };
-    let mut locked = lock_subscribers(tx, &[contact], None).await?;
-    let Some(Some(before)) = locked.existing.remove(contact.as_str()) else {
-        return Ok(());
-    };
-    let mut after = before.clone();
-    after.stopped_on.insert(record.channel.clone());
-    after.updated_at = now;
-    write_subscribers(tx, &[rewrite(after, Some(&before))]).await
+    }
+    let contacts: Vec<&Contact> = stops.iter().map(|(contact, _, _)| contact).collect();
+    let locked = lock_subscribers(tx, &contacts, None).await?;
+    let mut changed: BTreeMap<String, (Subscriber, Subscriber)> = BTreeMap::new();
+    for (contact, channel, now) in stops {
+        let key = contact.as_str();
+        let entry = match changed.get_mut(key) {
+            Some(entry) => entry,
+            None => {
+                let Some(Some(before)) = locked.existing.get(key) else {
+                    continue;
+                };
+                changed
+                    .entry(key.to_owned())
+                    .or_insert_with(|| (before.clone(), before.clone()))
+            }
+        };
+        entry.1.stopped_on.insert(channel.clone());
+        entry.1.updated_at = *now;
+    }
+    let writes: Vec<SubscriberWrite> = changed
+        .into_values()
+        .map(|(before, after)| rewrite(after, Some(&before)))
+        .collect();
+    write_subscribers(tx, &writes).await
 }
 
 impl PostgresStore {
@@ -915,7 +1030,7 @@ impl PostgresStore {
                  JOIN subscribers s ON s.contact = f.contact
                  WHERE f.order_number = ANY($1) AND (f.order_number, f.contact) > ($2, $3)
                  ORDER BY f.order_number, f.contact LIMIT $4",
-                &[&orders, &order, &contact, &(limit as i64)],
+                &[&orders, &order, &contact, &sql_limit(limit)],
             )
             .await?;
         let mut items = Vec::with_capacity(rows.len());
@@ -1090,7 +1205,7 @@ impl Store for PostgresStore {
                         "SELECT contact, record FROM subscribers
                          WHERE $1::text IS NULL OR contact > $1
                          ORDER BY contact LIMIT $2",
-                        &[&after, &(limit as i64)],
+                        &[&after, &sql_limit(limit)],
                     )
                     .await?;
                 let mut items = Vec::with_capacity(rows.len());
@@ -1156,7 +1271,7 @@ impl Store for PostgresStore {
         let rows = self
             .query(
                 "SELECT record FROM updates ORDER BY id DESC LIMIT $1",
-                &[&(limit as i64)],
+                &[&sql_limit(limit)],
             )
             .await?;
         rows.iter().map(|row| decode(row, "record")).collect()
@@ -1315,7 +1430,7 @@ impl Store for PostgresStore {
                  WHERE channel = $1 AND state IN ('queued', 'retrying') AND due_ns <= $2
                  ORDER BY due_ns, key LIMIT $3
                  FOR UPDATE SKIP LOCKED",
-                &[&channel, &nanos(now), &(max as i64)],
+                &[&channel, &nanos(now), &sql_limit(max)],
             )
             .await?;
             let mut leased: Vec<DeliveryRecord> = rows
@@ -1538,7 +1653,7 @@ impl Store for PostgresStore {
                  WHERE update_id = $1 AND key > $2
                    AND (NOT $3 OR state IN ('dead', 'retrying'))
                  ORDER BY key LIMIT $4",
-                &[&update.to_string(), &after, &failed_only, &(limit as i64)],
+                &[&update.to_string(), &after, &failed_only, &sql_limit(limit)],
             )
             .await?;
         let mut items = Vec::with_capacity(rows.len());
@@ -1564,7 +1679,7 @@ impl Store for PostgresStore {
                      FOR UPDATE OF d SKIP LOCKED
                  )
                  DELETE FROM deliveries WHERE key IN (SELECT key FROM old) RETURNING key",
-                &[&nanos(before), &(limit as i64)],
+                &[&nanos(before), &sql_limit(limit)],
             )
             .await?;
         Ok(rows.len())
@@ -1712,6 +1827,15 @@ impl Store for PostgresStore {
         let driver = tokio::spawn(async move {
             let _ = connection.await;
         });
+        // The claim lasts as long as the server believes the session alive: with keepalives,
+        // a machine that vanishes (power, network) lets go within about 30 s, not hours.
+        client
+            .batch_execute(
+                "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5;
+                 SET tcp_keepalives_count = 3; SET tcp_user_timeout = 30000;",
+            )
+            .await
+            .map_err(|e| self.db.failed(e))?;
         let lock = plan_lock(update);
         let rows = client
             .query("SELECT pg_try_advisory_lock($1)", &[&lock])
@@ -1781,6 +1905,22 @@ async fn record_outcomes(
                     let _ = request.reply.send(answer);
                 }
             }
+            // One outcome the database refuses (or a deadlock) must not fail the others that
+            // shared its transaction: each is tried again on its own.
+            Err(_) if batch.len() > 1 => {
+                for request in batch {
+                    let one = [(&request.leased, &request.outcome, request.now)];
+                    let answer = db
+                        .transaction(async |tx| record_batch(tx, &one).await)
+                        .await
+                        .and_then(|mut answers| {
+                            answers.pop().unwrap_or_else(|| {
+                                Err(StoreError::Corrupt("an outcome went unanswered".into()))
+                            })
+                        });
+                    let _ = request.reply.send(answer);
+                }
+            }
             Err(error) => {
                 for request in batch {
                     let _ = request.reply.send(Err(error.clone()));
@@ -1810,6 +1950,7 @@ async fn record_batch(
     let mut changed = BTreeSet::new();
     let mut answers = Vec::with_capacity(requests.len());
     let (mut queued, mut broadcast_settled) = (false, false);
+    let mut effects = SideEffects::default();
     for (leased, outcome, now) in requests {
         let key = leased.key().as_str().to_owned();
         let Some(record) = records.get_mut(&key) else {
@@ -1832,21 +1973,23 @@ async fn record_batch(
         match outcome {
             Outcome::Sent { receipt } => {
                 if let Some(thread) = &receipt.thread {
-                    keep_thread(tx, record, thread).await?;
+                    effects
+                        .threads
+                        .push((record.update, record.channel.clone(), thread.clone()));
                 }
             }
             Outcome::Dead { failure } => match failure.kind {
-                FailureKind::RecipientGone => stop_contact(tx, record, *now).await?,
+                FailureKind::RecipientGone => {
+                    if let Some(contact) = record.recipient.contact() {
+                        effects
+                            .stops
+                            .push((contact.clone(), record.channel.clone(), *now));
+                    }
+                }
                 FailureKind::EndpointGone => {
-                    exec(
-                        tx,
-                        "INSERT INTO disabled_channels (channel, since, reason)
-                         VALUES ($1, $2, $3)
-                         ON CONFLICT (channel) DO UPDATE SET since = EXCLUDED.since,
-                                                             reason = EXCLUDED.reason",
-                        &[&record.channel, &exact_time(*now), &failure.reason],
-                    )
-                    .await?;
+                    effects
+                        .disables
+                        .insert(record.channel.clone(), (*now, failure.reason.clone()));
                 }
                 FailureKind::Transient | FailureKind::Throttled | FailureKind::Permanent => {}
             },
@@ -1866,6 +2009,7 @@ async fn record_batch(
     let written: Vec<&DeliveryRecord> = changed.iter().filter_map(|key| records.get(key)).collect();
     write_deliveries(tx, &written).await?;
     write_counts(tx, moves).await?;
+    effects.apply(tx).await?;
     if queued {
         notify(tx, QUEUE_CHANNEL).await?;
     }
