@@ -139,6 +139,9 @@ fn smtp_domain(domain: &str) -> Result<String, String> {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PhoneNumber(String);
 
+/// The most digits an international (E.164) number has, country code included.
+const E164_MOST_DIGITS: usize = 15;
+
 impl PhoneNumber {
     pub fn parse(input: &str) -> Result<Self, DomainError> {
         let invalid = |reason: String| DomainError::InvalidPhone {
@@ -174,9 +177,26 @@ impl PhoneNumber {
                 "it has the wrong number of digits for its country".into(),
             ));
         }
-        Ok(Self(
-            parsed.format().mode(phonenumber::Mode::E164).to_string(),
-        ))
+        let e164 = parsed.format().mode(phonenumber::Mode::E164).to_string();
+        // The library drops leading zeros after some country codes as a trunk prefix, even
+        // zeros that were the number itself ("+49 000001" becomes "+490001"). What is stored
+        // must read back as itself, or the stored contact could never be read.
+        let reads_back = phonenumber::parse(None, &e164).is_ok_and(|again| {
+            has_possible_length(&again)
+                && again.format().mode(phonenumber::Mode::E164).to_string() == e164
+        });
+        if !reads_back {
+            return Err(invalid(
+                "it has the wrong number of digits for its country".into(),
+            ));
+        }
+        // Some countries' plans allow national numbers too long for the international format.
+        if e164.len() - 1 > E164_MOST_DIGITS {
+            return Err(invalid(format!(
+                "it has more than {E164_MOST_DIGITS} digits, the most an international number has"
+            )));
+        }
+        Ok(Self(e164))
     }
 
     pub fn as_str(&self) -> &str {
@@ -350,6 +370,26 @@ mod tests {
     use super::super::update::hostile;
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_number_is_stored_only_if_it_reads_back_as_itself() {
+        // The trunk prefix written the common way is dropped, as people mean it.
+        assert_eq!(
+            PhoneNumber::parse("+44 (0) 7700 900123").map(|p| p.as_str().to_owned()),
+            Ok("+447700900123".to_owned())
+        );
+        // Zeros that were the number: what is left is too short to be one (found by the
+        // property test below).
+        assert!(matches!(
+            PhoneNumber::parse("+49000001"),
+            Err(DomainError::InvalidPhone { .. })
+        ));
+        // Possible in Germany's plan, but longer than any international number.
+        assert!(matches!(
+            PhoneNumber::parse("+49100000077007700"),
+            Err(DomainError::InvalidPhone { .. })
+        ));
+    }
 
     #[test]
     fn a_number_s_region_comes_from_its_numbering_plan() {
