@@ -63,4 +63,19 @@ impl Subscriber {
         }
         self.updated_at = now;
     }
+
+    /// Stops following `order`, or every order when `None`; with none left, the contact has
+    /// unsubscribed. Leaving means leaving every order: subscribing again later to one order
+    /// must not bring the others back. Returns the orders no longer followed.
+    pub fn leave(&mut self, order: Option<&OrderNumber>, now: DateTime<Utc>) -> Vec<OrderNumber> {
+        let left = match order {
+            Some(order) => self.orders.take(order).into_iter().collect(),
+            None => std::mem::take(&mut self.orders).into_iter().collect(),
+        };
+        if self.orders.is_empty() {
+            self.state = SubscriberState::Unsubscribed;
+        }
+        self.updated_at = now;
+        left
+    }
 }

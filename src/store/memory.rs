@@ -11,9 +11,7 @@ use crate::clock;
 use crate::delivery::{
     Counts, DeliveryKey, DeliveryRecord, DeliveryState, FailureKind, Outcome, ProviderReport,
 };
-use crate::domain::{
-    Audience, Contact, Incident, OrderNumber, Subscriber, SubscriberState, Update,
-};
+use crate::domain::{Audience, Contact, Incident, OrderNumber, Subscriber, Update};
 use chrono::{DateTime, Utc};
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -186,24 +184,9 @@ impl State {
         let Some(subscriber) = self.subscribers.get_mut(key) else {
             return Err(StoreError::UnknownSubscriber(contact.to_string()));
         };
-        match order {
-            Some(order) => {
-                subscriber.orders.remove(order);
-                self.order_index.remove(&(order.clone(), key.to_owned()));
-                if subscriber.orders.is_empty() {
-                    subscriber.state = SubscriberState::Unsubscribed;
-                }
-            }
-            None => {
-                // Leaving means leaving every order: subscribing again later to one order must
-                // not bring the others back.
-                for followed in std::mem::take(&mut subscriber.orders) {
-                    self.order_index.remove(&(followed, key.to_owned()));
-                }
-                subscriber.state = SubscriberState::Unsubscribed;
-            }
+        for left in subscriber.leave(order, now) {
+            self.order_index.remove(&(left, key.to_owned()));
         }
-        subscriber.updated_at = now;
         Ok(subscriber.clone())
     }
 

@@ -58,7 +58,7 @@ impl PostgresStore {
             }
             let inserted = self.restore_subscribers(&page.items).await?;
             copied.subscribers += inserted;
-            copied.already_there += page.items.len() as u64 - inserted;
+            copied.already_there += (page.items.len() as u64).saturating_sub(inserted);
             after = page.next;
             progress(&copied);
         }
@@ -80,7 +80,7 @@ impl PostgresStore {
                 })
                 .await?;
             copied.incidents += inserted;
-            copied.already_there += 1 - inserted;
+            copied.already_there += 1u64.saturating_sub(inserted);
         }
         progress(&copied);
 
@@ -110,7 +110,7 @@ impl PostgresStore {
                 })
                 .await?;
             copied.updates += inserted;
-            copied.already_there += 1 - inserted;
+            copied.already_there += 1u64.saturating_sub(inserted);
             self.copy_deliveries(source, update.id, now, &mut copied, &mut progress)
                 .await?;
         }
@@ -163,7 +163,7 @@ impl PostgresStore {
                 .count() as u64;
             let inserted = inserted.len() as u64;
             copied.deliveries += inserted;
-            copied.already_there += records.len() as u64 - inserted;
+            copied.already_there += (records.len() as u64).saturating_sub(inserted);
             after = page.next;
             progress(copied);
         }
@@ -211,7 +211,10 @@ impl PostgresStore {
                 &[&contacts, &bodies],
             )
             .await?;
-            let inserted: BTreeSet<String> = rows.iter().map(|row| row.get(0)).collect();
+            let inserted: BTreeSet<String> = rows
+                .iter()
+                .map(|row| super::field(row, 0))
+                .collect::<Result<_, _>>()?;
             add_to_counter(tx, "subscribers", inserted.len() as i64).await?;
             // The rows hold the records already; this adds their orders to the followers.
             let writes: Vec<SubscriberWrite> = subscribers

@@ -23,9 +23,7 @@ use crate::config::{PostgresSettings, Rate};
 use crate::delivery::{
     Counts, DeliveryKey, DeliveryRecord, DeliveryState, FailureKind, Outcome, ProviderReport,
 };
-use crate::domain::{
-    Audience, Contact, Incident, OrderNumber, Subscriber, SubscriberState, Update,
-};
+use crate::domain::{Audience, Contact, Incident, OrderNumber, Subscriber, Update};
 use chrono::{DateTime, SecondsFormat, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
 use secrecy::ExposeSecret;
@@ -186,6 +184,16 @@ fn parse_follower_cursor(cursor: &Cursor) -> Result<(&str, &str), StoreError> {
     let order = std::str::from_utf8(&bytes[..split]).map_err(|_| foreign_cursor())?;
     let contact = std::str::from_utf8(&bytes[split + 1..]).map_err(|_| foreign_cursor())?;
     Ok((order, contact))
+}
+
+/// One column of a row. A row the store cannot read (its schema changed by hand, or by
+/// another version of crier) is an error, never a panic.
+fn field<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    index: usize,
+) -> Result<T, StoreError> {
+    row.try_get(index)
+        .map_err(|e| StoreError::Corrupt(format!("column {index}: {e}")))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(
@@ -357,6 +365,26 @@ impl PostgresStore {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         self.db.query(sql, params).await
+    }
+
+    /// The `record` column of the first row `sql` finds, if any.
+    async fn one_record<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<T>, StoreError> {
+        let rows = self.query(sql, params).await?;
+        rows.first().map(|row| decode(row, "record")).transpose()
+    }
+
+    /// The `record` column of every row `sql` finds, in its order.
+    async fn records<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<T>, StoreError> {
+        let rows = self.query(sql, params).await?;
+        rows.iter().map(|row| decode(row, "record")).collect()
     }
 
     /// Ticks this node's watchers at once (the others hear the `NOTIFY`).
@@ -638,7 +666,10 @@ async fn insert_deliveries<'r>(
     .await?;
     // A planning page may hold one delivery twice (a subscriber following two targeted
     // orders): the row went in once, so it counts once, as the first record.
-    let mut inserted: BTreeSet<String> = inserted.iter().map(|row| row.get(0)).collect();
+    let mut inserted: BTreeSet<String> = inserted
+        .iter()
+        .map(|row| field(row, 0))
+        .collect::<Result<_, _>>()?;
     Ok(records
         .iter()
         .zip(&keys)
@@ -659,7 +690,7 @@ async fn lock_deliveries(
     )
     .await?;
     rows.iter()
-        .map(|row| Ok((row.get::<_, String>(0), decode(row, "record")?)))
+        .map(|row| Ok((field(row, 0)?, decode(row, "record")?)))
         .collect()
 }
 
@@ -691,7 +722,10 @@ async fn lock_subscribers(
             &[&keys, &placeholders],
         )
         .await?;
-        created = rows.iter().map(|row| row.get(0)).collect();
+        created = rows
+            .iter()
+            .map(|row| field(row, 0))
+            .collect::<Result<_, _>>()?;
         add_to_counter(tx, "subscribers", created.len() as i64).await?;
     }
     let rows = run(
@@ -704,7 +738,7 @@ async fn lock_subscribers(
     let mut existing: HashMap<String, Option<Subscriber>> =
         keys.iter().map(|key| ((*key).to_owned(), None)).collect();
     for row in &rows {
-        let contact: String = row.get(0);
+        let contact: String = field(row, 0)?;
         if !created.contains(&contact) {
             existing.insert(contact, Some(decode(row, "record")?));
         }
@@ -931,12 +965,12 @@ async fn keep_threads(
     let incident_of: HashMap<String, String> = rows
         .iter()
         .map(|row| {
-            (
-                row.get(0),
-                row.get::<_, Option<String>>(1).unwrap_or_default(),
-            )
+            Ok((
+                field(row, 0)?,
+                field::<Option<String>>(row, 1)?.unwrap_or_default(),
+            ))
         })
-        .collect();
+        .collect::<Result<_, StoreError>>()?;
     let mut ids: Vec<&str> = incident_of.values().map(String::as_str).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -948,7 +982,7 @@ async fn keep_threads(
     .await?;
     let mut incidents: BTreeMap<String, Incident> = BTreeMap::new();
     for row in &rows {
-        incidents.insert(row.get(0), decode(row, "record")?);
+        incidents.insert(field(row, 0)?, decode(row, "record")?);
     }
     for (update, channel, thread) in threads {
         let incident = incident_of
@@ -1037,7 +1071,7 @@ impl PostgresStore {
         let mut next = None;
         for row in &rows {
             let subscriber: Subscriber = decode(row, "record")?;
-            next = Some(follower_cursor(row.get(0), subscriber.contact.as_str()));
+            next = Some(follower_cursor(field(row, 0)?, subscriber.contact.as_str()));
             items.push(subscriber);
         }
         Ok(Page { items, next })
@@ -1049,13 +1083,11 @@ impl Store for PostgresStore {
     // ---- subscribers ----------------------------------------------------------------------
 
     async fn subscriber(&self, contact: &Contact) -> Result<Option<Subscriber>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT record FROM subscribers WHERE contact = $1",
-                &[&contact.as_str()],
-            )
-            .await?;
-        rows.first().map(|row| decode(row, "record")).transpose()
+        self.one_record(
+            "SELECT record FROM subscribers WHERE contact = $1",
+            &[&contact.as_str()],
+        )
+        .await
     }
 
     async fn subscribers(
@@ -1071,7 +1103,7 @@ impl Store for PostgresStore {
             .await?;
         let mut found: HashMap<String, Subscriber> = HashMap::with_capacity(rows.len());
         for row in &rows {
-            found.insert(row.get(0), decode(row, "record")?);
+            found.insert(field(row, 0)?, decode(row, "record")?);
         }
         Ok(keys.iter().map(|key| found.get(*key).cloned()).collect())
     }
@@ -1164,21 +1196,8 @@ impl Store for PostgresStore {
                 return Err(StoreError::UnknownSubscriber(contact.to_string()));
             };
             let mut after = before.clone();
-            match order {
-                Some(order) => {
-                    after.orders.remove(order);
-                    if after.orders.is_empty() {
-                        after.state = SubscriberState::Unsubscribed;
-                    }
-                }
-                None => {
-                    // Leaving means leaving every order: subscribing again later to one order
-                    // must not bring the others back.
-                    after.orders.clear();
-                    after.state = SubscriberState::Unsubscribed;
-                }
-            }
-            after.updated_at = now;
+            // The followers table follows from the orders left, in `write_subscribers`.
+            after.leave(order, now);
             Ok((after.clone(), vec![rewrite(after, Some(&before))]))
         })
         .await
@@ -1211,7 +1230,7 @@ impl Store for PostgresStore {
                 let mut items = Vec::with_capacity(rows.len());
                 let mut next = None;
                 for row in &rows {
-                    next = Some(Cursor::from_bytes(row.get::<_, String>(0).into_bytes()));
+                    next = Some(Cursor::from_bytes(field::<String>(row, 0)?.into_bytes()));
                     items.push(decode(row, "record")?);
                 }
                 Ok(Page { items, next })
@@ -1226,55 +1245,48 @@ impl Store for PostgresStore {
                 &[],
             )
             .await?;
-        Ok(rows.first().map_or(0, |row| row.get::<_, i64>(0)).max(0) as u64)
+        let count: i64 = rows
+            .first()
+            .map(|row| field(row, 0))
+            .transpose()?
+            .unwrap_or(0);
+        Ok(count.max(0) as u64)
     }
 
     // ---- incidents and updates ------------------------------------------------------------
 
     async fn incident(&self, id: Ulid) -> Result<Incident, StoreError> {
-        let rows = self
-            .query(
-                "SELECT record FROM incidents WHERE id = $1",
-                &[&id.to_string()],
-            )
-            .await?;
-        match rows.first() {
-            Some(row) => decode(row, "record"),
-            None => Err(StoreError::UnknownIncident(id)),
-        }
+        self.one_record(
+            "SELECT record FROM incidents WHERE id = $1",
+            &[&id.to_string()],
+        )
+        .await?
+        .ok_or(StoreError::UnknownIncident(id))
     }
 
     async fn incidents(&self) -> Result<Vec<Incident>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT record FROM incidents ORDER BY updated_ns DESC, id DESC",
-                &[],
-            )
-            .await?;
-        rows.iter().map(|row| decode(row, "record")).collect()
+        self.records(
+            "SELECT record FROM incidents ORDER BY updated_ns DESC, id DESC",
+            &[],
+        )
+        .await
     }
 
     async fn update(&self, id: Ulid) -> Result<Update, StoreError> {
-        let rows = self
-            .query(
-                "SELECT record FROM updates WHERE id = $1",
-                &[&id.to_string()],
-            )
-            .await?;
-        match rows.first() {
-            Some(row) => decode(row, "record"),
-            None => Err(StoreError::UnknownUpdate(id)),
-        }
+        self.one_record(
+            "SELECT record FROM updates WHERE id = $1",
+            &[&id.to_string()],
+        )
+        .await?
+        .ok_or(StoreError::UnknownUpdate(id))
     }
 
     async fn recent_updates(&self, limit: usize) -> Result<Vec<Update>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT record FROM updates ORDER BY id DESC LIMIT $1",
-                &[&sql_limit(limit)],
-            )
-            .await?;
-        rows.iter().map(|row| decode(row, "record")).collect()
+        self.records(
+            "SELECT record FROM updates ORDER BY id DESC LIMIT $1",
+            &[&sql_limit(limit)],
+        )
+        .await
     }
 
     async fn accept_update(
@@ -1318,28 +1330,22 @@ impl Store for PostgresStore {
     }
 
     async fn idempotent_answer(&self, key: &str) -> Result<Option<IdempotentAnswer>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT record FROM idempotent_answers WHERE key = $1",
-                &[&key],
-            )
-            .await?;
-        rows.first().map(|row| decode(row, "record")).transpose()
+        self.one_record(
+            "SELECT record FROM idempotent_answers WHERE key = $1",
+            &[&key],
+        )
+        .await
     }
 
     // ---- planning -------------------------------------------------------------------------
 
     async fn plan_state(&self, update: Ulid) -> Result<PlanState, StoreError> {
-        let rows = self
-            .query(
-                "SELECT record FROM plans WHERE update_id = $1",
-                &[&update.to_string()],
-            )
-            .await?;
-        match rows.first() {
-            Some(row) => decode(row, "record"),
-            None => Err(StoreError::UnknownUpdate(update)),
-        }
+        self.one_record(
+            "SELECT record FROM plans WHERE update_id = $1",
+            &[&update.to_string()],
+        )
+        .await?
+        .ok_or(StoreError::UnknownUpdate(update))
     }
 
     async fn unfinished_plans(&self) -> Result<Vec<Ulid>, StoreError> {
@@ -1351,7 +1357,7 @@ impl Store for PostgresStore {
             .await?;
         rows.iter()
             .map(|row| {
-                let id: String = row.get(0);
+                let id: String = field(row, 0)?;
                 id.parse()
                     .map_err(|e| StoreError::Corrupt(format!("a plan's update id {id:?}: {e}")))
             })
@@ -1595,13 +1601,11 @@ impl Store for PostgresStore {
     }
 
     async fn delivery(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT record FROM deliveries WHERE key = $1",
-                &[&key.as_str()],
-            )
-            .await?;
-        rows.first().map(|row| decode(row, "record")).transpose()
+        self.one_record(
+            "SELECT record FROM deliveries WHERE key = $1",
+            &[&key.as_str()],
+        )
+        .await
     }
 
     async fn record_report(
@@ -1659,7 +1663,7 @@ impl Store for PostgresStore {
         let mut items = Vec::with_capacity(rows.len());
         let mut next = None;
         for row in &rows {
-            next = Some(Cursor::from_bytes(row.get::<_, String>(0).into_bytes()));
+            next = Some(Cursor::from_bytes(field::<String>(row, 0)?.into_bytes()));
             items.push(decode(row, "record")?);
         }
         Ok(Page { items, next })
@@ -1696,22 +1700,22 @@ impl Store for PostgresStore {
                 &[&update],
             )
             .await?;
-        let count =
-            |row: &tokio_postgres::Row, column: usize| row.get::<_, i64>(column).max(0) as u64;
-        Ok(rows
-            .iter()
+        let count = |row: &tokio_postgres::Row, column: usize| {
+            field::<i64>(row, column).map(|n| n.max(0) as u64)
+        };
+        rows.iter()
             .map(|row| {
                 let counts = Counts {
-                    queued: count(row, 1),
-                    in_flight: count(row, 2),
-                    sent: count(row, 3),
-                    retrying: count(row, 4),
-                    dead: count(row, 5),
-                    skipped: count(row, 6),
+                    queued: count(row, 1)?,
+                    in_flight: count(row, 2)?,
+                    sent: count(row, 3)?,
+                    retrying: count(row, 4)?,
+                    dead: count(row, 5)?,
+                    skipped: count(row, 6)?,
                 };
-                (row.get(0), counts)
+                Ok((field(row, 0)?, counts))
             })
-            .collect())
+            .collect()
     }
 
     // ---- channels -------------------------------------------------------------------------
@@ -1725,8 +1729,8 @@ impl Store for PostgresStore {
             .await?;
         rows.first()
             .map(|row| {
-                let since = parse_time(row.get(0))?;
-                let reason: String = row.get(1);
+                let since = parse_time(field(row, 0)?)?;
+                let reason: String = field(row, 1)?;
                 Ok(format!("disabled since {}: {reason}", since.to_rfc3339()))
             })
             .transpose()
@@ -1746,7 +1750,9 @@ impl Store for PostgresStore {
         let rows = self
             .query("SELECT sent_at FROM alerts WHERE key = $1", &[&key])
             .await?;
-        rows.first().map(|row| parse_time(row.get(0))).transpose()
+        rows.first()
+            .map(|row| parse_time(field(row, 0)?))
+            .transpose()
     }
 
     async fn record_alert(&self, key: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
@@ -1782,7 +1788,7 @@ impl Store for PostgresStore {
             let row = rows
                 .first()
                 .ok_or_else(|| StoreError::Corrupt("a rate slot row vanished".into()))?;
-            let (tat, now): (i64, i64) = (row.get(0), row.get(1));
+            let (tat, now): (i64, i64) = (field(row, 0)?, field(row, 1)?);
             let tat = tat.max(now);
             let room = now
                 .saturating_add(burst.saturating_mul(interval))
@@ -1841,7 +1847,11 @@ impl Store for PostgresStore {
             .query("SELECT pg_try_advisory_lock($1)", &[&lock])
             .await
             .map_err(|e| self.db.failed(e))?;
-        let granted = rows.first().is_some_and(|row| row.get::<_, bool>(0));
+        let granted = rows
+            .first()
+            .map(|row| field::<bool>(row, 0))
+            .transpose()?
+            .unwrap_or(false);
         if !granted {
             driver.abort();
             return Ok(None);

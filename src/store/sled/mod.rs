@@ -15,9 +15,7 @@ use super::{
 };
 use crate::config::StoreSettings;
 use crate::delivery::{Counts, DeliveryKey, DeliveryRecord, Outcome};
-use crate::domain::{
-    Audience, Contact, Incident, OrderNumber, Subscriber, SubscriberState, Update,
-};
+use crate::domain::{Audience, Contact, Incident, OrderNumber, Subscriber, Update};
 use ::sled::Transactional;
 use ::sled::transaction::{ConflictableTransactionError, TransactionError};
 use chrono::{DateTime, Utc};
@@ -372,24 +370,9 @@ impl Trees {
                     return Err(abort(StoreError::UnknownSubscriber(contact.to_string())));
                 };
                 let mut subscriber: Subscriber = decode(&bytes).map_err(abort)?;
-                match order {
-                    Some(order) => {
-                        subscriber.orders.remove(order);
-                        index.remove(order_index_key(order, contact))?;
-                        if subscriber.orders.is_empty() {
-                            subscriber.state = SubscriberState::Unsubscribed;
-                        }
-                    }
-                    None => {
-                        // Leaving means leaving every order: subscribing again later to one
-                        // order must not bring the others back.
-                        for followed in std::mem::take(&mut subscriber.orders) {
-                            index.remove(order_index_key(&followed, contact))?;
-                        }
-                        subscriber.state = SubscriberState::Unsubscribed;
-                    }
+                for left in subscriber.leave(order, now) {
+                    index.remove(order_index_key(&left, contact))?;
                 }
-                subscriber.updated_at = now;
                 subscribers.insert(contact.as_str(), encode(&subscriber).map_err(abort)?)?;
                 Ok(subscriber)
             })?;
