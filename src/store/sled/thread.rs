@@ -90,11 +90,15 @@ fn run(trees: &Trees, incoming: &std_mpsc::Receiver<Job>) {
         let mut waiting: Vec<AfterFlush> = Vec::new();
         let mut outcomes = Vec::new();
         let mut answers = Vec::new();
+        // Runs one call; true when it was an outcome.
         let mut perform = |job: Job| match job {
-            Job::Run(work) => match work(trees) {
-                Done::Now(answer) => answer(),
-                Done::AfterFlush(answer) => waiting.push(answer),
-            },
+            Job::Run(work) => {
+                match work(trees) {
+                    Done::Now(answer) => answer(),
+                    Done::AfterFlush(answer) => waiting.push(answer),
+                }
+                false
+            }
             Job::Outcome(job) => {
                 let OutcomeJob {
                     leased,
@@ -104,24 +108,29 @@ fn run(trees: &Trees, incoming: &std_mpsc::Receiver<Job>) {
                 } = *job;
                 outcomes.push((leased, outcome, now));
                 answers.push(answer);
+                true
             }
         };
-        perform(first);
+        let mut outcomes_among = perform(first);
         let mut performed = 1;
         for job in incoming.try_iter().take(MOST_BEFORE_FLUSH - 1) {
-            perform(job);
+            outcomes_among |= perform(job);
             performed += 1;
         }
         // A flush costs the same for one write as for a hundred: give the writes of the next
-        // moment a chance to share it, as a database's commit delay does.
+        // moment a chance to share it, as a database's commit delay does. Only when outcomes
+        // are among them: a send's workers keep recording outcomes, so more are on their way.
+        // Other writers (an import's next batch, planning's next page, a surge of subscribes
+        // from clients that each wait for their answer) send nothing more until answered, so
+        // waiting would only add to every answer.
         let deadline = Instant::now() + COMMIT_DELAY;
-        while performed < MOST_BEFORE_FLUSH {
+        while outcomes_among && performed < MOST_BEFORE_FLUSH {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 break;
             };
             match incoming.recv_timeout(left) {
                 Ok(job) => {
-                    perform(job);
+                    outcomes_among |= perform(job);
                     performed += 1;
                 }
                 Err(_) => break,
