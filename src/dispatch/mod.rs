@@ -344,6 +344,9 @@ impl Dispatcher {
                     Some(_) => Ok(()),
                 };
                 let looked = match looked {
+                    // With every slot busy the worker waits for a slot, not for a due time:
+                    // the answer would go unused, and asking cost a store call per attempt.
+                    Ok(()) if in_flight.len() >= concurrency => Ok(None),
                     Ok(()) => self.store.next_due(&channel.id).await.map_err(Into::into),
                     Err(error) => Err(error),
                 };
