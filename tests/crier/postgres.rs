@@ -84,6 +84,15 @@ async fn the_cli_subscribes_sends_and_looks_up_an_order_on_postgres() {
     assert!(!crier.path("var/store/db").exists());
 }
 
+/// Any command that opens the store: each config error below must stop it.
+const SUBSCRIBE_ANN: &[&str] = &[
+    "subscribe",
+    "--order",
+    "AB-1001",
+    "--email",
+    "ann@example.com",
+];
+
 #[tokio::test]
 async fn a_wrong_backend_or_an_unset_connection_variable_is_a_one_line_error() {
     let crier = Crier::new();
@@ -94,13 +103,7 @@ async fn a_wrong_backend_or_an_unset_connection_variable_is_a_one_line_error() {
     )
     .unwrap();
     crier
-        .run(&[
-            "subscribe",
-            "--order",
-            "AB-1001",
-            "--email",
-            "ann@example.com",
-        ])
+        .run(SUBSCRIBE_ANN)
         .await
         .assert_user_error("store.backend: \"mysql\" is not a backend");
 
@@ -108,13 +111,7 @@ async fn a_wrong_backend_or_an_unset_connection_variable_is_a_one_line_error() {
         .on_postgres("unused")
         .without_env("CRIER_DATABASE_URL");
     crier
-        .run(&[
-            "subscribe",
-            "--order",
-            "AB-1001",
-            "--email",
-            "ann@example.com",
-        ])
+        .run(SUBSCRIBE_ANN)
         .await
         .assert_user_error("store.url_env: the environment variable CRIER_DATABASE_URL is not set");
 
@@ -123,15 +120,7 @@ async fn a_wrong_backend_or_an_unset_connection_variable_is_a_one_line_error() {
         "postgres://crier@127.0.0.1:{}/nowhere",
         free_port()
     ));
-    let output = crier
-        .run(&[
-            "subscribe",
-            "--order",
-            "AB-1001",
-            "--email",
-            "ann@example.com",
-        ])
-        .await;
+    let output = crier.run(SUBSCRIBE_ANN).await;
     assert_eq!(output.code, 2, "{}", output.stderr);
     assert!(
         output.stderr.contains("PostgreSQL at 127.0.0.1"),
@@ -141,15 +130,7 @@ async fn a_wrong_backend_or_an_unset_connection_variable_is_a_one_line_error() {
 
     // An '@' left unescaped in the password: said so, and no piece of the password shown.
     let crier = Crier::new().on_postgres("postgres://crier:se@cret@127.0.0.1:5432/crier");
-    let output = crier
-        .run(&[
-            "subscribe",
-            "--order",
-            "AB-1001",
-            "--email",
-            "ann@example.com",
-        ])
-        .await;
+    let output = crier.run(SUBSCRIBE_ANN).await;
     assert_eq!(output.code, 2, "{}", output.stderr);
     assert!(output.stderr.contains("%40"), "{}", output.stderr);
     assert!(!output.stderr.contains("cret"), "{}", output.stderr);
