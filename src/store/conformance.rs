@@ -120,6 +120,7 @@ macro_rules! conformance {
             provider_reports_are_kept_and_undelivered_ones_in_a_row_stop_the_contact,
             a_sent_alert_is_remembered_by_its_key,
             a_form_request_stores_a_pending_follower_and_never_changes_a_confirmed_or_stopped_one,
+            form_requests_arriving_together_are_each_decided_as_alone_and_all_stored,
             a_shared_store_lets_one_holder_at_a_time_claim_an_updates_planning,
             a_delivery_twice_in_one_planning_write_is_stored_and_counted_once,
         );
@@ -2090,6 +2091,117 @@ async fn a_form_request_stores_a_pending_follower_and_never_changes_a_confirmed_
     );
     let bob_now = store.subscriber(&bob).await.unwrap().unwrap();
     assert_eq!(bob_now.orders.len(), crate::store::FORM_PENDING_ORDERS);
+}
+
+async fn form_requests_arriving_together_are_each_decided_as_alone_and_all_stored(
+    store: &dyn Store,
+) {
+    use crate::domain::SubscriberState;
+    use crate::store::FormRequest;
+    let (ann, bob, erin) = (
+        contact("ann@example.com"),
+        contact("bob@example.com"),
+        contact("erin@example.com"),
+    );
+    let phone = contact("+447700900123");
+    store
+        .subscribe(&erin, &order("AB-1001"), true, at(0))
+        .await
+        .unwrap();
+    store
+        .subscribe(&phone, &order("AB-1001"), true, at(0))
+        .await
+        .unwrap();
+    store.unsubscribe(&phone, None, at(1)).await.unwrap();
+
+    // All of them in flight at once: the sled store's thread decides the ones that reach it
+    // together in one transaction. Two requests of one contact may be decided in either order
+    // on a shared store; each answer here is the same whichever goes first.
+    let ask = |who: &Contact, number: &str, channel: &'static str| {
+        let (who, number) = (who.clone(), order(number));
+        async move {
+            store
+                .request_subscription(&who, &number, channel, at(2))
+                .await
+                .unwrap()
+        }
+    };
+    let answers = tokio::join!(
+        ask(&ann, "AB-1001", "email"),
+        ask(&ann, "AB-1002", "email"),
+        ask(&bob, "AB-1001", "email"),
+        ask(&bob, "AB-1001", "email"),
+        ask(&erin, "AB-1001", "email"),
+        ask(&erin, "AB-1003", "email"),
+        ask(&phone, "AB-1001", "sms"),
+    );
+    assert_eq!(
+        answers,
+        (
+            FormRequest::AskToConfirm,
+            FormRequest::AskToConfirm,
+            FormRequest::AskToConfirm,
+            FormRequest::AskToConfirm,
+            FormRequest::AlreadyFollowing,
+            FormRequest::AskToConfirm,
+            FormRequest::MustNotMessage,
+        )
+    );
+    let ann_now = store
+        .subscriber(&ann)
+        .await
+        .unwrap()
+        .expect("ann is stored");
+    assert_eq!(ann_now.state, SubscriberState::Pending);
+    assert_eq!(
+        ann_now
+            .orders
+            .iter()
+            .map(|o| o.as_str())
+            .collect::<Vec<_>>(),
+        ["AB-1001", "AB-1002"],
+        "both of ann's requests are kept"
+    );
+    let bob_now = store
+        .subscriber(&bob)
+        .await
+        .unwrap()
+        .expect("bob is stored");
+    assert_eq!(bob_now.state, SubscriberState::Pending);
+    assert_eq!(
+        bob_now.orders.len(),
+        1,
+        "the same order twice is followed once"
+    );
+    let erin_now = store.subscriber(&erin).await.unwrap().unwrap();
+    assert_eq!(erin_now.state, SubscriberState::Confirmed);
+    assert!(
+        !erin_now.orders.contains(&order("AB-1003")),
+        "a form does not change what a confirmed contact receives"
+    );
+    assert_eq!(
+        store.subscriber(&phone).await.unwrap().unwrap().state,
+        SubscriberState::Unsubscribed
+    );
+    assert_eq!(
+        store.subscriber_count().await.unwrap(),
+        4,
+        "erin and the phone, then ann and bob, each counted once"
+    );
+    let followers = store
+        .subscriber_page(&Audience::Orders([order("AB-1001")].into()), None, 10)
+        .await
+        .unwrap();
+    let following: BTreeSet<String> = followers
+        .items
+        .iter()
+        .map(|s| s.contact.as_str().to_owned())
+        .collect();
+    assert_eq!(
+        following,
+        [&ann, &bob, &erin].map(|c| c.as_str().to_owned()).into(),
+        "the order index finds the new followers beside erin; the phone left and stays out"
+    );
 }
 
 async fn a_shared_store_lets_one_holder_at_a_time_claim_an_updates_planning(store: &dyn Store) {

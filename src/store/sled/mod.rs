@@ -17,7 +17,7 @@ use crate::config::StoreSettings;
 use crate::delivery::{Counts, DeliveryKey, DeliveryRecord, Outcome};
 use crate::domain::{Audience, Contact, Incident, OrderNumber, Subscriber, Update};
 use ::sled::Transactional;
-use ::sled::transaction::{ConflictableTransactionError, TransactionError};
+use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -285,6 +285,51 @@ fn restrict_permissions(path: &Path) {
     }
 }
 
+/// A form request (`POST /subscribe`) for the store's thread to decide and store.
+pub(super) struct FormRequestJob {
+    pub contact: Contact,
+    pub order: OrderNumber,
+    pub channel: String,
+    pub now: DateTime<Utc>,
+}
+
+fn read_subscriber(
+    subscribers: &TransactionalTree,
+    contact: &Contact,
+) -> TxResult<Option<Subscriber>> {
+    subscribers
+        .get(contact.as_str())?
+        .map(|bytes| decode(&bytes).map_err(abort))
+        .transpose()
+}
+
+/// Has `contact` (`existing`, or a new subscriber) follow `order`, and writes it.
+fn follow(
+    subscribers: &TransactionalTree,
+    index: &TransactionalTree,
+    existing: Option<Subscriber>,
+    contact: &Contact,
+    order: &OrderNumber,
+    confirmed: bool,
+    now: DateTime<Utc>,
+) -> TxResult<Subscriber> {
+    let mut subscriber = existing.unwrap_or_else(|| Subscriber::new(contact.clone(), now));
+    subscriber.follow(order.clone(), confirmed, now);
+    subscribers.insert(contact.as_str(), encode(&subscriber).map_err(abort)?)?;
+    index.insert(order_index_key(order, contact), &[])?;
+    Ok(subscriber)
+}
+
+/// Adds `created` new subscribers to the count kept in `meta`.
+fn add_to_count(meta: &TransactionalTree, created: u64) -> TxResult<()> {
+    let count: u64 = match meta.get(SUBSCRIBER_COUNT)? {
+        Some(bytes) => decode(&bytes).map_err(abort)?,
+        None => 0,
+    };
+    meta.insert(SUBSCRIBER_COUNT, encode(&(count + created)).map_err(abort)?)?;
+    Ok(())
+}
+
 impl Trees {
     fn subscriber(&self, contact: &Contact) -> Result<Option<Subscriber>, StoreError> {
         self.subscribers
@@ -302,24 +347,77 @@ impl Trees {
     ) -> Result<Subscriber, StoreError> {
         let subscriber = (&self.subscribers, &self.order_index, &self.meta).transaction(
             |(subscribers, index, meta)| {
-                let mut subscriber = match subscribers.get(contact.as_str())? {
-                    Some(bytes) => decode::<Subscriber>(&bytes).map_err(abort)?,
-                    None => {
-                        let count: u64 = match meta.get(SUBSCRIBER_COUNT)? {
-                            Some(bytes) => decode(&bytes).map_err(abort)?,
-                            None => 0,
-                        };
-                        meta.insert(SUBSCRIBER_COUNT, encode(&(count + 1)).map_err(abort)?)?;
-                        Subscriber::new(contact.clone(), now)
-                    }
-                };
-                subscriber.follow(order.clone(), confirmed, now);
-                subscribers.insert(contact.as_str(), encode(&subscriber).map_err(abort)?)?;
-                index.insert(order_index_key(order, contact), &[])?;
+                let existing = read_subscriber(subscribers, contact)?;
+                let created = existing.is_none();
+                let subscriber =
+                    follow(subscribers, index, existing, contact, order, confirmed, now)?;
+                if created {
+                    add_to_count(meta, 1)?;
+                }
                 Ok(subscriber)
             },
         )?;
         Ok(subscriber)
+    }
+
+    /// Decides and stores form requests (`POST /subscribe`) that arrived together, in one
+    /// transaction: each sled transaction writes log buffers of its own, and a surge of forms
+    /// is many small ones. If any of them cannot be stored, each is stored on its own instead,
+    /// so one bad record never fails the others.
+    pub(super) fn request_subscriptions(
+        &self,
+        requests: &[FormRequestJob],
+    ) -> Vec<Result<FormRequest, StoreError>> {
+        if requests.len() > 1
+            && let Ok(decided) = self.form_request_transaction(requests)
+        {
+            return decided.into_iter().map(Ok).collect();
+        }
+        requests
+            .iter()
+            .map(|one| {
+                self.form_request_transaction(std::slice::from_ref(one))
+                    .map(|mut decided| decided.remove(0))
+            })
+            .collect()
+    }
+
+    fn form_request_transaction(
+        &self,
+        requests: &[FormRequestJob],
+    ) -> Result<Vec<FormRequest>, StoreError> {
+        let decided = (&self.subscribers, &self.order_index, &self.meta).transaction(
+            |(subscribers, index, meta)| {
+                let mut created = 0u64;
+                let mut decided = Vec::with_capacity(requests.len());
+                for request in requests {
+                    let contact = &request.contact;
+                    let existing = read_subscriber(subscribers, contact)?;
+                    let (answer, store) =
+                        FormRequest::decide(existing.as_ref(), &request.order, &request.channel);
+                    match (store, existing) {
+                        (true, existing) => {
+                            created += u64::from(existing.is_none());
+                            let (order, now) = (&request.order, request.now);
+                            follow(subscribers, index, existing, contact, order, false, now)?;
+                        }
+                        // Nothing changes, but the record is written again all the same: an
+                        // answer that came sooner would tell that the contact is known.
+                        (false, Some(existing)) => {
+                            subscribers
+                                .insert(contact.as_str(), encode(&existing).map_err(abort)?)?;
+                        }
+                        (false, None) => {}
+                    }
+                    decided.push(answer);
+                }
+                if created > 0 {
+                    add_to_count(meta, created)?;
+                }
+                Ok(decided)
+            },
+        )?;
+        Ok(decided)
     }
 
     fn subscribe_batch(
@@ -346,11 +444,7 @@ impl Trees {
                     outcomes.push(outcome);
                 }
                 if created > 0 {
-                    let count: u64 = match meta.get(SUBSCRIBER_COUNT)? {
-                        Some(bytes) => decode(&bytes).map_err(abort)?,
-                        None => 0,
-                    };
-                    meta.insert(SUBSCRIBER_COUNT, encode(&(count + created)).map_err(abort)?)?;
+                    add_to_count(meta, created)?;
                 }
                 Ok(outcomes)
             },
@@ -590,27 +684,16 @@ impl Store for SledStore {
         channel: &str,
         now: DateTime<Utc>,
     ) -> Result<FormRequest, StoreError> {
-        let (contact, order, channel) = (contact.clone(), order.clone(), channel.to_owned());
-        self.write(move |trees| {
-            let existing = trees.subscriber(&contact)?;
-            let (request, store) = FormRequest::decide(existing.as_ref(), &order, &channel);
-            match (store, existing) {
-                (true, _) => {
-                    trees.subscribe(&contact, &order, false, now)?;
-                }
-                // Nothing changes, but the record is written again all the same: sled's flush
-                // returns at once when nothing is dirty, and an answer that came sooner would
-                // tell that the contact is known.
-                (false, Some(existing)) => {
-                    trees
-                        .subscribers
-                        .insert(contact.as_str(), encode(&existing)?)?;
-                }
-                (false, None) => {}
-            }
-            Ok(request)
-        })
-        .await
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let request = FormRequestJob {
+            contact: contact.clone(),
+            order: order.clone(),
+            channel: channel.to_owned(),
+            now,
+        };
+        self.thread
+            .submit(Job::FormRequest(Box::new((request, answer))))?;
+        self.answer(answered).await
     }
 
     async fn subscribe_batch(
@@ -905,5 +988,79 @@ impl Store for SledStore {
 
     fn queue_changes(&self) -> watch::Receiver<u64> {
         self.queue_changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{OrderPattern, SubscriberState};
+    use chrono::TimeZone;
+
+    fn request(raw: &str, number: &str) -> FormRequestJob {
+        let pattern = OrderPattern::new(r"[A-Z]{2}-\d{4}").unwrap();
+        FormRequestJob {
+            contact: Contact::parse(raw).unwrap(),
+            order: OrderNumber::parse(number, &pattern).unwrap(),
+            channel: "email".into(),
+            now: Utc.with_ymd_and_hms(2025, 3, 1, 9, 0, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn form_requests_decided_together_see_each_other_and_one_bad_record_fails_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let trees = SledStore::open_trees(&dir.path().join("store"), 8 << 20).unwrap();
+        // A record that is not a subscriber: deciding its request fails, and with it the
+        // shared transaction, so each request is then decided on its own.
+        trees
+            .subscribers
+            .insert("bad@example.com", &b"not json"[..])
+            .unwrap();
+        let requests = [
+            request("ann@example.com", "AB-1001"),
+            request("bad@example.com", "AB-1001"),
+            request("ann@example.com", "AB-1002"),
+            request("bob@example.com", "AB-1001"),
+        ];
+        let decided = trees.request_subscriptions(&requests);
+        assert_eq!(decided.len(), 4);
+        assert!(matches!(decided[0], Ok(FormRequest::AskToConfirm)));
+        assert!(
+            matches!(decided[1], Err(StoreError::Corrupt(_))),
+            "{:?}",
+            decided[1]
+        );
+        assert!(matches!(decided[2], Ok(FormRequest::AskToConfirm)));
+        assert!(matches!(decided[3], Ok(FormRequest::AskToConfirm)));
+        let ann = trees
+            .subscriber(&requests[0].contact)
+            .unwrap()
+            .expect("ann is stored");
+        assert_eq!(ann.state, SubscriberState::Pending);
+        assert_eq!(ann.orders.len(), 2, "the second request saw the first");
+        assert!(trees.subscriber(&requests[3].contact).unwrap().is_some());
+        let count: u64 = decode(&trees.meta.get(SUBSCRIBER_COUNT).unwrap().unwrap()).unwrap();
+        assert_eq!(count, 2, "ann once, and bob");
+
+        // Without a bad record, one transaction decides them all, in order.
+        let more = [
+            request("cat@example.com", "AB-1001"),
+            request("cat@example.com", "AB-1001"),
+            request("dan@example.com", "AB-1003"),
+        ];
+        let decided = trees.request_subscriptions(&more);
+        assert!(
+            decided
+                .iter()
+                .all(|d| matches!(d, Ok(FormRequest::AskToConfirm)))
+        );
+        let count: u64 = decode(&trees.meta.get(SUBSCRIBER_COUNT).unwrap().unwrap()).unwrap();
+        assert_eq!(count, 4, "cat once, and dan");
+        let cat_follows = trees
+            .order_index
+            .scan_prefix(order_index_key(&more[0].order, &more[0].contact))
+            .count();
+        assert_eq!(cat_follows, 1, "the order index holds cat once");
     }
 }

@@ -7,9 +7,9 @@
 //! transactions conflict and retry. Here the thread stays busy while calls keep coming, no two
 //! transactions ever run at once, and one flush answers every write made since the last.
 
-use super::Trees;
+use super::{FormRequestJob, Trees};
 use crate::delivery::{DeliveryRecord, Outcome};
-use crate::store::{Recorded, StoreError};
+use crate::store::{FormRequest, Recorded, StoreError};
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -41,7 +41,12 @@ pub(super) enum Job {
     /// Outcomes that arrive together are recorded in one transaction: every sled transaction
     /// writes log buffers of its own, the dominant cost of a send.
     Outcome(Box<OutcomeJob>),
+    /// Form requests that arrive together are decided and stored in one transaction, for the
+    /// same reason: a surge of subscribe forms is many small writes.
+    FormRequest(Box<(FormRequestJob, FormAnswer)>),
 }
+
+type FormAnswer = oneshot::Sender<Result<FormRequest, StoreError>>;
 
 /// How many calls may run before a flush must answer the writes among them, so that a stream
 /// of calls cannot hold a write's answer back for long.
@@ -90,6 +95,8 @@ fn run(trees: &Trees, incoming: &std_mpsc::Receiver<Job>) {
         let mut waiting: Vec<AfterFlush> = Vec::new();
         let mut outcomes = Vec::new();
         let mut answers = Vec::new();
+        let mut form_requests = Vec::new();
+        let mut form_answers = Vec::new();
         // Runs one call; true when it was an outcome.
         let mut perform = |job: Job| match job {
             Job::Run(work) => {
@@ -109,6 +116,12 @@ fn run(trees: &Trees, incoming: &std_mpsc::Receiver<Job>) {
                 outcomes.push((leased, outcome, now));
                 answers.push(answer);
                 true
+            }
+            Job::FormRequest(job) => {
+                let (request, answer) = *job;
+                form_requests.push(request);
+                form_answers.push(answer);
+                false
             }
         };
         let mut outcomes_among = perform(first);
@@ -141,6 +154,17 @@ fn run(trees: &Trees, incoming: &std_mpsc::Receiver<Job>) {
             match result {
                 Ok(recorded) => waiting.push(Box::new(move |flushed| {
                     let _ = answer.send(flushed.map(|()| recorded));
+                })),
+                Err(error) => {
+                    let _ = answer.send(Err(error));
+                }
+            }
+        }
+        let decided = trees.request_subscriptions(&form_requests);
+        for (answer, result) in form_answers.into_iter().zip(decided) {
+            match result {
+                Ok(decided) => waiting.push(Box::new(move |flushed| {
+                    let _ = answer.send(flushed.map(|()| decided));
                 })),
                 Err(error) => {
                     let _ = answer.send(Err(error));
