@@ -285,6 +285,22 @@ fn restrict_permissions(path: &Path) {
     }
 }
 
+/// Runs `transaction` on all of `jobs` at once, or, if that fails, on each on its own, so
+/// one job that cannot be done never fails the others. `transaction` gives one result per job.
+pub(super) fn together_or_each<J, T>(
+    jobs: &[J],
+    transaction: impl Fn(&[J]) -> Result<Vec<T>, StoreError>,
+) -> Vec<Result<T, StoreError>> {
+    if jobs.len() > 1
+        && let Ok(done) = transaction(jobs)
+    {
+        return done.into_iter().map(Ok).collect();
+    }
+    jobs.iter()
+        .map(|one| transaction(std::slice::from_ref(one)).map(|mut done| done.remove(0)))
+        .collect()
+}
+
 /// A form request (`POST /subscribe`) for the store's thread to decide and store.
 pub(super) struct FormRequestJob {
     pub contact: Contact,
@@ -368,18 +384,7 @@ impl Trees {
         &self,
         requests: &[FormRequestJob],
     ) -> Vec<Result<FormRequest, StoreError>> {
-        if requests.len() > 1
-            && let Ok(decided) = self.form_request_transaction(requests)
-        {
-            return decided.into_iter().map(Ok).collect();
-        }
-        requests
-            .iter()
-            .map(|one| {
-                self.form_request_transaction(std::slice::from_ref(one))
-                    .map(|mut decided| decided.remove(0))
-            })
-            .collect()
+        together_or_each(requests, |some| self.form_request_transaction(some))
     }
 
     fn form_request_transaction(

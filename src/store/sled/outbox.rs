@@ -6,7 +6,7 @@
 //! `counts` holds, per `{update}/{channel}`, how many deliveries are in each state, moved in
 //! the same transaction as the delivery itself, so reading them never scans.
 
-use super::{Trees, TxResult, abort, decode, encode};
+use super::{Trees, TxResult, abort, decode, encode, together_or_each};
 use crate::clock;
 use crate::delivery::{Counts, DeliveryKey, DeliveryRecord, DeliveryState, FailureKind, Outcome};
 use crate::domain::{Incident, Subscriber, Update};
@@ -297,18 +297,7 @@ impl Trees {
         &self,
         batch: &[(DeliveryRecord, Outcome, DateTime<Utc>)],
     ) -> Vec<Result<Recorded, StoreError>> {
-        if batch.len() > 1
-            && let Ok(recorded) = self.outcome_transaction(batch)
-        {
-            return recorded.into_iter().map(Ok).collect();
-        }
-        batch
-            .iter()
-            .map(|one| {
-                self.outcome_transaction(std::slice::from_ref(one))
-                    .map(|mut recorded| recorded.remove(0))
-            })
-            .collect()
+        together_or_each(batch, |some| self.outcome_transaction(some))
     }
 
     fn outcome_transaction(

@@ -123,27 +123,9 @@ fn run(trees: &Trees, incoming: &std_mpsc::Receiver<Job>) {
             perform(job);
         }
         let recorded = trees.record_outcomes(&outcomes);
-        for (answer, result) in answers.into_iter().zip(recorded) {
-            match result {
-                Ok(recorded) => waiting.push(Box::new(move |flushed| {
-                    let _ = answer.send(flushed.map(|()| recorded));
-                })),
-                Err(error) => {
-                    let _ = answer.send(Err(error));
-                }
-            }
-        }
+        answer_after_flush(&mut waiting, answers, recorded);
         let decided = trees.request_subscriptions(&form_requests);
-        for (answer, result) in form_answers.into_iter().zip(decided) {
-            match result {
-                Ok(decided) => waiting.push(Box::new(move |flushed| {
-                    let _ = answer.send(flushed.map(|()| decided));
-                })),
-                Err(error) => {
-                    let _ = answer.send(Err(error));
-                }
-            }
-        }
+        answer_after_flush(&mut waiting, form_answers, decided);
         if waiting.is_empty() {
             continue;
         }
@@ -159,6 +141,24 @@ fn run(trees: &Trees, incoming: &std_mpsc::Receiver<Job>) {
                     .clone()
                     .map_err(|(kind, reason)| super::io_error(std::io::Error::new(kind, reason))),
             );
+        }
+    }
+}
+
+/// Answers each write that failed at once, and each that succeeded once the flush is done.
+fn answer_after_flush<T: Send + 'static>(
+    waiting: &mut Vec<AfterFlush>,
+    answers: Vec<oneshot::Sender<Result<T, StoreError>>>,
+    results: Vec<Result<T, StoreError>>,
+) {
+    for (answer, result) in answers.into_iter().zip(results) {
+        match result {
+            Ok(value) => waiting.push(Box::new(move |flushed| {
+                let _ = answer.send(flushed.map(|()| value));
+            })),
+            Err(error) => {
+                let _ = answer.send(Err(error));
+            }
         }
     }
 }
