@@ -286,18 +286,24 @@ fn restrict_permissions(path: &Path) {
 }
 
 /// Runs `transaction` on all of `jobs` at once, or, if that fails, on each on its own, so
-/// one job that cannot be done never fails the others. `transaction` gives one result per job.
+/// one job that cannot be done never fails the others. `transaction` gives one result per
+/// job; one that gave another number would be a bug, answered as an error, never a panic.
 pub(super) fn together_or_each<J, T>(
     jobs: &[J],
     transaction: impl Fn(&[J]) -> Result<Vec<T>, StoreError>,
 ) -> Vec<Result<T, StoreError>> {
     if jobs.len() > 1
         && let Ok(done) = transaction(jobs)
+        && done.len() == jobs.len()
     {
         return done.into_iter().map(Ok).collect();
     }
     jobs.iter()
-        .map(|one| transaction(std::slice::from_ref(one)).map(|mut done| done.remove(0)))
+        .map(|one| {
+            transaction(std::slice::from_ref(one))?
+                .pop()
+                .ok_or_else(|| StoreError::Corrupt("a store write gave no answer".into()))
+        })
         .collect()
 }
 
