@@ -316,15 +316,15 @@ impl App {
             .collect()
     }
 
-    /// The first status page channel, and how many incidents it shows: what `crier serve`
+    /// The first status page channel, and how much its page shows: what `crier serve`
     /// serves at `/`.
-    pub fn status_page(&self) -> Option<(String, usize)> {
+    pub fn status_page(&self) -> Option<(String, crate::status_view::PageShape)> {
         self.config.channels.iter().find_map(|channel| {
             channel
                 .settings
                 .as_any()
                 .downcast_ref::<crate::channel::status_page::StatusPageSettings>()
-                .map(|settings| (channel.id.clone(), settings.incidents))
+                .map(|settings| (channel.id.clone(), settings.shape))
         })
     }
 

@@ -215,6 +215,18 @@ struct BrandFile {
     /// The IANA time zone times are written in, like "Europe/London" [default: UTC].
     #[serde(default)]
     time_zone: Option<String>,
+    /// An http(s) URL of the logo shown at the top of the public pages.
+    #[serde(default)]
+    logo_url: Option<String>,
+    /// The accent colour of the public pages, as `#rrggbb`.
+    #[serde(default)]
+    accent_color: Option<String>,
+    /// One sentence about the status page, for search results and link previews.
+    #[serde(default)]
+    description: Option<String>,
+    /// The subscribe form's line on what is kept and how to stop.
+    #[serde(default)]
+    subscribe_note: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -382,6 +394,91 @@ pub struct Brand {
     pub public_url: String,
     /// Times on pages, in messages and alerts are written in it.
     pub time_zone: chrono_tz::Tz,
+    /// The logo on the public pages, an http(s) URL.
+    pub logo_url: Option<String>,
+    /// The public pages' accent colour.
+    pub accent: Rgb,
+    /// What search results and link previews say about the status page.
+    pub description: String,
+    /// The subscribe form's line on what is kept and how to stop; None for crier's own.
+    pub subscribe_note: Option<String>,
+}
+
+impl Brand {
+    /// A brand with only a name and an address, everything else as crier's defaults.
+    pub fn plain(name: &str, public_url: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            public_url: public_url.trim_end_matches('/').to_owned(),
+            time_zone: chrono_tz::UTC,
+            logo_url: None,
+            accent: Rgb::DEFAULT_ACCENT,
+            description: default_description(name),
+            subscribe_note: None,
+        }
+    }
+}
+
+/// What search results and link previews say about the status page unless
+/// `brand.description` says otherwise.
+fn default_description(name: &str) -> String {
+    format!(
+        "Live status of {name}: what is wrong, what we are doing about it, and when the next update comes."
+    )
+}
+
+/// A colour as `#rrggbb`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rgb(pub [u8; 3]);
+
+impl Rgb {
+    /// A deep blue: white text on it reads at a contrast of 7:1.
+    pub const DEFAULT_ACCENT: Rgb = Rgb([0x1d, 0x4e, 0xd8]);
+
+    pub fn parse(text: &str) -> Option<Rgb> {
+        let hex = text.trim().strip_prefix('#')?;
+        if hex.len() != 6 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let byte = |at: usize| u8::from_str_radix(&hex[at..at + 2], 16).ok();
+        Some(Rgb([byte(0)?, byte(2)?, byte(4)?]))
+    }
+
+    pub fn hex(self) -> String {
+        let [r, g, b] = self.0;
+        format!("#{r:02x}{g:02x}{b:02x}")
+    }
+
+    /// WCAG 2's relative luminance.
+    fn luminance(self) -> f64 {
+        let channel = |c: u8| {
+            let c = f64::from(c) / 255.0;
+            if c <= 0.03928 {
+                c / 12.92
+            } else {
+                ((c + 0.055) / 1.055).powf(2.4)
+            }
+        };
+        let [r, g, b] = self.0;
+        0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+    }
+
+    /// WCAG 2's contrast ratio between two colours, from 1 to 21.
+    pub fn contrast(self, other: Rgb) -> f64 {
+        let (a, b) = (self.luminance(), other.luminance());
+        (a.max(b) + 0.05) / (a.min(b) + 0.05)
+    }
+
+    /// White or black, whichever reads better on this colour: on any colour one of them reads
+    /// at 4.58:1 or better, so a button in any accent colour keeps legible text.
+    pub fn text_on(self) -> Rgb {
+        let (white, black) = (Rgb([0xff; 3]), Rgb([0; 3]));
+        if self.contrast(white) >= self.contrast(black) {
+            white
+        } else {
+            black
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -553,6 +650,44 @@ impl Config {
         if raw.brand.name.trim().is_empty() {
             return Err(ConfigError::at(file, "brand.name", "must not be empty"));
         }
+        let logo_url = match raw.brand.logo_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(text) => match Url::parse(text) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url.to_string()),
+                _ => {
+                    return Err(ConfigError::at(
+                        file,
+                        "brand.logo_url",
+                        format!("'{}' is not an http or https URL", clip(text, 80)),
+                    ));
+                }
+            },
+        };
+        let accent = match raw.brand.accent_color.as_deref() {
+            None => Rgb::DEFAULT_ACCENT,
+            Some(text) => Rgb::parse(text).ok_or_else(|| {
+                ConfigError::at(
+                    file,
+                    "brand.accent_color",
+                    format!(
+                        "'{}' is not a colour; write it as #rrggbb, like \"#1d4ed8\"",
+                        clip(text, 40)
+                    ),
+                )
+            })?,
+        };
+        let brand_name = raw.brand.name.trim().to_owned();
+        let description = match raw.brand.description.as_deref().map(str::trim) {
+            None | Some("") => default_description(&brand_name),
+            Some(text) if text.chars().count() > 300 => {
+                return Err(ConfigError::at(
+                    file,
+                    "brand.description",
+                    "is longer than 300 characters; search results show about 160",
+                ));
+            }
+            Some(text) => text.to_owned(),
+        };
         let link_secret = link_secret(file, &raw.tokens.link_secret_env, secrets)?;
         let unsubscribe_ttl = duration(
             file,
@@ -634,9 +769,17 @@ impl Config {
             templates_dir: base.join(&raw.templates_dir),
             orders,
             brand: Brand {
-                name: raw.brand.name.trim().to_owned(),
+                name: brand_name,
                 public_url: public_url.as_str().trim_end_matches('/').to_owned(),
                 time_zone,
+                logo_url,
+                accent,
+                description,
+                subscribe_note: raw
+                    .brand
+                    .subscribe_note
+                    .map(|note| note.trim().to_owned())
+                    .filter(|note| !note.is_empty()),
             },
             link_secret,
             unsubscribe_ttl,
@@ -872,6 +1015,14 @@ fn link_secret(
             format!("the secret in {variable} {problem}"),
         )),
         None => Ok(secret),
+    }
+}
+
+/// At most `max` characters of a value someone wrote, for an error message that quotes it.
+fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
     }
 }
 
@@ -1132,4 +1283,41 @@ fn delivery_policy(
         ));
     }
     Ok(policy)
+}
+
+#[cfg(test)]
+mod brand_tests {
+    use super::Rgb;
+
+    #[test]
+    fn a_colour_is_read_only_as_six_hex_digits() {
+        assert_eq!(Rgb::parse("#1d4ed8"), Some(Rgb([0x1d, 0x4e, 0xd8])));
+        assert_eq!(Rgb::parse(" #FFD400 "), Some(Rgb([0xff, 0xd4, 0x00])));
+        for bad in ["1d4ed8", "#1d4ed", "#1d4ed8ff", "#gg0000", "", "#", "#ééé"] {
+            assert_eq!(Rgb::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(Rgb([0xff, 0xd4, 0x00]).hex(), "#ffd400");
+    }
+
+    #[test]
+    fn text_on_an_accent_is_whichever_of_white_and_ink_reads_better() {
+        let white = Rgb([0xff; 3]);
+        // The default accent takes white at better than 4.5:1.
+        assert_eq!(Rgb::DEFAULT_ACCENT.text_on(), white);
+        assert!(Rgb::DEFAULT_ACCENT.contrast(white) >= 4.5);
+        // A yellow accent takes dark text, which reads at better than 4.5:1 on it.
+        let yellow = Rgb([0xff, 0xd4, 0x00]);
+        assert_ne!(yellow.text_on(), white);
+        assert!(yellow.contrast(yellow.text_on()) >= 4.5);
+        // For every accent, the text chosen reads at least 4.5:1 (WCAG AA for normal text).
+        for r in (0..=255u8).step_by(15) {
+            for g in (0..=255u8).step_by(15) {
+                for b in (0..=255u8).step_by(15) {
+                    let accent = Rgb([r, g, b]);
+                    let ratio = accent.contrast(accent.text_on());
+                    assert!(ratio >= 4.5, "{} at {ratio:.2}", accent.hex());
+                }
+            }
+        }
+    }
 }

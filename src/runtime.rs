@@ -200,10 +200,10 @@ pub async fn serve(
     let (plans, mut to_plan) = mpsc::unbounded_channel::<Ulid>();
     let api = crate::web::api::Api::new(app.clone(), plans.clone())?;
     let status = Arc::new(match app.status_page() {
-        Some((channel, incidents)) => {
-            crate::web::StatusCache::new(app.status.clone(), Some(channel), incidents)
+        Some((channel, shape)) => {
+            crate::web::StatusCache::new(app.status.clone(), Some(channel), shape)
         }
-        None => crate::web::StatusCache::new(app.status.clone(), None, 0),
+        None => crate::web::StatusCache::new(app.status.clone(), None, Default::default()),
     });
     status.refresh().await?;
 

@@ -7,7 +7,7 @@ use super::{Attempt, BuildContext, Channel, Reach, Rejection, RenderedPart};
 use crate::config::{ConfigError, DeliveryPolicy};
 use crate::delivery::{DeliveryError, Receipt};
 use crate::render::MessageContext;
-use crate::status_view::{StatusProjection, TEMPLATE};
+use crate::status_view::{PageShape, StatusProjection, TEMPLATE};
 use chrono::Utc;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -30,16 +30,24 @@ struct StatusPageFile {
     /// How many incidents the page shows, newest first.
     #[serde(default = "default_incidents")]
     incidents: usize,
+    /// How many days of resolved incidents the page lists, today included.
+    #[serde(default = "default_history_days")]
+    history_days: u32,
 }
 
 fn default_incidents() -> usize {
-    20
+    PageShape::default().incidents
+}
+
+fn default_history_days() -> u32 {
+    PageShape::default().history_days
 }
 
 #[derive(Debug, Clone)]
 pub struct StatusPageSettings {
     pub dir: PathBuf,
-    pub incidents: usize,
+    /// How much of the store the page shows.
+    pub shape: PageShape,
 }
 
 impl StatusPageSettings {
@@ -52,9 +60,20 @@ impl StatusPageSettings {
                 "must be between 1 and 1000",
             ));
         }
+        if !(1..=90).contains(&raw.history_days) {
+            return Err(ConfigError::at(
+                input.file,
+                "history_days",
+                "must be between 1 and 90",
+            ));
+        }
         Ok(Arc::new(StatusPageSettings {
             dir: input.base.join(raw.dir),
-            incidents: raw.incidents,
+            shape: PageShape {
+                incidents: raw.incidents,
+                history_days: raw.history_days,
+                incident_page: false,
+            },
         }))
     }
 }
@@ -79,7 +98,7 @@ impl ChannelSettings for StatusPageSettings {
         Ok(Arc::new(StatusPageChannel {
             id: id.to_owned(),
             dir: self.dir.clone(),
-            incident_limit: self.incidents,
+            shape: self.shape,
             projection: context.status.clone(),
             writing: tokio::sync::Mutex::new(()),
         }))
@@ -90,7 +109,7 @@ pub struct StatusPageChannel {
     /// The page shows the updates sent through this channel.
     id: String,
     dir: PathBuf,
-    incident_limit: usize,
+    shape: PageShape,
     projection: Arc<StatusProjection>,
     /// One rewrite at a time, so a slower, older rewrite never lands after a newer one.
     writing: tokio::sync::Mutex<()>,
@@ -122,7 +141,7 @@ impl Channel for StatusPageChannel {
         let _one_writer = self.writing.lock().await;
         let view = self
             .projection
-            .view(&self.id, self.incident_limit, Utc::now())
+            .view(&self.id, self.shape, Utc::now())
             .await
             .map_err(|e| DeliveryError::transient(e.to_string()))?;
         let files = self

@@ -198,7 +198,7 @@ impl Harness {
 
     async fn try_dispatch(&self) -> crate::Result<Option<DateTime<Utc>>> {
         let composer = Composer::with_links(
-            "Example Mobile",
+            &crate::config::Brand::plain("Example Mobile", "https://status.example.com"),
             LinkMaker::for_site(
                 "https://status.example.com",
                 TokenSigner::new(b"a test secret that is long enough"),

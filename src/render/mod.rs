@@ -167,6 +167,17 @@ pub fn human_time(time: DateTime<Utc>) -> String {
     human_time_in(time, TIME_ZONE.get().copied().unwrap_or(chrono_tz::UTC))
 }
 
+/// The calendar day `time` falls on where the site is (`brand.time_zone`).
+pub fn local_day(time: DateTime<Utc>) -> chrono::NaiveDate {
+    time.with_timezone(&TIME_ZONE.get().copied().unwrap_or(chrono_tz::UTC))
+        .date_naive()
+}
+
+/// "Mon 7 Dec 2026": a day as the status page writes it.
+pub fn day_text(day: chrono::NaiveDate) -> String {
+    day.format("%a %-d %b %Y").to_string()
+}
+
 /// [`human_time`] in `zone`.
 pub fn human_time_in(time: DateTime<Utc>, zone: chrono_tz::Tz) -> String {
     time.with_timezone(&zone)
@@ -244,6 +255,48 @@ pub struct RecipientView {
 pub struct BrandView {
     pub name: String,
     pub public_url: String,
+    /// What search results and link previews say about the status page.
+    pub description: String,
+    pub logo_url: Option<String>,
+    /// The accent colour as `#rrggbb`, and the colour text on it takes.
+    pub accent: String,
+    pub accent_text: String,
+    /// The pages' icon: the brand's initial on its accent colour, as a `data:` URL, so no
+    /// page asks the server for a `/favicon.ico` it does not have.
+    pub favicon: String,
+}
+
+impl BrandView {
+    pub fn new(brand: &crate::config::Brand, public_url: &str) -> Self {
+        Self {
+            name: brand.name.clone(),
+            public_url: public_url.to_owned(),
+            description: brand.description.clone(),
+            logo_url: brand.logo_url.clone(),
+            accent: brand.accent.hex(),
+            accent_text: brand.accent.text_on().hex(),
+            favicon: favicon(&brand.name, brand.accent),
+        }
+    }
+}
+
+/// A square in `accent` with the first letter or digit of `name` on it, as an SVG `data:` URL.
+fn favicon(name: &str, accent: crate::config::Rgb) -> String {
+    // Only an ASCII letter or digit goes in: nothing in the URL needs more escaping than this.
+    let initial = name
+        .chars()
+        .find(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_uppercase().to_string())
+        .unwrap_or_default();
+    let colour = |rgb: crate::config::Rgb| rgb.hex().replace('#', "%23");
+    format!(
+        "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 32 32'%3E\
+         %3Crect width='32' height='32' rx='7' fill='{fill}'/%3E\
+         %3Ctext x='16' y='23' font-family='system-ui,sans-serif' font-size='20' \
+         font-weight='700' text-anchor='middle' fill='{ink}'%3E{initial}%3C/text%3E%3C/svg%3E",
+        fill = colour(accent),
+        ink = colour(accent.text_on()),
+    )
 }
 
 /// The update and incident a message was made from, for a channel that builds its own
@@ -276,16 +329,13 @@ pub struct Composer {
 
 impl Composer {
     pub fn new(config: &Config) -> Self {
-        Self::with_links(&config.brand.name, LinkMaker::new(config))
+        Self::with_links(&config.brand, LinkMaker::new(config))
     }
 
-    /// A composer for the brand `name`, whose links `links` makes.
-    pub fn with_links(name: &str, links: LinkMaker) -> Self {
+    /// A composer for `brand`, whose links `links` makes.
+    pub fn with_links(brand: &crate::config::Brand, links: LinkMaker) -> Self {
         Self {
-            brand: BrandView {
-                name: name.to_owned(),
-                public_url: links.public_url().to_owned(),
-            },
+            brand: BrandView::new(brand, links.public_url()),
             links,
         }
     }

@@ -12,7 +12,7 @@ pub mod prometheus;
 pub mod session;
 pub mod subscribe;
 
-use crate::status_view::StatusProjection;
+use crate::status_view::{PageShape, StatusProjection};
 use crate::store::Store;
 use axum::Router;
 use axum::body::Body;
@@ -87,7 +87,7 @@ pub struct StatusCache {
     projection: Arc<StatusProjection>,
     /// The status page channel whose updates the page shows; none means no page.
     channel: Option<String>,
-    incidents: usize,
+    shape: PageShape,
     current: RwLock<Option<Arc<Rendered>>>,
 }
 
@@ -95,12 +95,12 @@ impl StatusCache {
     pub fn new(
         projection: Arc<StatusProjection>,
         channel: Option<String>,
-        incidents: usize,
+        shape: PageShape,
     ) -> Self {
         Self {
             projection,
             channel,
-            incidents,
+            shape,
             current: RwLock::new(None),
         }
     }
@@ -117,7 +117,7 @@ impl StatusCache {
         };
         let view = self
             .projection
-            .view(channel, self.incidents, Utc::now())
+            .view(channel, self.shape, Utc::now())
             .await?;
         let files = self.projection.files(&view)?;
         let rendered = Arc::new(Rendered {

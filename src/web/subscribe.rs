@@ -73,18 +73,26 @@ pub struct Subscriptions {
     trusted_proxies: Vec<ipnet::IpNet>,
     /// Whether the public site is https, so the CSRF cookie may say `Secure`.
     secure: bool,
+    /// The form's line on what is kept and how to stop.
+    keep_note: String,
 }
 
 impl Subscriptions {
     pub fn new(app: &App) -> Self {
         let first = |kind: &str| app.channels.iter().find(|c| c.kind == kind).cloned();
         let links = app.composer.link_maker().clone();
+        let (email, sms) = (first("email"), first("sms"));
+        let keep_note = match &app.config.brand.subscribe_note {
+            Some(note) => note.clone(),
+            None => default_keep_note(sms.is_some()),
+        };
         Self {
+            keep_note,
             orders: app.config.orders.clone(),
             secure: links.public_url().starts_with("https://"),
             links,
-            email: first("email"),
-            sms: first("sms"),
+            email,
+            sms,
             limits: Limits::default(),
             trusted_proxies: app.config.trusted_proxies.clone(),
         }
@@ -127,12 +135,28 @@ impl Subscriptions {
                 .is_ok()
     }
 
+    fn offer(&self) -> Offer {
+        Offer::new(self.email.is_some(), self.sms.is_some())
+    }
+
     fn channel_for(&self, contact: &Contact) -> Option<&ConfiguredChannel> {
         match contact.kind() {
             ContactKind::Email => self.email.as_ref(),
             ContactKind::Phone => self.sms.as_ref(),
         }
     }
+}
+
+/// What the form says is kept and how to stop, unless `brand.subscribe_note` says otherwise.
+fn default_keep_note(texts: bool) -> String {
+    let stop = if texts {
+        "Every email has a link to stop them, and you can reply STOP to any text."
+    } else {
+        "Every email has a link to stop them."
+    };
+    format!(
+        "We keep your order number and the contact you give only to send you updates on that order. {stop}"
+    )
 }
 
 /// The value of one cookie of the request.
@@ -257,6 +281,11 @@ struct FormView<'a> {
     brand: Option<&'a BrandView>,
     links: Option<&'a Links>,
     sent: bool,
+    /// The contact kinds a configured channel can send a confirmation to: the form offers
+    /// only those.
+    offer: Offer,
+    /// One line on what is kept and how to stop.
+    keep_note: &'a str,
     csrf: String,
     order: String,
     email: String,
@@ -265,6 +294,28 @@ struct FormView<'a> {
     order_error: Option<String>,
     email_error: Option<String>,
     phone_error: Option<String>,
+}
+
+/// Which contact fields the form shows.
+#[derive(Serialize, Default, Clone, Copy)]
+struct Offer {
+    email: bool,
+    phone: bool,
+    /// Both, so the page says "or both".
+    both: bool,
+    /// Neither: no channel can confirm a subscription, so there is no form.
+    none: bool,
+}
+
+impl Offer {
+    fn new(email: bool, phone: bool) -> Self {
+        Self {
+            email,
+            phone,
+            both: email && phone,
+            none: !email && !phone,
+        }
+    }
 }
 
 #[derive(Serialize, Default)]
@@ -304,9 +355,12 @@ fn render<T: Serialize>(renderer: &Renderer, name: &str, status: StatusCode, vie
 
 impl Shared {
     fn form_page(&self, status: StatusCode, view: FormView<'_>) -> Response {
+        let subscriptions = &self.subscriptions;
         let view = FormView {
             brand: Some(&self.pages.brand),
             links: Some(&self.pages.links),
+            offer: subscriptions.offer(),
+            keep_note: &subscriptions.keep_note,
             ..view
         };
         let mut response = render(&self.pages.renderer, "pages/subscribe", status, &view);
@@ -533,8 +587,31 @@ pub(super) async fn subscribe(
         );
         invalid = true;
     }
-    if email.is_none() && phone.is_none() {
-        errors.form_error = Some("Give an email address, a mobile number, or both.".into());
+    let offer = shared.subscriptions.offer();
+    if offer.none {
+        errors.form_error = Some(
+            "We cannot take subscriptions here yet: please follow this page for updates.".into(),
+        );
+        invalid = true;
+    } else if email.is_some() && !offer.email {
+        // The form has no such field: the page says it at the top.
+        errors.form_error =
+            Some("We cannot send email updates yet: give a mobile number instead.".into());
+        invalid = true;
+    } else if phone.is_some() && !offer.phone {
+        errors.form_error =
+            Some("We cannot send text messages yet: give an email address instead.".into());
+        invalid = true;
+    }
+    if email.is_none() && phone.is_none() && !offer.none {
+        errors.form_error = Some(
+            match (offer.email, offer.phone) {
+                (true, true) => "Give an email address, a mobile number, or both.",
+                (true, false) => "Give your email address.",
+                _ => "Give your mobile number.",
+            }
+            .into(),
+        );
         invalid = true;
     }
     let (Ok(order), false) = (order, invalid) else {

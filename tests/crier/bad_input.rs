@@ -143,6 +143,48 @@ async fn a_time_zone_that_is_not_an_iana_name_is_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brand_colour_logo_or_description_that_cannot_be_used_is_named() {
+    let long = "x".repeat(301);
+    for (line, message) in [
+        (
+            "accent_color = \"blue\"",
+            "brand.accent_color: 'blue' is not a colour; write it as #rrggbb",
+        ),
+        (
+            "accent_color = \"#12345\"",
+            "brand.accent_color: '#12345' is not a colour",
+        ),
+        (
+            "logo_url = \"javascript:alert(1)\"",
+            "brand.logo_url: 'javascript:alert(1)' is not an http or https URL",
+        ),
+        (
+            &format!("description = \"{long}\""),
+            "brand.description: is longer than 300 characters",
+        ),
+    ] {
+        let crier = Crier::new().status_page();
+        let main = std::fs::read_to_string(&crier.config).unwrap().replace(
+            "public_url = \"https://status.example.com\"\n",
+            &format!("public_url = \"https://status.example.com\"\n{line}\n"),
+        );
+        std::fs::write(&crier.config, main).unwrap();
+        crier
+            .run(&["check-config"])
+            .await
+            .assert_user_error(message);
+    }
+    let crier = Crier::new().channel(
+        "status",
+        "kind = \"status_page\"\ndir = \"var/status\"\nhistory_days = 0\n",
+    );
+    crier
+        .run(&["check-config"])
+        .await
+        .assert_user_error("history_days: must be between 1 and 90");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_secret_variable_or_an_invalid_value_is_named() {
     let crier = Crier::new()
         .webhook("http://127.0.0.1:9/hooks", "")

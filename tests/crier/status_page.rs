@@ -35,7 +35,11 @@ async fn the_page_the_feed_and_the_json_show_every_update_newest_first_with_its_
         .find("We&#x27;re working on it. Sorry.")
         .expect("the first update");
     assert!(newest < oldest, "newest first");
-    assert!(page.contains("Next update by"), "the promise is shown");
+    assert!(
+        !page.contains("Next update by"),
+        "the first update's promise was superseded by the second, which makes none: the page \
+         shows no promise (the feed and the JSON keep each update's own)"
+    );
     assert!(page.contains("Identified"), "the incident's state");
 
     let feed: atom_syndication::Feed = std::fs::read_to_string(dir.join("feed.atom"))

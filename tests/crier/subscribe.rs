@@ -209,11 +209,7 @@ async fn a_subscriber_thanked_by_the_form_survives_a_kill_9_right_after_the_answ
     let mut server = serve(&crier).await;
     let answer = submit(
         &server,
-        &[
-            ("order", "AB-1001"),
-            ("email", "ann@example.com"),
-            ("phone", "+447700900123"),
-        ],
+        &[("order", "AB-1001"), ("email", "ann@example.com")],
     )
     .await;
     assert_eq!(answer.status(), 200);
@@ -226,8 +222,6 @@ async fn a_subscriber_thanked_by_the_form_survives_a_kill_9_right_after_the_answ
         .expect("the email was stored before the answer");
     assert_eq!(ann.state, SubscriberState::Pending);
     assert_eq!(ann.orders.len(), 1);
-    // The phone has no SMS channel to confirm it through, so it is not asked (nor stored).
-    assert!(subscriber(&crier, "+447700900123").await.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,7 +303,9 @@ async fn a_post_without_a_matching_csrf_token_is_refused_with_403_and_stores_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_order_email_or_phone_is_422_and_keeps_what_was_typed() {
-    let (crier, smtp) = email_crier();
+    let (crier, twilio) = sms_crier().await;
+    let smtp = SmtpSink::start(crier.dir.path(), 0);
+    let crier = crier.email(smtp.port, "");
     let server = serve(&crier).await;
     let refused = submit(
         &server,
@@ -346,7 +342,107 @@ async fn a_malformed_order_email_or_phone_is_422_and_keeps_what_was_typed() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop(server).await;
     assert_eq!(smtp.count(), 0);
+    assert!(twilio.received().is_empty());
     assert!(subscriber(&crier, "ann@example.com").await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_form_offers_only_what_a_channel_can_confirm_and_never_promises_a_message_it_cannot_send()
+ {
+    // Email only: no mobile number on the form, and one given anyway is refused, not thanked.
+    let (crier, smtp) = email_crier();
+    let server = serve(&crier).await;
+    let (_, form) = open_form(&server, "").await;
+    assert!(form.contains("id=\"email\""), "{form}");
+    assert!(!form.contains("id=\"phone\""), "{form}");
+    assert!(
+        form.contains("Every email has a link to stop them."),
+        "{form}"
+    );
+    assert!(
+        !form.contains("STOP"),
+        "no texts, so no word about replying STOP: {form}"
+    );
+    let refused = submit(
+        &server,
+        &[("order", "AB-1001"), ("phone", "+44 7700 900123")],
+    )
+    .await;
+    assert_eq!(refused.status(), 422);
+    let html = refused.text().await.unwrap();
+    assert!(
+        html.contains("We cannot send text messages yet: give an email address instead."),
+        "{html}"
+    );
+    assert!(!html.contains("on its way"), "{html}");
+    stop(server).await;
+    assert!(subscriber(&crier, "+447700900123").await.is_none());
+    assert_eq!(smtp.count(), 0);
+
+    // SMS only: no email field, and the note says how to stop texts.
+    let (crier, twilio) = sms_crier().await;
+    let server = serve(&crier).await;
+    let (_, form) = open_form(&server, "").await;
+    assert!(!form.contains("id=\"email\""), "{form}");
+    assert!(form.contains("id=\"phone\""), "{form}");
+    assert!(
+        form.contains("by text message, as soon as we post it"),
+        "{form}"
+    );
+    assert!(form.contains("reply STOP to any text"), "{form}");
+    let refused = submit(
+        &server,
+        &[("order", "AB-1001"), ("email", "ann@example.com")],
+    )
+    .await;
+    assert_eq!(refused.status(), 422);
+    assert!(
+        refused
+            .text()
+            .await
+            .unwrap()
+            .contains("We cannot send email updates yet: give a mobile number instead.")
+    );
+    stop(server).await;
+    assert!(twilio.received().is_empty());
+
+    // Neither: no form at all, and a post is refused.
+    let crier = Crier::new().status_page();
+    let server = serve(&crier).await;
+    let page = client()
+        .get(format!("{}/subscribe", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    assert!(!page.contains("<form"), "{page}");
+    assert!(page.contains("You cannot subscribe here yet."), "{page}");
+    let refused = post_form(
+        &server,
+        None,
+        &[("order", "AB-1001"), ("email", "ann@example.com")],
+    )
+    .await;
+    assert!(refused.status().is_client_error());
+    assert!(!refused.text().await.unwrap().contains("on its way"));
+    stop(server).await;
+    assert!(subscriber(&crier, "ann@example.com").await.is_none());
+
+    // A note of one's own replaces crier's.
+    let (crier, _smtp) = email_crier();
+    let config = std::fs::read_to_string(&crier.config).unwrap().replace(
+        "[brand]\n",
+        "[brand]\nsubscribe_note = \"We keep it for 90 days. Write to privacy@example.com to stop.\"\n",
+    );
+    std::fs::write(&crier.config, config).unwrap();
+    let server = serve(&crier).await;
+    let (_, form) = open_form(&server, "").await;
+    assert!(
+        form.contains("We keep it for 90 days. Write to privacy@example.com to stop."),
+        "{form}"
+    );
+    stop(server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

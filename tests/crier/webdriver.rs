@@ -405,6 +405,42 @@ impl WebDriver {
         .await;
     }
 
+    /// Makes pages answer `prefers-color-scheme` with `scheme` ("light" or "dark"), through
+    /// chromedriver's door to the DevTools protocol.
+    pub(crate) async fn prefer_color_scheme(&self, scheme: &str) {
+        self.command(
+            reqwest::Method::POST,
+            "/goog/cdp/execute",
+            Some(json!({
+                "cmd": "Emulation.setEmulatedMedia",
+                "params": { "features": [{ "name": "prefers-color-scheme", "value": scheme }] },
+            })),
+        )
+        .await;
+    }
+
+    /// Whether the page is wider than the window, so a reader must scroll sideways.
+    pub(crate) async fn scrolls_sideways(&self) -> bool {
+        let wider = self
+            .execute(
+                "return document.documentElement.scrollWidth > window.innerWidth;",
+                Vec::new(),
+            )
+            .await;
+        wider.as_bool().expect("a boolean")
+    }
+
+    /// The visible text of every element `css` matches, in document order.
+    pub(crate) async fn texts(&self, css: &str) -> Vec<String> {
+        let texts = self
+            .execute(
+                "return Array.from(document.querySelectorAll(arguments[0])).map(e => e.innerText.trim());",
+                vec![json!(css)],
+            )
+            .await;
+        serde_json::from_value(texts).expect("a list of texts")
+    }
+
     /// Runs `script` in the page as the body of a function whose `arguments` are `args` (an
     /// element as `json!({ ELEMENT_KEY: element })`), and returns what it returns.
     pub(crate) async fn execute(&self, script: &str, args: Vec<Value>) -> Value {

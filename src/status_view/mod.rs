@@ -11,6 +11,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::sync::Arc;
 
+mod page;
+
+pub use page::PageShape;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct IncidentSection {
     #[serde(flatten)]
@@ -24,6 +28,9 @@ pub struct IncidentSection {
     pub history: String,
     /// When the incident's next update is promised, while it is open.
     pub promise: Option<PromiseView>,
+    /// When the incident last changed, for grouping past incidents by day.
+    #[serde(skip)]
+    pub updated: DateTime<Utc>,
 }
 
 /// How many updates of one incident the page, the feed and the JSON show, newest first. The
@@ -48,7 +55,16 @@ pub struct StatusView {
     pub generated_at_text: String,
     /// The newest public update anywhere, which every channel agrees is "the latest".
     pub latest: Option<UpdateView>,
+    /// The state at a glance: the worst open incident's, or all clear.
+    pub overall: page::Overall,
     pub incidents: Vec<IncidentSection>,
+    /// What the HTML page lays out: the front page or one incident's own page, and how far
+    /// back it lists past incidents.
+    #[serde(skip)]
+    pub shape: PageShape,
+    /// When the view was made, for the page's "past incidents" days.
+    #[serde(skip)]
+    pub now: DateTime<Utc>,
 }
 
 /// The three files of the status page, rendered.
@@ -99,13 +115,14 @@ impl StatusProjection {
     }
 
     /// The public updates sent through `channel`, by incident, newest first, at most
-    /// `incident_limit` incidents and [`UPDATES_SHOWN`] updates of each.
+    /// `shape.incidents` incidents and [`UPDATES_SHOWN`] updates of each.
     pub async fn view(
         &self,
         channel: &str,
-        incident_limit: usize,
+        shape: PageShape,
         now: DateTime<Utc>,
     ) -> Result<StatusView, StoreError> {
+        let incident_limit = shape.incidents;
         let mut sections = Vec::new();
         for incident in self.store.incidents().await? {
             if let Some(section) = self
@@ -118,7 +135,7 @@ impl StatusProjection {
                 break;
             }
         }
-        Ok(self.status_view(sections, now))
+        Ok(self.status_view(sections, shape, now))
     }
 
     /// One incident with every public update sent through `channel`: its own page. None when
@@ -132,10 +149,15 @@ impl StatusProjection {
         Ok(self
             .section(channel, incident, None, now)
             .await?
-            .map(|section| self.status_view(vec![section], now)))
+            .map(|section| self.status_view(vec![section], PageShape::incident_page(), now)))
     }
 
-    fn status_view(&self, sections: Vec<IncidentSection>, now: DateTime<Utc>) -> StatusView {
+    fn status_view(
+        &self,
+        sections: Vec<IncidentSection>,
+        shape: PageShape,
+        now: DateTime<Utc>,
+    ) -> StatusView {
         let latest = sections
             .iter()
             .flat_map(|s| s.updates.first())
@@ -147,7 +169,10 @@ impl StatusProjection {
             generated_at: rfc3339(now),
             generated_at_text: human_time(now),
             latest,
+            overall: page::Overall::of(&sections),
             incidents: sections,
+            shape,
+            now,
         }
     }
 
@@ -197,39 +222,47 @@ impl StatusProjection {
             earlier,
             history: history_url(&self.links, incident.id),
             promise,
+            updated: incident.updated_at,
         }))
     }
 
     /// The view as a preview shows it: the new update as its own section.
     pub fn preview(&self, message: &MessageContext) -> StatusView {
+        let sections = vec![IncidentSection {
+            incident: message.incident.clone(),
+            updated_at: message.update.created_at.clone(),
+            updates: vec![message.update.clone()],
+            earlier: false,
+            history: history_url(&self.links, message.source.incident.id),
+            promise: message
+                .update
+                .next_update_by
+                .clone()
+                .zip(message.update.next_update_by_text.clone())
+                .map(|(due, due_text)| PromiseView {
+                    due,
+                    due_text,
+                    overdue: false,
+                }),
+            updated: message.source.update.created_at,
+        }];
         StatusView {
             brand: self.brand.clone(),
             links: self.links.clone(),
             generated_at: message.update.created_at.clone(),
             generated_at_text: message.update.created_at_text.clone(),
             latest: Some(message.update.clone()),
-            incidents: vec![IncidentSection {
-                incident: message.incident.clone(),
-                updated_at: message.update.created_at.clone(),
-                updates: vec![message.update.clone()],
-                earlier: false,
-                history: history_url(&self.links, message.source.incident.id),
-                promise: message
-                    .update
-                    .next_update_by
-                    .clone()
-                    .zip(message.update.next_update_by_text.clone())
-                    .map(|(due, due_text)| PromiseView {
-                        due,
-                        due_text,
-                        overdue: false,
-                    }),
-            }],
+            overall: page::Overall::of(&sections),
+            incidents: sections,
+            shape: PageShape::default(),
+            now: message.source.update.created_at,
         }
     }
 
+    /// The page a reader sees: laid out from the view by [`page::Page`], so the JSON keeps
+    /// every field while the page shows each thing once.
     pub fn html(&self, view: &StatusView) -> Result<String, RenderError> {
-        self.renderer.render(TEMPLATE, view)
+        self.renderer.render(TEMPLATE, &page::Page::of(view))
     }
 
     pub fn files(&self, view: &StatusView) -> Result<StatusFiles, RenderError> {
