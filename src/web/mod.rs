@@ -180,6 +180,8 @@ pub struct Shared {
 
 /// The routes of `crier serve`.
 pub fn router(shared: Shared) -> Router {
+    let brand = &shared.pages.brand;
+    let public_policy = public_page_policy(&brand.public_url, brand.logo_url.as_deref());
     Router::new()
         .route("/", get(status_page))
         .route("/feed.atom", get(feed))
@@ -220,8 +222,49 @@ pub fn router(shared: Shared) -> Router {
         .route("/readyz", get(readyz))
         .nest("/api", api::router(shared.api.clone()))
         .nest("/admin", console::router(shared.clone()))
+        .layer(middleware::map_response(move |response| {
+            public_headers(response, public_policy.clone())
+        }))
         .layer(middleware::from_fn(log_request))
         .with_state(shared)
+}
+
+/// The Content-Security-Policy of the public pages: nothing runs, nothing loads but their own
+/// inline style and images, forms post only to this site, and no other site may frame them
+/// (a framed "confirm" or "unsubscribe" button could be clicked through a decoy).
+fn public_page_policy(public_url: &str, logo_url: Option<&str>) -> HeaderValue {
+    let origin = |url: &str| {
+        reqwest::Url::parse(url)
+            .map(|url| url.origin().ascii_serialization())
+            .unwrap_or_default()
+    };
+    let logo = logo_url.map(origin).unwrap_or_default();
+    let policy = format!(
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data: https: {logo}; \
+         form-action 'self' {}; frame-ancestors 'none'; base-uri 'none'",
+        origin(public_url)
+    );
+    HeaderValue::from_str(policy.trim())
+        .unwrap_or_else(|_| HeaderValue::from_static("frame-ancestors 'none'"))
+}
+
+/// Every answer not framed, its type not guessed; pages that set a stricter policy (the
+/// console) keep theirs.
+async fn public_headers(mut response: Response, policy: HeaderValue) -> Response {
+    let headers = response.headers_mut();
+    headers
+        .entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(policy);
+    headers
+        .entry(header::X_FRAME_OPTIONS)
+        .or_insert(HeaderValue::from_static("DENY"));
+    headers
+        .entry(header::X_CONTENT_TYPE_OPTIONS)
+        .or_insert(HeaderValue::from_static("nosniff"));
+    headers
+        .entry(header::REFERRER_POLICY)
+        .or_insert(HeaderValue::from_static("strict-origin-when-cross-origin"));
+    response
 }
 
 async fn status_page(State(shared): State<Shared>, headers: HeaderMap) -> Response {

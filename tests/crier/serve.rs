@@ -289,3 +289,60 @@ async fn an_incidents_own_page_is_served_with_every_update_and_an_unknown_one_is
     }
     crate::subscribe::stop(server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_public_page_can_be_framed_by_another_site_and_the_console_keeps_its_own_policy() {
+    let crier = Crier::new().status_page();
+    let sent = crier.send(&[], "We're working on it.").await;
+    let incident = sent["incident"].as_str().unwrap();
+    let server = serve(&crier).await;
+    let client = reqwest::Client::new();
+    for path in [
+        "/".to_owned(),
+        format!("/incidents/{incident}.html"),
+        "/subscribe".to_owned(),
+        "/confirm/not-a-token".to_owned(),
+        "/unsubscribe/not-a-token".to_owned(),
+        "/s/not-a-token".to_owned(),
+        "/feed.atom".to_owned(),
+    ] {
+        let answer = client
+            .get(format!("{}{path}", server.base))
+            .send()
+            .await
+            .unwrap();
+        let header = |name: &str| {
+            answer
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let policy = header("content-security-policy");
+        assert!(
+            policy.contains("frame-ancestors 'none'"),
+            "{path}: {policy:?}"
+        );
+        assert!(policy.contains("default-src 'none'"), "{path}: {policy:?}");
+        assert!(
+            policy.contains("form-action 'self' https://status.example.com;"),
+            "{path}: {policy:?}"
+        );
+        assert_eq!(header("x-frame-options"), "DENY", "{path}");
+        assert_eq!(header("x-content-type-options"), "nosniff", "{path}");
+    }
+    let console = client
+        .get(format!("{}/admin/login", server.base))
+        .send()
+        .await
+        .unwrap();
+    let policy = console
+        .headers()
+        .get("content-security-policy")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(policy.starts_with("default-src 'self';"), "{policy}");
+    crate::subscribe::stop(server).await;
+}
