@@ -37,6 +37,29 @@ macro_rules! say {
 const INTERRUPTED: u8 = 130;
 /// Exit code when an update reached nobody: every delivery went to dead letters.
 const NOTHING_DELIVERED: u8 = 3;
+/// Exit code when some deliveries went to dead letters and the rest were delivered: a script
+/// that sends must not take a partial send for a whole one.
+const SOME_UNDELIVERED: u8 = 4;
+
+/// What to say when `dead` deliveries went to dead letters beside `sent` delivered ones, and
+/// the exit code that goes with it.
+fn dead_letter_outcome(sent: u64, dead: u64) -> Option<(String, u8)> {
+    match (sent, dead) {
+        (_, 0) => None,
+        (0, dead) => Some((
+            format!(
+                "nothing was delivered: {dead} deliveries went to dead letters; see `crier deliveries --failed`"
+            ),
+            NOTHING_DELIVERED,
+        )),
+        (sent, dead) => Some((
+            format!(
+                "{dead} deliveries went to dead letters ({sent} delivered); see `crier deliveries --failed`, and `crier retry` once the cause is fixed"
+            ),
+            SOME_UNDELIVERED,
+        )),
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -65,8 +88,22 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the status page and health checks, and deliver whatever is queued, until Ctrl-C
-    /// or SIGTERM.
+    /// Serve the public pages, the admin API and console, and inbound replies, and deliver
+    /// whatever is queued, until Ctrl-C or SIGTERM.
+    #[command(
+        long_about = "Serve the public pages, the admin API and console, and inbound replies, and \
+                      deliver whatever is queued, until Ctrl-C or SIGTERM (deliveries in flight \
+                      finish first).",
+        after_help = "It serves, on server.listen:\n  \
+            /                      the status page (and /feed.atom, /status.json, /incidents/ID.html)\n  \
+            /subscribe             the subscribe form; /confirm/TOKEN, /unsubscribe/TOKEN, /s/TOKEN its links\n  \
+            /inbound/sms/CHANNEL   replies (STOP, YES) and delivery reports from an SMS provider\n  \
+            /admin                 the console for the comms lead (sign in with an [api] token)\n  \
+            /api                   the admin API (a bearer token from [api]); /api/openapi.json describes it\n  \
+            /metrics               Prometheus metrics (a bearer token from [api])\n  \
+            /healthz, /readyz      health checks\n\n\
+            While it runs it owns the store: the other commands go through its admin API."
+    )]
     Serve,
     /// Store an update and deliver it to every channel, with a progress bar.
     Send(SendArgs),
@@ -155,6 +192,7 @@ pub struct SubscribeArgs {
     /// The order to follow.
     #[arg(long)]
     pub order: String,
+    /// The email address that follows it.
     #[arg(long)]
     pub email: Option<String>,
     /// In E.164 form, like +447700900123.
@@ -195,8 +233,10 @@ pub struct ImportArgs {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("who").required(true).args(["email", "phone", "token"])))]
 pub struct UnsubscribeArgs {
+    /// The email address to stop sending to.
     #[arg(long)]
     pub email: Option<String>,
+    /// The mobile number to stop texting, in E.164 form, like +447700900123.
     #[arg(long)]
     pub phone: Option<String>,
     /// An unsubscribe token, or the whole link from a message's List-Unsubscribe header.
@@ -235,6 +275,7 @@ pub struct LinkArgs {
 pub struct OrderArgs {
     /// The order number, as the customer gives it.
     pub order: String,
+    /// Print one JSON object: the update, the promise, the contacts and the reply.
     #[arg(long)]
     pub json: bool,
 }
@@ -247,6 +288,7 @@ pub struct DeliveriesArgs {
     /// List the deliveries that failed (dead letters and those waiting to retry).
     #[arg(long)]
     pub failed: bool,
+    /// Print one JSON object with the counts per channel (and the failures with --failed).
     #[arg(long)]
     pub json: bool,
 }
@@ -268,6 +310,7 @@ pub struct CopyArgs {
     /// Where to copy it: postgres, the database in the config.
     #[arg(long, default_value = "postgres", value_parser = ["postgres"])]
     pub to: String,
+    /// Print one JSON object with what was copied and what was already there.
     #[arg(long)]
     pub json: bool,
 }
@@ -277,6 +320,7 @@ pub struct RetryArgs {
     /// Only this update's dead letters [default: all of them].
     #[arg(long)]
     pub update: Option<Ulid>,
+    /// Print one JSON object with the counts per channel after the retry.
     #[arg(long)]
     pub json: bool,
 }
@@ -329,6 +373,17 @@ fn check_config(config: &Config) -> Result<ExitCode> {
         return Err(Error::user(format!(
             "{}: store.path: {reason}",
             config.file.display()
+        )));
+    }
+    // Only `crier serve` reads the admin tokens, but it refuses to start without them: found
+    // here, before the day it is started.
+    if let Some(token) = config.api_tokens.iter().find(|t| t.secret.is_none()) {
+        return Err(Error::user(format!(
+            "{}: api.tokens.{}: the environment variable {} is not set (only crier serve needs \
+             it, and it will not start without it)",
+            config.file.display(),
+            token.name,
+            token.variable
         )));
     }
     say!("{}: OK", config.file.display());
@@ -837,12 +892,9 @@ async fn send_through(
             "{} deliveries wait for a retry; crier serve delivers them (see `crier deliveries`)",
             totals.retrying
         );
-    } else if totals.sent == 0 && totals.dead > 0 {
-        eprintln!(
-            "nothing was delivered: {} deliveries went to dead letters; see `crier deliveries --failed`",
-            totals.dead
-        );
-        return Ok(ExitCode::from(NOTHING_DELIVERED));
+    } else if let Some((hint, code)) = dead_letter_outcome(totals.sent, totals.dead) {
+        eprintln!("{hint}");
+        return Ok(ExitCode::from(code));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -979,12 +1031,11 @@ fn exit_after(delivered: &Delivered) -> ExitCode {
         );
         return ExitCode::from(INTERRUPTED);
     }
-    if delivered.sent == 0 && delivered.dead > 0 && delivered.left_for_later.is_none() {
-        eprintln!(
-            "nothing was delivered: {} deliveries went to dead letters; see `crier deliveries --failed`",
-            delivered.dead
-        );
-        return ExitCode::from(NOTHING_DELIVERED);
+    if delivered.left_for_later.is_none()
+        && let Some((hint, code)) = dead_letter_outcome(delivered.sent, delivered.dead)
+    {
+        eprintln!("{hint}");
+        return ExitCode::from(code);
     }
     ExitCode::SUCCESS
 }
@@ -1173,4 +1224,57 @@ async fn deliveries(config: Config, args: DeliveriesArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every command, with the command's path, that has no help.
+    fn without_help(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for arg in command.get_arguments() {
+            if arg.is_hide_set() || arg.get_help().is_some() {
+                continue;
+            }
+            missing.push(format!("{path} {}", arg.get_id()));
+        }
+        for sub in command.get_subcommands() {
+            if sub.get_about().is_none() {
+                missing.push(format!("{path} {} (the command)", sub.get_name()));
+            }
+            without_help(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+
+    #[test]
+    fn every_command_flag_and_argument_says_what_it_does() {
+        let mut missing = Vec::new();
+        let mut command = Cli::command();
+        command.build();
+        without_help(&command, "crier", &mut missing);
+        // clap's own --help and --version explain themselves.
+        missing.retain(|m| !m.ends_with(" help") && !m.ends_with(" version"));
+        assert!(missing.is_empty(), "no help: {missing:?}");
+    }
+
+    #[test]
+    fn serve_help_lists_what_it_serves() {
+        let mut command = Cli::command();
+        let help = command
+            .find_subcommand_mut("serve")
+            .expect("serve")
+            .render_long_help()
+            .to_string();
+        for path in [
+            "/subscribe",
+            "/inbound/sms/",
+            "/admin",
+            "/api",
+            "/metrics",
+            "/healthz",
+        ] {
+            assert!(help.contains(path), "{path} in:\n{help}");
+        }
+    }
 }

@@ -203,6 +203,9 @@ fn default_cache_capacity_mb() -> u64 {
 struct OrdersFile {
     /// A regular expression every (trimmed, upper-cased) order number must match whole.
     pattern: String,
+    /// An order number of that shape, shown in errors [default: one made from the pattern].
+    #[serde(default)]
+    example: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -626,6 +629,12 @@ impl Config {
                 format!("not a regular expression: {e}"),
             )
         })?;
+        let orders = match raw.orders.example.as_deref() {
+            None => orders,
+            Some(example) => orders
+                .with_example(example)
+                .map_err(|reason| ConfigError::at(file, "orders.example", reason))?,
+        };
         let public_url = Url::parse(&raw.brand.public_url)
             .map_err(|e| ConfigError::at(file, "brand.public_url", format!("not a URL: {e}")))?;
         if !matches!(public_url.scheme(), "http" | "https") {

@@ -73,19 +73,26 @@ fn main() -> ExitCode {
     }
 }
 
-/// clap's message without its usage block, folded onto one line.
+/// clap's message without its usage block, folded onto one line, its suggestion kept ("a
+/// similar subcommand exists: 'send'").
 fn one_line(message: &str) -> String {
-    let reason: Vec<&str> = message
+    let lines: Vec<&str> = message
         .lines()
         .take_while(|line| !line.starts_with("Usage:"))
         .map(str::trim)
-        .filter(|line| {
-            !line.is_empty()
-                && !line.starts_with("For more information")
-                && !line.starts_with("tip:")
-        })
+        .filter(|line| !line.is_empty() && !line.starts_with("For more information"))
         .collect();
+    let (tips, reason): (Vec<&str>, Vec<&str>) =
+        lines.into_iter().partition(|line| line.starts_with("tip:"));
     let reason = reason.join(" ");
     let reason = reason.strip_prefix("error: ").unwrap_or(&reason);
-    format!("{reason} (see --help)")
+    // clap's other tip ("to pass '--x' as a value, use '-- --x'") helps no one here.
+    let suggestion = tips
+        .iter()
+        .map(|tip| tip.trim_start_matches("tip:").trim())
+        .find(|tip| tip.contains("similar"));
+    match suggestion {
+        Some(tip) => format!("{reason}; {tip} (see --help)"),
+        None => format!("{reason} (see --help)"),
+    }
 }

@@ -16,8 +16,8 @@ pub use update::{Audience, Body, Headline, Update, parse_next_update_in};
 /// Input that does not describe a valid domain value. Each variant is a user error.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DomainError {
-    #[error("'{input}' is not an order number: it must match {pattern}")]
-    InvalidOrderNumber { input: String, pattern: String },
+    #[error("'{input}' is not an order number: {looks_like}")]
+    InvalidOrderNumber { input: String, looks_like: String },
     /// `position` counts characters from 1, in the input as typed.
     #[error(
         "'{input}' is not an order number: it contains {} at position {position}; \

@@ -11,21 +11,101 @@ use std::fmt;
 pub struct OrderPattern {
     source: String,
     regex: Regex,
+    /// An order number of this shape, shown in errors: support staff and customers read an
+    /// example, not a regular expression.
+    example: Option<String>,
 }
 
 impl OrderPattern {
     /// Compiles `pattern`; it always has to match the whole order number.
     pub fn new(pattern: &str) -> Result<Self, regex::Error> {
-        let regex = Regex::new(&format!("^(?:{pattern})$"))?;
+        let anchored = format!("^(?:{pattern})$");
+        let regex = Regex::new(&anchored)?;
+        let example = regex_syntax::parse(&anchored)
+            .ok()
+            .and_then(|hir| shortest_example(&hir))
+            .filter(|example| regex.is_match(example));
         Ok(Self {
             source: pattern.to_owned(),
             regex,
+            example,
+        })
+    }
+
+    /// Shows `example` in errors instead of one made from the pattern; refused unless the
+    /// pattern matches it.
+    pub fn with_example(self, example: &str) -> Result<Self, String> {
+        let example = example.trim();
+        if !self.regex.is_match(example) {
+            return Err(format!(
+                "'{}' does not match orders.pattern",
+                printable(example)
+            ));
+        }
+        Ok(Self {
+            example: Some(example.to_owned()),
+            ..self
         })
     }
 
     pub fn as_str(&self) -> &str {
         &self.source
     }
+
+    /// How an order number looks, for a message: "like AB-1001", or the pattern itself when
+    /// no example could be made.
+    pub fn looks_like(&self) -> String {
+        match &self.example {
+            Some(example) => format!("order numbers look like {example}"),
+            None => format!("it must match {}", self.source),
+        }
+    }
+}
+
+/// The shortest text `hir` matches, made of printable ASCII: each repetition its least, each
+/// alternation its first branch, each class its first printable character. None where no such
+/// text exists or a repetition is too long to make an example of.
+fn shortest_example(hir: &regex_syntax::hir::Hir) -> Option<String> {
+    use regex_syntax::hir::{Class, HirKind};
+    let mut out = String::new();
+    let mut stack = vec![hir];
+    while let Some(hir) = stack.pop() {
+        match hir.kind() {
+            HirKind::Empty | HirKind::Look(_) => {}
+            HirKind::Literal(literal) => out.push_str(std::str::from_utf8(&literal.0).ok()?),
+            HirKind::Class(Class::Unicode(class)) => out.push(
+                class
+                    .ranges()
+                    .iter()
+                    .flat_map(|range| range.start()..=range.end())
+                    .take(256)
+                    .find(char::is_ascii_alphanumeric)?,
+            ),
+            HirKind::Class(Class::Bytes(class)) => out.push(char::from(
+                class
+                    .ranges()
+                    .iter()
+                    .flat_map(|range| range.start()..=range.end())
+                    .find(u8::is_ascii_alphanumeric)?,
+            )),
+            HirKind::Repetition(repetition) => {
+                if repetition.min > 40 {
+                    return None;
+                }
+                stack.extend(std::iter::repeat_n(
+                    &*repetition.sub,
+                    repetition.min as usize,
+                ));
+            }
+            HirKind::Capture(capture) => stack.push(&capture.sub),
+            HirKind::Concat(parts) => stack.extend(parts.iter().rev()),
+            HirKind::Alternation(branches) => stack.push(branches.first()?),
+        }
+        if out.len() > 100 {
+            return None;
+        }
+    }
+    Some(out)
 }
 
 /// An order number: trimmed, printable ASCII, upper-cased and matching [`OrderPattern`].
@@ -55,7 +135,7 @@ impl OrderNumber {
         if normalized.is_empty() || !pattern.regex.is_match(&normalized) {
             return Err(DomainError::InvalidOrderNumber {
                 input: printable(input),
-                pattern: pattern.source.clone(),
+                looks_like: pattern.looks_like(),
             });
         }
         Ok(Self(normalized))
@@ -86,6 +166,36 @@ mod tests {
     fn an_order_number_is_trimmed_and_upper_cased() {
         let order = OrderNumber::parse("  ab-1001 ", &pattern()).unwrap();
         assert_eq!(order.as_str(), "AB-1001");
+    }
+
+    #[test]
+    fn an_error_shows_an_example_order_number_not_the_pattern() {
+        let err = OrderNumber::parse("nope", &pattern()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "'nope' is not an order number: order numbers look like AA-0000"
+        );
+        let default = OrderPattern::new("[A-Z]{2}-[0-9]{4,10}").unwrap();
+        assert_eq!(default.looks_like(), "order numbers look like AA-0000");
+        let chosen = default.with_example("ab-1001").unwrap_err();
+        assert_eq!(chosen, "'ab-1001' does not match orders.pattern");
+        let chosen = OrderPattern::new("[A-Z]{2}-[0-9]{4,10}")
+            .unwrap()
+            .with_example("AB-1001")
+            .unwrap();
+        assert_eq!(chosen.looks_like(), "order numbers look like AB-1001");
+        for (pattern, example) in [
+            ("ORD(ER)?-[0-9]+", "ORD-0"),
+            ("(?i)[a-z]{3}[0-9]{2}", "AAA00"),
+            ("[0-9]{6}|X-[A-F]{2}", "000000"),
+            (r"\d{3}\.\d{3}", "000.000"),
+        ] {
+            let made = OrderPattern::new(pattern).unwrap();
+            assert_eq!(made.example.as_deref(), Some(example), "{pattern}");
+        }
+        // Where no example can be made, the message falls back to the pattern.
+        let unmakeable = OrderPattern::new("[0-9]{50}").unwrap();
+        assert_eq!(unmakeable.looks_like(), "it must match [0-9]{50}");
     }
 
     #[test]

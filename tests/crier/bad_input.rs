@@ -454,3 +454,49 @@ async fn a_targeted_update_whose_webhook_body_would_be_too_big_is_refused_at_com
     );
     assert!(hooks.received().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mistyped_command_or_flag_gets_a_suggestion() {
+    let crier = Crier::new();
+    let output = crier.run(&["sned"]).await;
+    assert_eq!(output.code, 1);
+    assert_eq!(
+        output.stderr.trim(),
+        "crier: unrecognized subcommand 'sned'; a similar subcommand exists: 'send' (see --help)"
+    );
+    let output = crier.run(&["send", "--headlin", "x", "body"]).await;
+    assert_eq!(output.code, 1);
+    assert!(
+        output
+            .stderr
+            .contains("a similar argument exists: '--headline'"),
+        "{}",
+        output.stderr
+    );
+    assert_eq!(output.stderr.trim().lines().count(), 1, "{}", output.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_finds_an_admin_token_variable_that_serve_would_need() {
+    let crier = Crier::new().status_page();
+    let config = std::fs::read_to_string(&crier.config).unwrap()
+        + "[api]\ntokens = { lead = \"CRIER_API_TOKEN\" }\n";
+    std::fs::write(&crier.config, config).unwrap();
+    let crier = crier.without_env("CRIER_API_TOKEN");
+    crier.run(&["check-config"]).await.assert_user_error(
+        "api.tokens.lead: the environment variable CRIER_API_TOKEN is not set (only crier serve needs it",
+    );
+    // The other commands do not need it.
+    crier
+        .run(&[
+            "subscribe",
+            "--order",
+            "AB-1001",
+            "--email",
+            "ann@example.com",
+        ])
+        .await
+        .assert_ok();
+    let crier = crier.with_env("CRIER_API_TOKEN", "lead-token-0123456789abcdef0123");
+    crier.run(&["check-config"]).await.assert_ok();
+}

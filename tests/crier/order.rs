@@ -59,3 +59,29 @@ async fn support_sees_the_latest_update_for_an_order_its_contacts_masked_and_a_r
         .await
         .assert_user_error("'12345' is not an order number");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_order_number_is_answered_with_an_example_not_the_pattern() {
+    let crier = Crier::new();
+    let output = crier.run(&["order", "12345"]).await;
+    output.assert_user_error("'12345' is not an order number: order numbers look like AA-0000");
+    assert!(!output.stderr.contains("[A-Z]"), "{}", output.stderr);
+
+    // The operator's own example, checked against the pattern.
+    let config = std::fs::read_to_string(&crier.config).unwrap();
+    let with_example = config.replace("[orders]\n", "[orders]\nexample = \"AB-1001\"\n");
+    std::fs::write(&crier.config, &with_example).unwrap();
+    crier
+        .run(&["order", "12345"])
+        .await
+        .assert_user_error("order numbers look like AB-1001");
+    std::fs::write(
+        &crier.config,
+        config.replace("[orders]\n", "[orders]\nexample = \"1001\"\n"),
+    )
+    .unwrap();
+    crier
+        .run(&["check-config"])
+        .await
+        .assert_user_error("orders.example: '1001' does not match orders.pattern");
+}

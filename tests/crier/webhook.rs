@@ -273,3 +273,39 @@ async fn while_serve_runs_retry_queues_dead_letters_through_its_api_and_the_serv
     let after = crier.run(&["deliveries", "--json"]).await;
     assert_eq!(after.json()["channels"]["partners"]["sent"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_where_some_deliveries_went_to_dead_letters_says_so_and_exits_4() {
+    let crier = Crier::new();
+    let smtp = crate::support::SmtpSink::start(crier.dir.path(), 0);
+    // The partner refuses the request for good (400): its one delivery goes to dead letters,
+    // while the email is delivered.
+    let partner = WebhookSink::start(&[Answer::status(400)]).await;
+    let crier = crier.email(smtp.port, "").webhook(&partner.url, "");
+    crier.subscribe("AB-1001", "ann@example.com").await;
+    let output = crier
+        .run(&[
+            "send",
+            "--yes",
+            "--json",
+            "--headline",
+            "Activations delayed",
+            "We're working on it.",
+        ])
+        .await;
+    assert_eq!(
+        output.code, 4,
+        "stdout: {}\nstderr: {}",
+        output.stdout, output.stderr
+    );
+    assert!(
+        output.stderr.contains(
+            "1 deliveries went to dead letters (1 delivered); see `crier deliveries --failed`"
+        ),
+        "{}",
+        output.stderr
+    );
+    assert_eq!(smtp.count(), 1);
+    let report = output.json();
+    assert_eq!(report["channels"]["partners"]["dead"], 1, "{report}");
+}
