@@ -663,31 +663,33 @@ pub(super) async fn subscribe(
         }
     }
     for (contact, channel) in to_ask {
-        // In the background: the answer, and how long it takes, must not depend on the limits
-        // or on how fast a provider answers.
-        let (shared, client, order) = (shared.clone(), client.clone(), order.clone());
-        tokio::spawn(async move {
-            send_confirmation(&shared, &client, &order, &contact, &channel).await
-        });
+        // The limits count requests in the order they arrive, so they are taken here, in
+        // memory, whatever they decide; the answer is the same either way.
+        if !subscriptions
+            .limits
+            .allow(&client, &contact, Instant::now())
+        {
+            tracing::warn!(contact = %contact.masked(), client, "confirmation not sent: over the limit");
+            continue;
+        }
+        // In the background: the answer, and how long it takes, must not depend on how fast a
+        // provider answers.
+        let (shared, order) = (shared.clone(), order.clone());
+        tokio::spawn(async move { send_confirmation(&shared, &order, &contact, &channel).await });
     }
     shared.form_page(StatusCode::OK, sent)
 }
 
-/// Sends `contact` a confirm link for `order` through `channel`, within the limits. Everything
+/// Sends `contact` a confirm link for `order` through `channel` (the limits were taken). Everything
 /// that goes wrong is logged (the contact masked, never the link).
 async fn send_confirmation(
     shared: &Shared,
-    client: &str,
     order: &OrderNumber,
     contact: &Contact,
     channel: &ConfiguredChannel,
 ) {
     let subscriptions = &shared.subscriptions;
     let masked = contact.masked();
-    if !subscriptions.limits.allow(client, contact, Instant::now()) {
-        tracing::warn!(contact = %masked, client, "confirmation not sent: over the limit");
-        return;
-    }
     let now = Utc::now();
     let confirm_url = subscriptions
         .links
