@@ -12,7 +12,7 @@ use super::http::{
 };
 use super::limits::{Measure, Overflow, fit};
 use super::registry::{ChannelKind, ChannelSettings, SettingsInput};
-use super::{Attempt, BuildContext, Channel, Reach, Rejection, RenderedPart};
+use super::{Attempt, BuildContext, Channel, PartFormat, Reach, Rejection, RenderedPart};
 use crate::config::{self, ConfigError, DeliveryPolicy, Rate};
 use crate::delivery::{DeliveryError, DeliveryKey, FailureKind, Receipt, RemoteThread};
 use crate::render::{MessageContext, Renderer};
@@ -931,11 +931,13 @@ impl Channel for BlueskyChannel {
                 graphemes(&text),
                 text.len()
             ),
+            format: PartFormat::Measure,
         };
         Ok(vec![
             RenderedPart {
                 part: "text".into(),
                 text,
+                format: PartFormat::Text,
             },
             length,
         ])

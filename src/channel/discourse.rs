@@ -9,7 +9,7 @@ use super::http::{
 };
 use super::limits::Overflow;
 use super::registry::{ChannelKind, ChannelSettings, SettingsInput};
-use super::{Attempt, BuildContext, Channel, Reach, Rejection, RenderedPart};
+use super::{Attempt, BuildContext, Channel, PartFormat, Reach, Rejection, RenderedPart};
 use crate::config::{self, ConfigError, DeliveryPolicy, Rate};
 use crate::delivery::{DeliveryError, Receipt, RemoteThread};
 use crate::render::{MessageContext, Renderer};
@@ -311,15 +311,18 @@ impl Channel for DiscourseChannel {
                 raw.chars().count(),
                 self.min_post_length
             ),
+            format: PartFormat::Measure,
         };
         Ok(vec![
             RenderedPart {
                 part: "title".into(),
                 text: title,
+                format: PartFormat::Text,
             },
             RenderedPart {
                 part: "body".into(),
                 text: raw,
+                format: PartFormat::Text,
             },
             length,
         ])

@@ -4,7 +4,7 @@
 
 use super::registry::{ChannelKind, ChannelSettings, SettingsInput};
 use super::smtp_pool::{SendError, SmtpPool, SmtpServer};
-use super::{Attempt, BuildContext, Channel, Notice, Reach, Rejection, RenderedPart};
+use super::{Attempt, BuildContext, Channel, Notice, PartFormat, Reach, Rejection, RenderedPart};
 use crate::config::{self, ConfigError, DeliveryPolicy, SecretSource};
 use crate::delivery::{DeliveryError, FailureKind, Receipt};
 use crate::domain::{Contact, ContactKind, EmailAddress};
@@ -482,14 +482,17 @@ impl Channel for EmailChannel {
             RenderedPart {
                 part: "subject".into(),
                 text: subject,
+                format: PartFormat::Text,
             },
             RenderedPart {
                 part: "text".into(),
                 text,
+                format: PartFormat::Text,
             },
             RenderedPart {
                 part: "html".into(),
                 text: html,
+                format: PartFormat::Html,
             },
         ])
     }

@@ -93,6 +93,7 @@ pub fn figure(text: &str, measure: &dyn Measure) -> super::RenderedPart {
             measure.limit(),
             measure.unit()
         ),
+        format: super::PartFormat::Measure,
     }
 }
 

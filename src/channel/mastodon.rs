@@ -10,7 +10,7 @@ use super::http::{
 };
 use super::limits::{Measure, Overflow, fit};
 use super::registry::{ChannelKind, ChannelSettings, SettingsInput};
-use super::{Attempt, BuildContext, Channel, Reach, Rejection, RenderedPart};
+use super::{Attempt, BuildContext, Channel, PartFormat, Reach, Rejection, RenderedPart};
 use crate::config::{self, ConfigError, DeliveryPolicy, Rate};
 use crate::delivery::{DeliveryError, Receipt, RemoteThread};
 use crate::render::{MessageContext, Renderer};
@@ -418,6 +418,7 @@ impl Channel for MastodonChannel {
             RenderedPart {
                 part: "text".into(),
                 text,
+                format: PartFormat::Text,
             },
             length,
         ])

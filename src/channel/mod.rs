@@ -39,6 +39,35 @@ pub enum Reach {
 pub struct RenderedPart {
     pub part: String,
     pub text: String,
+    /// What the text is, so a preview can show it as its recipient will see it.
+    #[serde(default)]
+    pub format: PartFormat,
+}
+
+/// What a rendered part holds. The channel that renders it knows; a preview shows an HTML
+/// document rendered, JSON laid out, and a measure beside the text it measures.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum PartFormat {
+    /// Text as the recipient reads it.
+    #[default]
+    Text,
+    /// A whole HTML document, as a mail program or a browser shows it.
+    Html,
+    /// A JSON document, as a partner's system receives it.
+    Json,
+    /// How the text measures against the channel's limit, not part of the message.
+    Measure,
 }
 
 /// Why an adapter will not carry an update, found before anything is stored.

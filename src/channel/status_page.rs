@@ -3,7 +3,7 @@
 //! and how many incidents to show).
 
 use super::registry::{ChannelKind, ChannelSettings, SettingsInput};
-use super::{Attempt, BuildContext, Channel, Reach, Rejection, RenderedPart};
+use super::{Attempt, BuildContext, Channel, PartFormat, Reach, Rejection, RenderedPart};
 use crate::config::{ConfigError, DeliveryPolicy};
 use crate::delivery::{DeliveryError, Receipt};
 use crate::render::MessageContext;
@@ -128,6 +128,7 @@ impl Channel for StatusPageChannel {
         Ok(vec![RenderedPart {
             part: TEMPLATE.into(),
             text: self.projection.html(&view)?,
+            format: PartFormat::Html,
         }])
     }
 

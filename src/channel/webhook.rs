@@ -4,7 +4,7 @@
 
 use super::http::{failure_for_request, failure_for_status, redact_url, retry_after};
 use super::registry::{ChannelKind, ChannelSettings, SettingsInput};
-use super::{Attempt, BuildContext, Channel, Reach, Rejection, RenderedPart};
+use super::{Attempt, BuildContext, Channel, PartFormat, Reach, Rejection, RenderedPart};
 use crate::config::{self, ConfigError, DeliveryPolicy};
 use crate::delivery::{DeliveryError, FailureKind, Receipt};
 use crate::render::MessageContext;
@@ -290,6 +290,7 @@ impl Channel for WebhookChannel {
         Ok(vec![RenderedPart {
             part: "body".into(),
             text: String::from_utf8_lossy(&body).into_owned(),
+            format: PartFormat::Json,
         }])
     }
 

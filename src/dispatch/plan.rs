@@ -81,6 +81,52 @@ pub async fn plan_update_counting(
     Ok(added)
 }
 
+/// How many deliveries planning `update` would make on each of `channels` it goes through,
+/// without storing anything: what the comms lead is shown before Send. The same walk and the
+/// same rule as planning ([`deliveries_for`]), so the count is what planning will make.
+pub async fn audience_counts(
+    store: &dyn Store,
+    update: &Update,
+    channels: &[ConfiguredChannel],
+) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+    const PAGE: usize = 1000;
+    let selected: Vec<&ConfiguredChannel> = channels
+        .iter()
+        .filter(|c| update.channels.contains(&c.id))
+        .collect();
+    let mut counts: std::collections::BTreeMap<String, u64> =
+        selected.iter().map(|c| (c.id.clone(), 0)).collect();
+    for channel in &selected {
+        if let Reach::Broadcast { accepts_targeted } = channel.reach()
+            && (accepts_targeted || !update.audience.is_targeted())
+        {
+            counts.insert(channel.id.clone(), 1);
+        }
+    }
+    let targets = match &update.audience {
+        Audience::Everyone => None,
+        Audience::Orders(orders) => Some(orders),
+    };
+    let mut cursor = None;
+    loop {
+        let page = store
+            .subscriber_page(&update.audience, cursor.as_ref(), PAGE)
+            .await?;
+        for subscriber in &page.items {
+            for delivery in
+                deliveries_for(update, subscriber, &selected, targets, update.created_at)
+            {
+                *counts.entry(delivery.channel).or_default() += 1;
+            }
+        }
+        if page.items.len() < PAGE || page.next.is_none() {
+            break;
+        }
+        cursor = page.next;
+    }
+    Ok(counts)
+}
+
 /// The deliveries one subscriber gets: one per per-subscriber channel that reaches its contact,
 /// however many of the affected orders it follows.
 pub fn deliveries_for(

@@ -282,6 +282,18 @@ pub enum ContactKind {
     Phone,
 }
 
+impl ContactKind {
+    /// What one message to a contact of this kind is called: "email", "text".
+    pub fn message_noun(self, count: u64) -> &'static str {
+        match (self, count) {
+            (ContactKind::Email, 1) => "email",
+            (ContactKind::Email, _) => "emails",
+            (ContactKind::Phone, 1) => "text",
+            (ContactKind::Phone, _) => "texts",
+        }
+    }
+}
+
 /// Where a subscriber is reached. Its canonical string is also its key in the store.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Contact {

@@ -167,6 +167,28 @@ pub fn human_time(time: DateTime<Utc>) -> String {
     human_time_in(time, TIME_ZONE.get().copied().unwrap_or(chrono_tz::UTC))
 }
 
+/// "12,403": a count as people read it.
+pub fn thousands(count: u64) -> String {
+    let digits = count.to_string();
+    let mut out = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// "a, b and c".
+pub fn and_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
 /// The calendar day `time` falls on where the site is (`brand.time_zone`).
 pub fn local_day(time: DateTime<Utc>) -> chrono::NaiveDate {
     time.with_timezone(&TIME_ZONE.get().copied().unwrap_or(chrono_tz::UTC))
@@ -370,5 +392,24 @@ impl Composer {
             brand: self.brand.clone(),
             source: source.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod counting_tests {
+    use super::{and_list, thousands};
+
+    #[test]
+    fn counts_and_lists_read_as_people_write_them() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(12_403), "12,403");
+        assert_eq!(thousands(1_000_000), "1,000,000");
+        let items = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(and_list(&items(&[])), "");
+        assert_eq!(and_list(&items(&["a"])), "a");
+        assert_eq!(and_list(&items(&["a", "b"])), "a and b");
+        assert_eq!(and_list(&items(&["a", "b", "c"])), "a, b and c");
     }
 }

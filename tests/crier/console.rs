@@ -342,7 +342,7 @@ async fn without_javascript_preview_shows_every_channel_and_send_goes_once_to_pr
             .form(&fields)
             .send()
     };
-    let form = |body: &str, action: &str| {
+    let form_to = |orders: &str, body: &str, action: &str, confirmed: &str| {
         vec![
             ("csrf", csrf.clone()),
             ("key", key.clone()),
@@ -350,13 +350,15 @@ async fn without_javascript_preview_shows_every_channel_and_send_goes_once_to_pr
             ("body", body.to_owned()),
             ("next_update", "2h".to_owned()),
             ("audience", "orders".to_owned()),
-            ("orders", "AB-1001".to_owned()),
+            ("orders", orders.to_owned()),
+            ("confirmed", confirmed.to_owned()),
             ("channel", "email".to_owned()),
             ("channel", "sms".to_owned()),
             ("channel", "status".to_owned()),
             ("action", action.to_owned()),
         ]
     };
+    let form = |body: &str, action: &str| form_to("AB-1001", body, action, "");
 
     let preview = post(form("We are on it.", "preview")).await.unwrap();
     assert_eq!(preview.status(), 200);
@@ -386,15 +388,59 @@ async fn without_javascript_preview_shows_every_channel_and_send_goes_once_to_pr
         "a refused update stores nothing"
     );
 
-    let sent = post(form("We are on it.", "send")).await.unwrap();
+    // Send first says who the update reaches, counted as planning counts, and sends nothing.
+    let asked = post(form("We are on it.", "send")).await.unwrap();
+    assert_eq!(asked.status(), 200);
+    let asked = asked.text().await.unwrap();
+    assert!(
+        asked.contains("This update goes to 1 email and 0 texts."),
+        "only AB-1001's subscriber; the status page never takes a targeted update: {asked}"
+    );
+    assert!(asked.contains("Nothing has been sent yet."), "{asked}");
+    assert!(asked.contains("We are on it."), "the text is kept: {asked}");
+    assert_eq!(
+        incidents(&server).await,
+        json!([]),
+        "nothing is sent before the confirm step"
+    );
+    let confirmed = field(&asked, "confirmed");
+    // A changed audience after the confirm step is counted and asked again.
+    let widened = post(form_to(
+        "AB-1001 AB-1002",
+        "We are on it.",
+        "send",
+        &confirmed,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(widened.status(), 200);
+    let widened = widened.text().await.unwrap();
+    assert!(
+        widened.contains("This update goes to 2 emails and 0 texts."),
+        "{widened}"
+    );
+    assert_eq!(incidents(&server).await, json!([]));
+
+    let sent = post(form_to("AB-1001", "We are on it.", "send", &confirmed))
+        .await
+        .unwrap();
     assert_eq!(sent.status(), 303);
     let progress = sent.headers()["location"].to_str().unwrap().to_owned();
     assert!(progress.starts_with("/admin/updates/"), "{progress}");
     // Pressing Send again (the browser resubmitting) answers with the same update.
-    let again = post(form("We are on it.", "send")).await.unwrap();
+    let again = post(form_to("AB-1001", "We are on it.", "send", &confirmed))
+        .await
+        .unwrap();
     assert_eq!(again.headers()["location"].to_str().unwrap(), progress);
     // Back on the sent page, the lead changes the text: that is a new update, asked for again.
-    let changed = post(form("We are on it. Really.", "send")).await.unwrap();
+    let changed = post(form_to(
+        "AB-1001",
+        "We are on it. Really.",
+        "send",
+        &confirmed,
+    ))
+    .await
+    .unwrap();
     assert_eq!(changed.status(), 422);
     let changed = changed.text().await.unwrap();
     assert!(changed.contains("already sent an update"), "{changed}");
@@ -549,6 +595,17 @@ async fn a_browser_signs_in_types_past_the_sms_limit_sends_and_watches_the_progr
     let next = browser.find("#next_update").await;
     browser.type_into(&next, "2h").await;
     browser.click(&browser.find("#send").await).await;
+    let reach = browser
+        .wait_for_text("#confirm-step", "Nothing has been sent yet.")
+        .await;
+    assert!(
+        reach.contains("This update goes to 3 emails and 0 texts, and is posted once on status."),
+        "{reach}"
+    );
+    browser.check_accessibility("console confirm step").await;
+    browser.screenshot("console-confirm-desktop.png").await;
+    assert_eq!(smtp.count(), 0, "nothing before the confirm step");
+    browser.click(&browser.find("#send-confirmed").await).await;
     browser.wait_for_text("h1", "Activations delayed").await;
     let state = browser
         .wait_for_text("#progress-state", "Done: every delivery is final.")
@@ -595,10 +652,29 @@ async fn a_browser_signs_in_types_past_the_sms_limit_sends_and_watches_the_progr
             .await
     );
     browser.select_by_value("#state", "resolved").await;
+    assert_eq!(
+        browser.property("#body", "value").await,
+        "",
+        "resolving suggests a text but does not type one"
+    );
+    assert!(
+        browser
+            .attribute("#body", "placeholder")
+            .await
+            .is_some_and(|text| text.starts_with("Say what was fixed")),
+    );
+    let body = browser.find("#body").await;
+    browser
+        .type_into(&body, "Activations work again. Sorry for the wait.")
+        .await;
     browser
         .wait_for_text("article[data-channel=\"email\"]", "Resolved")
         .await;
     browser.click(&browser.find("#send").await).await;
+    browser
+        .wait_for_text("#confirm-step", "Nothing has been sent yet.")
+        .await;
+    browser.click(&browser.find("#send-confirmed").await).await;
     browser
         .wait_for_text("#progress-state", "Done: every delivery is final.")
         .await;
@@ -628,21 +704,29 @@ async fn a_dead_letter_is_listed_with_its_reason_and_retried_from_the_progress_p
     let base = &server.base;
     let session = sign_in(&server).await;
     let (_, csrf, key) = compose_page(&server, &session).await;
-    let sent = client()
-        .post(format!("{base}/admin/compose"))
-        .header("cookie", &session)
-        .form(&[
-            ("csrf", csrf.as_str()),
-            ("key", key.as_str()),
-            ("headline", "Activations delayed"),
-            ("body", "We are on it."),
-            ("audience", "everyone"),
-            ("channel", "partners"),
-            ("action", "send"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let mut fields = vec![
+        ("csrf", csrf.clone()),
+        ("key", key.clone()),
+        ("headline", "Activations delayed".to_owned()),
+        ("body", "We are on it.".to_owned()),
+        ("audience", "everyone".to_owned()),
+        ("channel", "partners".to_owned()),
+        ("action", "send".to_owned()),
+    ];
+    let post = |fields: Vec<(&'static str, String)>| {
+        client()
+            .post(format!("{base}/admin/compose"))
+            .header("cookie", &session)
+            .form(&fields)
+            .send()
+    };
+    let asked = post(fields.clone()).await.unwrap().text().await.unwrap();
+    assert!(
+        asked.contains("This update is posted once on partners."),
+        "{asked}"
+    );
+    fields.push(("confirmed", field(&asked, "confirmed")));
+    let sent = post(fields).await.unwrap();
     assert_eq!(sent.status(), 303);
     let progress = format!("{base}{}", sent.headers()["location"].to_str().unwrap());
     let fragment = format!("{progress}/progress");

@@ -8,7 +8,7 @@ pub mod encoding;
 use super::http::{failure_for_request, failure_for_response, failure_for_status};
 use super::limits::{self, Measure, Overflow};
 use super::registry::{ChannelKind, ChannelSettings, SettingsInput};
-use super::{Attempt, BuildContext, Channel, Notice, Reach, Rejection, RenderedPart};
+use super::{Attempt, BuildContext, Channel, Notice, PartFormat, Reach, Rejection, RenderedPart};
 use crate::config::{self, ConfigError, DeliveryPolicy, Rate};
 use crate::delivery::{DeliveryError, FailureKind, Receipt};
 use crate::domain::{Contact, ContactKind, PhoneNumber};
@@ -975,10 +975,12 @@ impl Channel for SmsChannel {
             RenderedPart {
                 part: "text".into(),
                 text: sms.text,
+                format: PartFormat::Text,
             },
             RenderedPart {
                 part: "encoding".into(),
                 text: description,
+                format: PartFormat::Measure,
             },
         ])
     }

@@ -24,9 +24,32 @@ pub struct ComposeForm {
     pub orders_file: String,
     pub orders_file_name: String,
     pub channels: Vec<String>,
+    /// The audience the lead confirmed on the confirm step, as [`Self::audience_digest`].
+    pub confirmed: String,
 }
 
 impl ComposeForm {
+    /// What decides who an update reaches: the confirm step's answer holds only while these
+    /// are unchanged, so changing them after it asks again.
+    pub fn audience_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for part in [
+            &self.incident,
+            &self.audience,
+            &self.orders,
+            &self.orders_file,
+        ]
+        .into_iter()
+        .chain(&self.channels)
+        {
+            hash.update((part.len() as u64).to_le_bytes());
+            hash.update(part.as_bytes());
+        }
+        let digest = hash.finalize();
+        digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     fn set(&mut self, name: &str, value: String) {
         match name {
             "csrf" => self.csrf = value,
@@ -40,6 +63,13 @@ impl ComposeForm {
             "audience" => self.audience = value,
             "orders" => self.orders = value,
             "channel" => self.channels.push(value),
+            "confirmed" => self.confirmed = value,
+            // The orders of a file chosen earlier: a browser does not send a file again when
+            // the page comes back (a preview without the script, the confirm step).
+            "orders_file_kept" if self.orders_file.is_empty() => self.orders_file = value,
+            "orders_file_kept_name" if self.orders_file_name.is_empty() => {
+                self.orders_file_name = value
+            }
             // A field this form does not have is ignored, as a browser's extra fields are.
             _ => {}
         }

@@ -14,9 +14,10 @@ use super::Shared;
 use super::api::{AcceptAnswer, Accepted, Api, accept_update};
 use super::session::{Session, Sessions};
 use crate::app::EachPreviewed;
+use crate::channel::{PartFormat, RenderedPart};
 use crate::delivery::{Counts, DeliveryState};
 use crate::domain::IncidentState;
-use crate::render::human_time;
+use crate::render::{and_list, human_time, thousands};
 use crate::watchdog::Stage;
 use axum::Router;
 use axum::body::Bytes;
@@ -38,10 +39,6 @@ use ulid::Ulid;
 const COMPOSE_BODY_LIMIT: usize = 8 << 20;
 /// Incidents the list and the compose page's follow-up choice show.
 const INCIDENTS_SHOWN: usize = 30;
-/// Parts of a rendering shown folded: long, and rarely what the lead checks.
-const FOLDED_PARTS: [&str; 1] = ["html"];
-/// Parts that measure the text against the channel's limit rather than hold it.
-const MEASURE_PARTS: [&str; 2] = ["length", "encoding"];
 
 const TEMPLATES: [(&str, &str); 9] = [
     ("layout", include_str!("pages/layout.hbs")),
@@ -137,7 +134,10 @@ async fn console_headers(mut response: Response) -> Response {
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
-            "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+            // Inline styles and any https image: a preview frame (srcdoc, sandboxed, so
+            // nothing in it runs) shows an email or the status page with their own styles.
+            "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: https:; \
+             frame-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
         ),
     );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
@@ -466,8 +466,25 @@ struct ComposeView {
     error: Option<String>,
     /// The site's time zone, which a promised time of day is in.
     time_zone: &'static str,
+    /// The orders of a file chosen earlier, kept in the page: a browser does not send the
+    /// file again.
+    orders_file: String,
+    orders_file_name: String,
+    orders_file_lines: usize,
+    /// Before anything is sent: who it reaches, and the button that sends it.
+    confirm: Option<ConfirmStep>,
+    /// A suggestion in an empty update field, never sent unless typed.
+    body_placeholder: &'static str,
     #[serde(flatten)]
     previews: PreviewsView,
+}
+
+/// The confirm step: who the update reaches, counted the way planning will count it.
+#[derive(Serialize)]
+struct ConfirmStep {
+    reach: String,
+    /// The form's audience as confirmed: a changed audience asks again.
+    digest: String,
 }
 
 #[derive(Serialize)]
@@ -510,8 +527,27 @@ struct PreviewView {
 #[derive(Serialize)]
 struct PartView {
     part: String,
+    /// As the recipient gets it; JSON laid out with one field a line.
     text: String,
-    folded: bool,
+    /// An HTML document: shown rendered, in a frame that runs nothing, with its source below.
+    html: bool,
+}
+
+impl PartView {
+    fn of(part: RenderedPart) -> Self {
+        let text = match part.format {
+            PartFormat::Json => serde_json::from_str::<serde_json::Value>(&part.text)
+                .ok()
+                .and_then(|json| serde_json::to_string_pretty(&json).ok())
+                .unwrap_or(part.text),
+            _ => part.text,
+        };
+        Self {
+            html: part.format == PartFormat::Html,
+            part: part.part,
+            text,
+        }
+    }
 }
 
 impl PreviewsView {
@@ -526,12 +562,9 @@ impl PreviewsView {
                 };
                 let (measures, parts): (Vec<_>, Vec<_>) = parts
                     .into_iter()
-                    .map(|part| PartView {
-                        folded: FOLDED_PARTS.contains(&part.part.as_str()),
-                        part: part.part,
-                        text: part.text,
-                    })
-                    .partition(|part| MEASURE_PARTS.contains(&part.part.as_str()));
+                    .partition(|part| part.format == PartFormat::Measure);
+                let measures = measures.into_iter().map(PartView::of).collect();
+                let parts = parts.into_iter().map(PartView::of).collect();
                 PreviewView {
                     channel: rendering.channel,
                     kind: rendering.kind,
@@ -574,16 +607,11 @@ async fn compose_page(
         incident: query.get("incident").cloned(),
         state: query.get("state").cloned(),
     };
-    let resolving = query.state.as_deref() == Some("resolved");
     let form = ComposeForm {
         key: form_key(),
         incident: query.incident.unwrap_or_default(),
         state: query.state.unwrap_or_default(),
-        body: if resolving {
-            "This is resolved. Thank you for your patience.".to_owned()
-        } else {
-            String::new()
-        },
+        body: String::new(),
         audience: "everyone".into(),
         channels: shared.console.channel_ids(),
         ..ComposeForm::default()
@@ -668,8 +696,93 @@ async fn compose_view(
         channels,
         error,
         time_zone: app.config.brand.time_zone.name(),
+        orders_file: form.orders_file.clone(),
+        orders_file_name: form.orders_file_name.clone(),
+        orders_file_lines: form
+            .orders_file
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count(),
+        confirm: None,
+        body_placeholder: if form.state == IncidentState::Resolved.as_str() {
+            "Say what was fixed and what customers should do now, for example: Activations work \
+             again. Lines ordered today work by 18:00."
+        } else {
+            ""
+        },
         previews,
     }
+}
+
+/// "This update goes to 12,403 emails and 3,221 texts, and is posted once on status and
+/// partners": who Send reaches, per kind of contact and by name for the channels that post
+/// once. None when the form cannot be sent as it is (Send then says why).
+async fn confirm_step(
+    shared: &Shared,
+    session: &Session,
+    form: &ComposeForm,
+) -> Option<ConfirmStep> {
+    let app = shared.console.api.app();
+    let request = form
+        .to_request(
+            &shared.console.channel_ids(),
+            Utc::now(),
+            app.config.brand.time_zone,
+        )
+        .ok()?;
+    let draft = request.into_draft(&app.config, session.name.clone()).ok()?;
+    let previewed = app.preview_each(draft).await.ok()?;
+    if previewed.channels.iter().any(|c| c.rendered.is_err()) {
+        return None;
+    }
+    let counts = match crate::dispatch::plan::audience_counts(
+        app.store.as_ref(),
+        &previewed.update,
+        &app.channels,
+    )
+    .await
+    {
+        Ok(counts) => counts,
+        Err(error) => {
+            tracing::warn!(%error, "console: the audience could not be counted");
+            return None;
+        }
+    };
+    let mut messages: Vec<(crate::domain::ContactKind, u64)> = Vec::new();
+    let mut posts = Vec::new();
+    for channel in app.channels.iter().filter(|c| counts.contains_key(&c.id)) {
+        let count = counts[&channel.id];
+        match channel.reach() {
+            crate::channel::Reach::Subscribers(kind) => {
+                match messages.iter_mut().find(|(k, _)| *k == kind) {
+                    Some((_, sum)) => *sum += count,
+                    None => messages.push((kind, count)),
+                }
+            }
+            crate::channel::Reach::Broadcast { .. } if count > 0 => posts.push(channel.id.clone()),
+            crate::channel::Reach::Broadcast { .. } => {}
+        }
+    }
+    let messages: Vec<String> = messages
+        .into_iter()
+        .map(|(kind, count)| format!("{} {}", thousands(count), kind.message_noun(count)))
+        .collect();
+    let reach = match (messages.is_empty(), posts.is_empty()) {
+        (false, false) => format!(
+            "This update goes to {}, and is posted once on {}.",
+            and_list(&messages),
+            and_list(&posts)
+        ),
+        (false, true) => format!("This update goes to {}.", and_list(&messages)),
+        (true, false) => format!("This update is posted once on {}.", and_list(&posts)),
+        (true, true) => {
+            "This update reaches nobody: no channel chosen reaches its audience.".into()
+        }
+    };
+    Some(ConfirmStep {
+        reach,
+        digest: form.audience_digest(),
+    })
 }
 
 /// Every channel's rendering of the form as it stands, or why there is none yet.
@@ -747,6 +860,16 @@ async fn compose(
     if form.action != "send" {
         let previews = preview(&shared, &session, &form).await;
         let view = compose_view(&shared, &session, &form, None, previews).await;
+        return console.render(StatusCode::OK, "compose", &view);
+    }
+    // Nothing goes out before the lead has seen who it reaches (and has not changed the
+    // audience since).
+    if form.confirmed != form.audience_digest()
+        && let Some(confirm) = confirm_step(&shared, &session, &form).await
+    {
+        let previews = preview(&shared, &session, &form).await;
+        let mut view = compose_view(&shared, &session, &form, None, previews).await;
+        view.confirm = Some(confirm);
         return console.render(StatusCode::OK, "compose", &view);
     }
     match send(&shared, &session, &form).await {
