@@ -374,6 +374,16 @@ async fn without_javascript_preview_shows_every_channel_and_send_goes_once_to_pr
         "the SMS's encoding and segments: {preview}"
     );
     assert!(!preview.contains("Does not fit"), "{preview}");
+    // The email's HTML is shown as a mail program shows it, in a frame that runs nothing;
+    // its source is folded below.
+    assert!(
+        preview.contains("<iframe class=\"rendered\" sandbox=\"\" srcdoc=\"&lt;!doctype html&gt;"),
+        "{preview}"
+    );
+    assert!(
+        preview.contains("<summary>Its HTML source</summary>"),
+        "{preview}"
+    );
 
     let long = "We are on it. ".repeat(30);
     let over = post(form(&long, "preview")).await.unwrap();

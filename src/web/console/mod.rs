@@ -533,13 +533,21 @@ struct PartView {
     html: bool,
 }
 
+/// `text` laid out one field a line, its fields in the order they are sent; None unless it is
+/// JSON.
+fn pretty_json(text: &str) -> Option<String> {
+    let mut from = serde_json::Deserializer::from_str(text);
+    let mut out = Vec::new();
+    let mut to = serde_json::Serializer::pretty(&mut out);
+    serde_transcode::transcode(&mut from, &mut to).ok()?;
+    from.end().ok()?;
+    String::from_utf8(out).ok()
+}
+
 impl PartView {
     fn of(part: RenderedPart) -> Self {
         let text = match part.format {
-            PartFormat::Json => serde_json::from_str::<serde_json::Value>(&part.text)
-                .ok()
-                .and_then(|json| serde_json::to_string_pretty(&json).ok())
-                .unwrap_or(part.text),
+            PartFormat::Json => pretty_json(&part.text).unwrap_or(part.text),
             _ => part.text,
         };
         Self {
@@ -1293,6 +1301,30 @@ async fn incidents_page(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_json_part_is_laid_out_and_an_html_part_marked_for_its_frame() {
+        let part = |format, text: &str| RenderedPart {
+            part: "body".into(),
+            text: text.into(),
+            format,
+        };
+        let json = PartView::of(part(
+            PartFormat::Json,
+            r#"{"type":"update","data":{"id":1}}"#,
+        ));
+        assert_eq!(
+            json.text,
+            "{\n  \"type\": \"update\",\n  \"data\": {\n    \"id\": 1\n  }\n}"
+        );
+        assert!(!json.html);
+        // Not JSON after all: shown as it came, never dropped.
+        let broken = PartView::of(part(PartFormat::Json, "{not json"));
+        assert_eq!(broken.text, "{not json");
+        let html = PartView::of(part(PartFormat::Html, "<!doctype html><p>Hi</p>"));
+        assert!(html.html);
+        assert_eq!(html.text, "<!doctype html><p>Hi</p>");
+    }
 
     #[test]
     fn every_console_page_template_compiles() {
