@@ -663,10 +663,7 @@ impl BlueskyChannel {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, DeliveryError> {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| failure_for_request(&e.without_url()))?;
+        let response = request.send().await.map_err(|e| failure_for_request(&e))?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -822,7 +819,7 @@ impl BlueskyChannel {
         let response = self.call(request).await?;
         let body = read_capped(response, ANSWER_LIMIT)
             .await
-            .map_err(|e| failure_for_request(&e.without_url()))?;
+            .map_err(|e| failure_for_request(&e))?;
         Session::read(&body)
     }
 

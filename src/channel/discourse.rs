@@ -356,7 +356,7 @@ impl Channel for DiscourseChannel {
             .json(&body)
             .send()
             .await
-            .map_err(|e| failure_for_request(&e.without_url()))?;
+            .map_err(|e| failure_for_request(&e))?;
         if !response.status().is_success() {
             return Err(Self::refused(response).await);
         }

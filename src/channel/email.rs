@@ -555,9 +555,9 @@ impl EmailChannel {
                     .await
                     .map_err(|error| match error {
                         SendError::Smtp(error) => classify_smtp(error),
-                        SendError::Connect(error) => DeliveryError::transient(format!(
-                            "cannot connect to the SMTP server: {error}"
-                        )),
+                        SendError::Connect(error) => DeliveryError::transient(
+                            super::network::unreachable(&pool.place(), &error),
+                        ),
                     })?;
                 Ok(receipt_of(&response))
             }

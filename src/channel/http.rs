@@ -83,26 +83,15 @@ pub fn rate_limit_reset(response: &reqwest::Response) -> Option<Duration> {
     Some(crate::clock::until(now, at).min(LONGEST_RETRY_AFTER))
 }
 
-/// The failure for a request that got no answer.
+/// The failure for a request that got no answer, in plain words: "could not connect to
+/// api.example.com:443 (it refused the connection)". Only the URL's host and port are named:
+/// its path and query, which may carry a token, never appear.
 pub fn failure_for_request(error: &reqwest::Error) -> DeliveryError {
-    let what = if error.is_timeout() {
-        "timed out"
-    } else {
-        "request failed"
-    };
-    DeliveryError::transient(format!("{what}: {}", with_causes(error)))
-}
-
-/// An error and its causes on one line: reqwest's own message leaves out the useful part
-/// ("connection refused").
-pub fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(&format!(": {inner}"));
-        cause = inner.source();
-    }
-    text
+    let place = error
+        .url()
+        .map(super::network::place_of)
+        .unwrap_or_else(|| "the provider".to_owned());
+    DeliveryError::transient(super::network::unreachable(&place, error))
 }
 
 /// A URL as it may be shown or stored: without its query string, user or password, which

@@ -238,13 +238,13 @@ impl StatusLimits {
             .timeout(timeout.min(LIMITS_LOOKUP_TIMEOUT))
             .send()
             .await
-            .map_err(|e| failure_for_request(&e.without_url()).reason)?;
+            .map_err(|e| failure_for_request(&e).reason)?;
         if !response.status().is_success() {
             return Err(format!("it answered {}", response.status()));
         }
         let body = read_capped(response, ANSWER_LIMIT)
             .await
-            .map_err(|e| failure_for_request(&e.without_url()).reason)?;
+            .map_err(|e| failure_for_request(&e).reason)?;
         Self::from_answer(&body)
     }
 
@@ -452,7 +452,7 @@ impl Channel for MastodonChannel {
             .json(&status)
             .send()
             .await
-            .map_err(|e| failure_for_request(&e.without_url()))?;
+            .map_err(|e| failure_for_request(&e))?;
         if !response.status().is_success() {
             return Err(Self::refused(response).await);
         }

@@ -10,6 +10,7 @@ mod email;
 pub mod http;
 pub mod limits;
 mod mastodon;
+mod network;
 pub mod registry;
 pub mod sms;
 mod smtp_pool;

@@ -54,6 +54,11 @@ impl SmtpPool {
         }
     }
 
+    /// `host:port` of the server, as a failure names it.
+    pub fn place(&self) -> String {
+        format!("{}:{}", self.server.host, self.server.port)
+    }
+
     /// Sends one message on a pooled connection, or a new one.
     pub async fn send(&self, envelope: &Envelope, message: &[u8]) -> Result<Response, SendError> {
         if let Some(mut connection) = self.take_idle() {

@@ -305,7 +305,7 @@ impl Channel for WebhookChannel {
         let response = signed_post(&self.client, &self.settings.url, secret, id, body)
             .send()
             .await
-            .map_err(|e| failure_for_request(&e.without_url()))?;
+            .map_err(|e| failure_for_request(&e))?;
         let status = response.status();
         if status.is_success() {
             return Ok(Receipt::none());

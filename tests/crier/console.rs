@@ -632,8 +632,18 @@ async fn a_browser_signs_in_types_past_the_sms_limit_sends_and_watches_the_progr
     assert_eq!(sent, "3");
     browser.check_accessibility("console progress").await;
     browser.screenshot("console-progress-desktop.png").await;
-    browser.set_window_size(400, 860).await;
+    browser.set_window_size(360, 800).await;
     browser.screenshot("console-progress-phone.png").await;
+    let cut_off = browser
+        .execute(
+            "const wrap = document.querySelector('#progress-table').closest('.table-wrap'); \
+             return wrap.scrollWidth > wrap.clientWidth || \
+             document.documentElement.scrollWidth > window.innerWidth;",
+            vec![],
+        )
+        .await;
+    assert_eq!(cut_off, false, "every column of the progress fits 360 px");
+    assert!(browser.is_displayed("#progress-table td.skipped").await);
     browser
         .check_accessibility("console progress, phone-sized")
         .await;
@@ -757,6 +767,11 @@ async fn a_dead_letter_is_listed_with_its_reason_and_retried_from_the_progress_p
         failures.contains("400"),
         "the partner's answer is the reason: {failures}"
     );
+    assert!(failures.contains("one post for all"), "{failures}");
+    assert!(
+        failures.contains("none: it will not be tried again unless you retry it"),
+        "{failures}"
+    );
 
     let retried = client()
         .post(format!("{progress}/retry"))
@@ -805,5 +820,68 @@ async fn rotating_the_admin_token_ends_the_sessions_it_opened_and_a_restart_keep
         .unwrap();
     assert_eq!(ended.status(), 303);
     assert_eq!(ended.headers()["location"], "/admin/login");
+    crate::subscribe::stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_that_cannot_be_reached_is_listed_in_plain_words_with_its_next_attempt() {
+    let (crier, _smtp, _twilio, _) = console_crier().await;
+    let down = crate::support::unused_url();
+    let port = down
+        .trim_start_matches("http://127.0.0.1:")
+        .trim_end_matches("/hooks")
+        .to_owned();
+    let crier = crier.webhook(
+        &down,
+        "[delivery]\nmax_attempts = 5\nbackoff_base = \"10m\"\nbackoff_max = \"1h\"\n",
+    );
+    let server = serve(&crier).await;
+    let base = &server.base;
+    let session = sign_in(&server).await;
+    let (_, csrf, key) = compose_page(&server, &session).await;
+    let mut fields = vec![
+        ("csrf", csrf.clone()),
+        ("key", key.clone()),
+        ("headline", "Activations delayed".to_owned()),
+        ("body", "We are on it.".to_owned()),
+        ("audience", "everyone".to_owned()),
+        ("channel", "partners".to_owned()),
+        ("action", "send".to_owned()),
+    ];
+    let post = |fields: Vec<(&'static str, String)>| {
+        client()
+            .post(format!("{base}/admin/compose"))
+            .header("cookie", &session)
+            .form(&fields)
+            .send()
+    };
+    let asked = post(fields.clone()).await.unwrap().text().await.unwrap();
+    fields.push(("confirmed", field(&asked, "confirmed")));
+    let sent = post(fields).await.unwrap();
+    assert_eq!(sent.status(), 303);
+    let progress = format!("{base}{}", sent.headers()["location"].to_str().unwrap());
+    page_showing(
+        &format!("{progress}/progress"),
+        &session,
+        "1 waiting to retry",
+    )
+    .await;
+    let failures = console_page(&format!("{progress}/failures"), &session).await;
+    assert!(
+        failures.contains(&format!(
+            "could not connect to 127.0.0.1:{port} (it refused the connection)"
+        )),
+        "{failures}"
+    );
+    assert!(!failures.contains("tcp connect error"), "{failures}");
+    assert!(!failures.contains("client error"), "{failures}");
+    let retrying = failures
+        .split("<tr>")
+        .find(|row| row.contains("retrying"))
+        .unwrap_or_else(|| panic!("no retrying row in {failures}"));
+    assert!(
+        retrying.contains("UTC"),
+        "the next attempt's time: {retrying}"
+    );
     crate::subscribe::stop(server).await;
 }

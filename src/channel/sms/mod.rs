@@ -698,7 +698,7 @@ impl SmsChannel {
             .form(&form)
             .send()
             .await
-            .map_err(|e| failure_for_request(&e.without_url()))?;
+            .map_err(|e| failure_for_request(&e))?;
         if response.status().is_success() {
             let answer = read_answer(response).await;
             let provider_id = serde_json::from_str::<TwilioMessage>(&answer)
@@ -749,7 +749,7 @@ impl SmsChannel {
             .send()
             .await
             // Without the URL: its query holds the password.
-            .map_err(|e| failure_for_request(&e.without_url()))?;
+            .map_err(|e| failure_for_request(&e))?;
         let status = response.status();
         let answer = read_answer(response).await;
         classify_kannel(status, &answer)

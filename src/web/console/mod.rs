@@ -1145,6 +1145,8 @@ struct FailureView {
     state: &'static str,
     attempts: u32,
     reason: String,
+    /// When the next attempt is due, for a delivery waiting to retry.
+    next_attempt: Option<String>,
 }
 
 async fn failures_page(
@@ -1167,7 +1169,7 @@ async fn failures_page(
         .map(|record| FailureView {
             recipient: match record.recipient.contact() {
                 Some(contact) => contact.as_str().to_owned(),
-                None => "(the channel's one post)".to_owned(),
+                None => "one post for all".to_owned(),
             },
             state: match record.state {
                 DeliveryState::Queued => "queued",
@@ -1178,6 +1180,8 @@ async fn failures_page(
                 DeliveryState::Skipped => "skipped",
             },
             attempts: record.attempts,
+            next_attempt: (record.state == DeliveryState::Retrying)
+                .then(|| human_time(record.due_at)),
             reason: record.last_error.unwrap_or_default(),
             channel: record.channel,
         })
