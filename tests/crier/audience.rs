@@ -26,7 +26,7 @@ async fn a_subscriber_following_two_orders_gets_one_email_and_the_partner_one_po
 
     let mail = &smtp.messages()[0].data;
     assert!(
-        mail.contains("You follow order AB-1001, AB-1002."),
+        mail.contains("You follow orders AB-1001 and AB-1002."),
         "{mail}"
     );
 }
@@ -123,7 +123,7 @@ async fn a_targeted_update_reaches_only_the_named_orders_and_never_the_status_pa
     assert!(
         ann_targeted
             .data
-            .contains("This update concerns your order AB-1001, AB-1002."),
+            .contains("This update concerns your orders AB-1001 and AB-1002."),
         "{}",
         ann_targeted.data
     );

@@ -139,7 +139,7 @@ async fn a_permanent_smtp_refusal_is_dead_lettered_and_a_transient_one_retried_u
     crier.subscribe("AB-1002", "defer-me@example.com").await;
     crier.subscribe("AB-1003", "ann@example.com").await;
 
-    let summary = crier.send(&[], "We're on it.").await;
+    let summary = crier.send_partly(&[], "We're on it.").await;
     assert_eq!(summary["channels"]["email"]["sent"], 1, "{summary}");
     assert_eq!(summary["channels"]["email"]["dead"], 2, "{summary}");
 
@@ -298,10 +298,12 @@ async fn templates_rendered_once_per_update_still_give_each_recipient_its_own_va
         };
         let shown: String = orders.iter().map(|o| format!("<b>{o}</b> ")).collect();
         assert!(html.contains(&shown), "{to}: {html}");
-        assert!(
-            text.contains(&format!("You follow order {}.", orders.join(", "))),
-            "{to}: {text}"
-        );
+        let follows = match orders.as_slice() {
+            [one] => format!("You follow order {one}."),
+            [first, second] => format!("You follow orders {first} and {second}."),
+            _ => unreachable!(),
+        };
+        assert!(text.contains(&follows), "{to}: {text}");
         assert!(seen_links.insert(link), "every recipient its own link");
     }
 }
@@ -326,4 +328,44 @@ async fn a_template_that_prints_the_contact_unescaped_is_rendered_per_recipient(
         let (_, _, html) = parts_of(&mail.data);
         assert!(html.contains(&format!("<p>To {to}</p>")), "{to}: {html}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolution_email_says_it_is_resolved_in_its_heading() {
+    let crier = Crier::new();
+    let smtp = SmtpSink::start(crier.dir.path(), 0);
+    let crier = crier.email(smtp.port, "");
+    crier.subscribe("AB-1001", "ann@example.com").await;
+    let first = crier.send(&[], "We're working on it.").await;
+    let incident = first["incident"].as_str().unwrap();
+    crier
+        .run(&[
+            "send",
+            "--yes",
+            "--json",
+            "--incident",
+            incident,
+            "--state",
+            "resolved",
+            "Activations work again.",
+        ])
+        .await
+        .assert_ok();
+    let mails: Vec<(String, String, String)> =
+        smtp.messages().iter().map(|m| parts_of(&m.data)).collect();
+    assert_eq!(mails.len(), 2);
+    let (resolved, first): (Vec<_>, Vec<_>) = mails
+        .into_iter()
+        .partition(|(_, text, _)| text.contains("Activations work again."));
+    let (_, text, html) = &resolved[0];
+    assert!(
+        html.contains("<h1 style=\"font-size: 1.3em;\">Resolved: Activations delayed</h1>"),
+        "{html}"
+    );
+    assert!(
+        text.lines().next() == Some("Resolved: Activations delayed"),
+        "{text}"
+    );
+    let (_, text, _) = &first[0];
+    assert_eq!(text.lines().next(), Some("Activations delayed"), "{text}");
 }

@@ -9,6 +9,7 @@ mod bluesky;
 mod browser;
 mod console;
 mod crash;
+mod demo;
 mod discourse;
 mod email;
 mod hardening;

@@ -327,7 +327,7 @@ async fn a_status_exactly_at_the_instances_limit_is_posted_as_previewed() {
     assert_eq!(shown.json()["channels"]["social"][0]["text"], text);
     assert_eq!(
         shown.json()["channels"]["social"][1],
-        serde_json::json!({ "part": "length", "text": format!("{length} of {length} characters") }),
+        serde_json::json!({ "part": "length", "text": format!("{length} of {length} characters"), "format": "measure" }),
         "the preview shows the length against the limit"
     );
     let summary = crier.send(&[], LINKED_BODY).await;

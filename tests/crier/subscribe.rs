@@ -157,6 +157,17 @@ async fn a_customer_subscribes_confirms_with_a_post_and_then_receives_updates() 
     let mail = smtp.messages().remove(0);
     assert_eq!(mail.rcpt_tos, ["ann@example.com"]);
     let link = confirm_link(&mail.data);
+    let text = MessageParser::default()
+        .parse(mail.data.as_bytes())
+        .unwrap()
+        .body_text(0)
+        .unwrap()
+        .into_owned();
+    assert!(
+        text.lines().any(|line| line
+            .ends_with("If you did not ask, ignore this email: you get nothing more from us.")),
+        "a sentence is not broken across lines: {text}"
+    );
 
     // A mail scanner follows the link: that changes nothing.
     let page = client().get(local(&server, &link)).send().await.unwrap();

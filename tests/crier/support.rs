@@ -497,6 +497,33 @@ link_secret_env = "CRIER_LINK_SECRET"
 
     /// Sends an update to everyone with `--json` when every delivery is expected to fail: exit
     /// code 3 with a line that says so, and the parsed summary.
+    /// Sends an update of which some deliveries go to dead letters and the rest are
+    /// delivered: exit code 4, with the hint.
+    pub async fn send_partly(&self, extra: &[&str], body: &str) -> serde_json::Value {
+        let mut args = vec![
+            "send",
+            "--yes",
+            "--json",
+            "--headline",
+            "Activations delayed",
+        ];
+        args.extend_from_slice(extra);
+        args.push(body);
+        let output = self.run(&args).await;
+        assert_eq!(
+            output.code, 4,
+            "some delivered, some dead is exit code 4\nstdout: {}\nstderr: {}",
+            output.stdout, output.stderr
+        );
+        assert!(
+            output.stderr.contains("went to dead letters")
+                && output.stderr.contains("see `crier deliveries --failed`"),
+            "{}",
+            output.stderr
+        );
+        output.json()
+    }
+
     pub async fn send_to_no_avail(&self, body: &str) -> serde_json::Value {
         let args = [
             "send",
