@@ -218,6 +218,7 @@ pub fn router(shared: Shared) -> Router {
                 api::authenticate,
             )),
         )
+        .route("/robots.txt", get(robots))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .nest("/api", api::router(shared.api.clone()))
@@ -241,7 +242,7 @@ fn public_page_policy(public_url: &str, logo_url: Option<&str>) -> HeaderValue {
     let logo = logo_url.map(origin).unwrap_or_default();
     let policy = format!(
         "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data: https: {logo}; \
-         form-action 'self' {}; frame-ancestors 'none'; base-uri 'none'",
+         connect-src 'self'; form-action 'self' {}; frame-ancestors 'none'; base-uri 'none'",
         origin(public_url)
     );
     HeaderValue::from_str(policy.trim())
@@ -265,6 +266,20 @@ async fn public_headers(mut response: Response, policy: HeaderValue) -> Response
         .entry(header::REFERRER_POLICY)
         .or_insert(HeaderValue::from_static("strict-origin-when-cross-origin"));
     response
+}
+
+/// Search engines may index the status page and the subscribe form; the personal links
+/// (confirm, unsubscribe, support), the console and the API are nobody's search result.
+async fn robots() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        "User-agent: *\nDisallow: /admin\nDisallow: /api\nDisallow: /confirm/\nDisallow: \
+         /unsubscribe/\nDisallow: /s/\nDisallow: /inbound/\nDisallow: /metrics\n",
+    )
+        .into_response()
 }
 
 async fn status_page(State(shared): State<Shared>, headers: HeaderMap) -> Response {

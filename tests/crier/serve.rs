@@ -332,6 +332,23 @@ async fn no_public_page_can_be_framed_by_another_site_and_the_console_keeps_its_
         assert_eq!(header("x-frame-options"), "DENY", "{path}");
         assert_eq!(header("x-content-type-options"), "nosniff", "{path}");
     }
+    let robots = client
+        .get(format!("{}/robots.txt", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(robots.status(), 200);
+    let robots = robots.text().await.unwrap();
+    for private in ["/admin", "/api", "/confirm/", "/unsubscribe/", "/s/"] {
+        assert!(
+            robots.contains(&format!("Disallow: {private}\n")),
+            "{robots}"
+        );
+    }
+    assert!(
+        !robots.contains("Disallow: /\n"),
+        "the status page may be indexed"
+    );
     let console = client
         .get(format!("{}/admin/login", server.base))
         .send()
