@@ -178,6 +178,7 @@ async fn a_browser_reads_the_status_page_subscribes_past_an_inline_error_and_con
         "{ask}"
     );
     let confirm_shot = browser.screenshot("confirm-page.png").await;
+    browser.check_accessibility("confirm page").await;
     let yes = browser.find("form button[type=submit]").await;
     assert_eq!(
         browser.text("form button[type=submit]").await,
@@ -194,6 +195,7 @@ async fn a_browser_reads_the_status_page_subscribes_past_an_inline_error_and_con
         "the button posts to the link"
     );
     let done_shot = browser.screenshot("confirm-done.png").await;
+    browser.check_accessibility("confirm page, done").await;
     drop(browser);
 
     stop(server).await;
@@ -336,12 +338,16 @@ async fn the_status_page_shows_the_state_at_a_glance_one_promise_per_incident_an
     assert_eq!(browser.texts(".timeline li").await.len(), 1);
     let subscribe = format!("{base}/subscribe");
     let own_page = format!("{base}/incidents/{incident}.html");
+    let stale_confirm = format!("{base}/confirm/not-a-valid-token");
+    let stale_unsubscribe = format!("{base}/unsubscribe/not-a-valid-token");
     look_at_every_width_and_scheme(
         &browser,
         &[
             ("status-open", front.as_str()),
             ("incident-open", own_page.as_str()),
             ("subscribe", subscribe.as_str()),
+            ("confirm-invalid", stale_confirm.as_str()),
+            ("unsubscribe-invalid", stale_unsubscribe.as_str()),
         ],
     )
     .await;
