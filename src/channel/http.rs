@@ -7,11 +7,13 @@ use reqwest::StatusCode;
 use std::time::Duration;
 
 /// The longest wait a provider's `Retry-After` is taken at its word for. Beyond it the value is
-/// a mistake or hostile; the delivery's own `max_age` ends it sooner anyway.
+/// a mistake or hostile, and counts as absent.
 pub const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
-/// Reads a `Retry-After` value, as seconds or as an HTTP date, capped at
-/// [`LONGEST_RETRY_AFTER`]. Anything unreadable counts as absent.
+/// Reads a `Retry-After` value: a positive whole number of seconds, or an HTTP date in the
+/// future, up to [`LONGEST_RETRY_AFTER`]. Anything else (negative, a fraction, garbage, empty,
+/// zero, a date already past, a wait beyond a day) counts as absent, so the delivery backs off
+/// as usual instead of coming back at once.
 pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let value = value.trim();
     let wait = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
@@ -21,7 +23,7 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
         let date = DateTime::parse_from_rfc2822(value).ok()?;
         crate::clock::until(now, date.with_timezone(&Utc))
     };
-    Some(wait.min(LONGEST_RETRY_AFTER))
+    (!wait.is_zero() && wait <= LONGEST_RETRY_AFTER).then_some(wait)
 }
 
 /// `Retry-After` of a response, if it has a readable one.
@@ -183,14 +185,13 @@ mod tests {
     #[test]
     fn a_huge_retry_after_is_capped_instead_of_overflowing() {
         let now = Utc::now();
-        assert_eq!(
-            parse_retry_after("99999999999999999", now),
-            Some(LONGEST_RETRY_AFTER)
-        );
+        assert_eq!(parse_retry_after("99999999999999999", now), None);
         assert_eq!(
             parse_retry_after("999999999999999999999999999999", now),
-            Some(LONGEST_RETRY_AFTER)
+            None
         );
+        assert_eq!(parse_retry_after("86400", now), Some(LONGEST_RETRY_AFTER));
+        assert_eq!(parse_retry_after("86401", now), None);
         assert_eq!(
             parse_retry_after("120", now),
             Some(Duration::from_secs(120))
@@ -198,15 +199,47 @@ mod tests {
     }
 
     #[test]
-    fn a_retry_after_date_in_the_past_means_now_and_garbage_means_absent() {
+    fn a_retry_after_that_is_not_a_wait_to_come_counts_as_absent() {
         let now = Utc::now();
+        for absent in [
+            "Wed, 21 Oct 2015 07:28:00 GMT",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+            "-5",
+            "1.5",
+            "0",
+            "soon",
+            "",
+            "  ",
+            "+30",
+            "30s",
+        ] {
+            assert_eq!(parse_retry_after(absent, now), None, "{absent:?}");
+        }
+        let in_an_hour = (now + chrono::Duration::hours(1)).to_rfc2822();
+        let wait = parse_retry_after(&in_an_hour, now).expect("a date to come");
+        assert!(wait > Duration::from_secs(3590) && wait <= Duration::from_secs(3600));
         assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now),
-            Some(Duration::ZERO)
+            parse_retry_after(" 30 ", now),
+            Some(Duration::from_secs(30))
         );
-        assert_eq!(parse_retry_after("-5", now), None);
-        assert_eq!(parse_retry_after("soon", now), None);
-        assert_eq!(parse_retry_after("", now), None);
+    }
+
+    proptest::proptest! {
+        /// Nothing but a positive whole number of seconds, at most a day, or a date to come
+        /// within a day is a wait: negative numbers, fractions and words never are.
+        #[test]
+        fn a_malformed_retry_after_is_never_a_wait(
+            negative in -1_000_000i64..0,
+            fraction in 0.0f64..100_000.0,
+            word in "[a-zA-Z !,:-]{1,30}",
+        ) {
+            let now = Utc::now();
+            proptest::prop_assert_eq!(parse_retry_after(&negative.to_string(), now), None);
+            proptest::prop_assert_eq!(parse_retry_after(&format!("{fraction:.3}"), now), None);
+            proptest::prop_assert_eq!(parse_retry_after(&word, now), None);
+            let past = now - chrono::Duration::seconds(negative.abs());
+            proptest::prop_assert_eq!(parse_retry_after(&past.to_rfc2822(), now), None);
+        }
     }
 
     #[test]

@@ -31,7 +31,12 @@ pub fn after_failure(
             };
         }
         // Waiting for a provider's rate limit is not the message's fault: no attempt is spent.
-        FailureKind::Throttled => error.retry_after.unwrap_or(ceiling),
+        // Without a wait from the provider, throttles in a row back off like attempts do (the
+        // leases count them), so a provider that keeps answering 429 is not asked every second.
+        FailureKind::Throttled => error.retry_after.unwrap_or_else(|| {
+            let ceiling = backoff_ceiling(policy, delivery.leases.max(delivery.attempts));
+            ceiling.mul_f64(rng.random_range(0.5..=1.0))
+        }),
         FailureKind::Transient => {
             if delivery.attempts >= policy.max_attempts {
                 return gave_up(format!("gave up after {} attempts", delivery.attempts));
@@ -51,10 +56,17 @@ pub fn after_failure(
     let at = clock::after(now, wait);
     let deadline = clock::after(delivery.queued_at, policy.max_age);
     if at > deadline {
-        return gave_up(format!(
-            "gave up: the next attempt would be more than {} after it was queued",
-            humantime::format_duration(policy.max_age)
-        ));
+        let max_age = humantime::format_duration(policy.max_age);
+        return gave_up(match error.retry_after {
+            Some(asked) => format!(
+                "gave up: the provider asked to wait {} (Retry-After), which ends past this \
+                 channel's max_age of {max_age}; raise max_age to wait that long",
+                humantime::format_duration(Duration::from_secs(asked.as_secs()))
+            ),
+            None => format!(
+                "gave up: the next attempt would be more than {max_age} after it was queued"
+            ),
+        });
     }
     Outcome::Retry {
         at,
@@ -197,6 +209,60 @@ mod tests {
             after_failure(&policy(), &old, &error, now, &mut rng),
             Outcome::Dead { .. }
         ));
+    }
+
+    #[test]
+    fn throttles_in_a_row_without_a_wait_back_off_instead_of_coming_back_every_second() {
+        let now = Utc::now();
+        let error = DeliveryError::new(FailureKind::Throttled, "429");
+        let mut rng = StdRng::seed_from_u64(7);
+        let waits: Vec<Duration> = (1..=8)
+            .map(|leases| {
+                let mut record = delivery(0, now);
+                record.leases = leases;
+                match after_failure(&policy(), &record, &error, now, &mut rng) {
+                    Outcome::Retry {
+                        at,
+                        counts_as_attempt,
+                        ..
+                    } => {
+                        assert!(!counts_as_attempt, "a throttle costs no attempt");
+                        (at - now).to_std().unwrap()
+                    }
+                    other => panic!("throttle {leases}: {other:?}"),
+                }
+            })
+            .collect();
+        // Each wait lies between half its ceiling and the ceiling: 1 s, 2 s, 4 s … up to 60 s.
+        for (leases, wait) in (1..=8).zip(&waits) {
+            let ceiling = backoff_ceiling(&policy(), leases);
+            assert!(
+                *wait >= ceiling / 2 && *wait <= ceiling,
+                "{leases}: {wait:?}"
+            );
+        }
+        assert!(waits[7] >= Duration::from_secs(30), "{waits:?}");
+    }
+
+    #[test]
+    fn a_retry_after_past_max_age_gives_up_saying_why_and_what_to_change() {
+        let now = Utc::now();
+        let error = DeliveryError::new(FailureKind::Throttled, "the provider answered 429")
+            .with_retry_after(Some(Duration::from_secs(2 * 3600)));
+        let Outcome::Dead { failure } = after_failure(
+            &policy(),
+            &delivery(0, now),
+            &error,
+            now,
+            &mut StdRng::seed_from_u64(1),
+        ) else {
+            panic!("a wait past max_age cannot be kept");
+        };
+        assert_eq!(
+            failure.reason,
+            "gave up: the provider asked to wait 2h (Retry-After), which ends past this \
+             channel's max_age of 10m; raise max_age to wait that long: the provider answered 429"
+        );
     }
 
     #[test]
