@@ -93,9 +93,16 @@ fn refuse_forbidden_chars(field: &'static str, input: &str) -> Result<(), Domain
 /// of them. Tab, LF and CR are text; the parsers decide what they become.
 ///
 /// Non-characters (U+FFFE, U+FFFF, U+FDD0…) are refused too: XML forbids or discourages them,
-/// and Unicode promises no text ever needs them.
+/// and Unicode promises no text ever needs them. So are the bidirectional embeddings, overrides
+/// and isolates (U+202A–U+202E, U+2066–U+2069): they make text display in another order than
+/// it is stored, so a page, a feed or a message could show words the lead never typed in that
+/// order. The marks (U+200E, U+200F) stay: they only settle the direction of neutral characters.
 fn is_forbidden(c: char) -> bool {
-    (c.is_control() && !matches!(c, '\t' | '\n' | '\r')) || is_noncharacter(c)
+    (c.is_control() && !matches!(c, '\t' | '\n' | '\r')) || is_noncharacter(c) || is_bidi_control(c)
+}
+
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 fn is_noncharacter(c: char) -> bool {
@@ -111,6 +118,8 @@ pub(super) fn describe_char(c: char) -> String {
         format!("a control character (U+{code:04X})")
     } else if is_noncharacter(c) {
         format!("a non-character (U+{code:04X})")
+    } else if is_bidi_control(c) {
+        format!("a bidirectional control (U+{code:04X}, which reorders how text is shown)")
     } else if c.is_alphanumeric() || c.is_ascii_graphic() {
         format!("'{c}' (U+{code:04X})")
     } else {
@@ -254,8 +263,18 @@ mod tests {
         assert_eq!(headline.as_str(), "Activations delayed");
     }
 
-    /// Controls (C0 but tab and line ends, DEL, C1) and what XML 1.0 cannot carry.
-    const FORBIDDEN: [char; 14] = [
+    /// Controls (C0 but tab and line ends, DEL, C1), what XML 1.0 cannot carry, and the
+    /// bidirectional controls that reorder text.
+    const FORBIDDEN: [char; 23] = [
+        '\u{202a}',
+        '\u{202b}',
+        '\u{202c}',
+        '\u{202d}',
+        '\u{202e}',
+        '\u{2066}',
+        '\u{2067}',
+        '\u{2068}',
+        '\u{2069}',
         '\0',
         '\x01',
         '\x0b',
@@ -304,6 +323,13 @@ mod tests {
             err.to_string(),
             "the body contains a control character (U+001B) at position 12"
         );
+        let err = Body::parse("Refund \u{202e}00.01$").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the body contains a bidirectional control (U+202E, which reorders how text is shown) at position 8"
+        );
+        // A direction mark only settles neutral characters: it stays.
+        assert!(Body::parse("שלום\u{200f}!").is_ok());
         let err = Headline::parse("Delayed\u{fffe}").unwrap_err();
         assert_eq!(
             err.to_string(),

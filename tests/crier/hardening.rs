@@ -171,6 +171,17 @@ async fn a_headline_or_body_with_control_characters_is_refused_and_nothing_store
             assert_no_panic(command[0], &output);
             output.assert_user_error("control character");
         }
+        // Text that displays in another order than it was typed.
+        for (headline, body) in [
+            ("Refund \u{202e}00.01$", "We're on it."),
+            ("Activations delayed", "Pay \u{2067}here\u{2069} now."),
+        ] {
+            let mut args = command.to_vec();
+            args.extend(["--headline", headline, body]);
+            let output = crier.run(&args).await;
+            assert_no_panic(command[0], &output);
+            output.assert_user_error("bidirectional control");
+        }
         // NUL cannot be an argument: it comes on standard input.
         let mut args = command.to_vec();
         args.extend(["--headline", "Activations delayed", "-"]);
