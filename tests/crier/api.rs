@@ -118,6 +118,20 @@ async fn the_token_name_is_the_author_and_an_idempotency_key_replays_the_first_a
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     let (status, replayed) = json_of(again).await;
     assert_eq!((status, &replayed), (202, &accepted), "the same answer");
+    // The same request written another way (keys in another order, other spacing) is the
+    // same request.
+    let rewritten = client()
+        .post(api(&server, "/updates"))
+        .bearer_auth(PARTNER_TOKEN)
+        .header("idempotency-key", "send-1")
+        .header("content-type", "application/json")
+        .body("{\n  \"next_update_in\" : \"2h\",\n  \"body\": \"We're on it.\",  \"headline\":\"Activations delayed\"\n}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rewritten.headers()["idempotent-replayed"], "true");
+    let (status, replayed) = json_of(rewritten).await;
+    assert_eq!((status, &replayed), (202, &accepted), "the same answer");
 
     let other = send(
         "send-1",

@@ -129,7 +129,10 @@ async fn send_update(
     request: ApiJson<UpdateRequest>,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
-    let answer = accept_update(&api, request.value, &request.bytes, author, key).await?;
+    // The key is bound to the request as parsed, not to its bytes: the same JSON sent again
+    // with its keys in another order or other spacing is the same request.
+    let parsed = serde_json::to_vec(&request.value).map_err(crate::Error::from)?;
+    let answer = accept_update(&api, request.value, &parsed, author, key).await?;
     let mut response = json_answer(answer.status, answer.body);
     if answer.replayed {
         response
@@ -148,8 +151,8 @@ pub(crate) struct AcceptAnswer {
 }
 
 /// Stores an update durably and hands it to the planner: what the API's `POST /updates` and
-/// the console's Send do. `bytes` is the request as sent, which an idempotency key is bound
-/// to; `key` is the caller's key, scoped here to the author.
+/// the console's Send do. `bytes` is the request in a canonical form, which an idempotency key
+/// is bound to; `key` is the caller's key, scoped here to the author.
 pub(crate) async fn accept_update(
     api: &Api,
     request: UpdateRequest,
