@@ -49,12 +49,16 @@ impl Confirmed {
                 "" | "false" | "no" | "n" | "0" => Ok(false),
                 "true" | "yes" | "y" | "1" => Ok(true),
                 other => Err(format!(
-                    "confirmed is '{other}': use true or false (or yes, no, 1, 0)"
+                    "confirmed is '{}': use true or false (or yes, no, 1, 0)",
+                    crate::domain::printable(other)
                 )),
             },
         }
     }
 }
+
+/// The longest reason a refusal gives, in characters.
+const REASON_CHARS: usize = 200;
 
 /// A row the import refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -90,6 +94,12 @@ impl ImportReport {
     fn refuse(&mut self, line: u64, reason: String) {
         self.refused += 1;
         if self.refusals.len() < REFUSALS_LISTED {
+            // A parser's own words may quote the whole value (serde's "invalid type: string
+            // …"): no reason is longer than this, whatever the row held.
+            let reason = match reason.char_indices().nth(REASON_CHARS) {
+                Some((end, _)) => format!("{}…", &reason[..end]),
+                None => reason,
+            };
             self.refusals.push(Refusal { line, reason });
         }
     }

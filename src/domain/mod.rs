@@ -11,7 +11,7 @@ pub use contact::{Contact, ContactKind, EmailAddress, PhoneNumber};
 pub use incident::{Incident, IncidentState};
 pub use order::{OrderNumber, OrderPattern};
 pub use subscriber::{Subscriber, SubscriberState};
-pub use update::{Audience, Body, Headline, Update, parse_next_update_in};
+pub use update::{Audience, Body, Headline, Update, parse_next_update_in, printable};
 
 /// Input that does not describe a valid domain value. Each variant is a user error.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -127,11 +127,17 @@ pub(super) fn describe_char(c: char) -> String {
     }
 }
 
+/// How much of a refused value an error message quotes: enough to recognise it, never a
+/// megabyte echoed back per row of an import.
+pub const QUOTED_CHARS: usize = 60;
+
 /// `input` as it can be echoed in an error message: controls and other unprintable characters
-/// are written as escapes so that a hostile input cannot drive the terminal or forge log lines.
-pub(super) fn printable(input: &str) -> String {
-    let mut shown = String::with_capacity(input.len());
-    for c in input.chars() {
+/// are written as escapes so that a hostile input cannot drive the terminal or forge log lines,
+/// and past [`QUOTED_CHARS`] characters it is cut, saying how long it was.
+pub fn printable(input: &str) -> String {
+    let total = input.chars().count();
+    let mut shown = String::with_capacity(input.len().min(4 * QUOTED_CHARS));
+    for c in input.chars().take(QUOTED_CHARS) {
         if c == ' ' || c.is_ascii_graphic() {
             shown.push(c);
         } else if is_forbidden(c) || c.is_control() {
@@ -141,6 +147,9 @@ pub(super) fn printable(input: &str) -> String {
             // unprintable (format characters such as the bidi overrides).
             shown.extend(c.escape_debug());
         }
+    }
+    if total > QUOTED_CHARS {
+        shown.push_str(&format!("… ({total} characters)"));
     }
     shown
 }

@@ -175,3 +175,46 @@ async fn an_import_killed_midway_and_run_again_doubles_nothing() {
         ROWS
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_refused_value_is_quoted_short_in_every_reason() {
+    let crier = Crier::new();
+    let huge = "x".repeat(1_000_000);
+    let csv = crier.path("huge.csv");
+    std::fs::write(
+        &csv,
+        format!("order,email,phone,confirmed\nAB-1001,{huge}@,,\n{huge},ann@example.com,,\nAB-1002,bob@example.com,,{huge}\n"),
+    )
+    .unwrap();
+    let jsonl = crier.path("huge.jsonl");
+    std::fs::write(
+        &jsonl,
+        format!("{{\"order\":\"AB-1001\",\"email\":\"ann@example.com\",\"confirmed\":\"{huge}\"}}\n{{\"order\":\"AB-1001\",\"email\":\"ann@example.com\",\"confirmed\":[\"{huge}\"]}}\n"),
+    )
+    .unwrap();
+    for file in [&csv, &jsonl] {
+        let output = crier
+            .run(&["import", "--json", file.to_str().unwrap()])
+            .await;
+        assert_eq!(output.code, 1, "{}", output.stderr);
+        assert!(
+            output.stdout.len() < 4_000,
+            "{} bytes of report",
+            output.stdout.len()
+        );
+        let report = output.json();
+        let refusals = report["report"]["refusals"].as_array().unwrap();
+        assert!(!refusals.is_empty(), "{report}");
+        for refusal in refusals {
+            let reason = refusal["reason"].as_str().unwrap();
+            assert!(reason.chars().count() <= 201, "{reason}");
+        }
+        let text = crier.run(&["import", file.to_str().unwrap()]).await;
+        assert!(text.stdout.len() + text.stderr.len() < 4_000);
+    }
+    let output = crier
+        .run(&["import", "--json", csv.to_str().unwrap()])
+        .await;
+    let reasons = output.stdout;
+    assert!(reasons.contains("(1000001 characters)"), "{reasons}");
+}
