@@ -394,6 +394,9 @@ fn check_config(config: &Config) -> Result<ExitCode> {
             channel.kind.name,
             channel.file.display()
         );
+        for warning in channel.settings.warnings() {
+            say!("    warning: {warning}");
+        }
     }
     if config.channels.is_empty() {
         say!("  no channels are configured: updates would reach nobody");
@@ -764,6 +767,11 @@ fn confirm_send(preview: &PreviewReport) -> Result<()> {
 }
 
 async fn serve(config: Config) -> Result<ExitCode> {
+    for channel in &config.channels {
+        for warning in channel.settings.warnings() {
+            tracing::warn!(channel = %channel.id, "{warning}");
+        }
+    }
     let app = App::open(config).await?;
     let stop = StopSignal::install()?;
     crate::runtime::serve(Arc::new(app), &stop, |address| {

@@ -629,6 +629,19 @@ impl Config {
                 format!("not a regular expression: {e}"),
             )
         })?;
+        if let Some(anything) = ["", "HELLO, WORLD!"]
+            .into_iter()
+            .find(|text| orders.matches(text))
+        {
+            return Err(ConfigError::at(
+                file,
+                "orders.pattern",
+                format!(
+                    "matches '{anything}', so it would take any text as an order number: write \
+                     the shape of yours, like [A-Z]{{2}}-[0-9]{{4,10}}"
+                ),
+            ));
+        }
         let orders = match raw.orders.example.as_deref() {
             None => orders,
             Some(example) => orders
@@ -642,6 +655,22 @@ impl Config {
                 file,
                 "brand.public_url",
                 "must be an http or https URL",
+            ));
+        }
+        // crier serves its pages at the root of its address: a path would make every link in
+        // every message point beside them.
+        if public_url.path() != "/"
+            || public_url.query().is_some()
+            || public_url.fragment().is_some()
+        {
+            return Err(ConfigError::at(
+                file,
+                "brand.public_url",
+                format!(
+                    "must be the site's address alone, like https://status.example.com, without \
+                     a path, query or fragment ('{}' has one): crier's pages are served at its root",
+                    clip(&raw.brand.public_url, 80)
+                ),
             ));
         }
         let time_zone = match raw.brand.time_zone.as_deref().map(str::trim) {
@@ -748,6 +777,16 @@ impl Config {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(everyone) = trusted_proxies.iter().find(|net| net.prefix_len() == 0) {
+            return Err(ConfigError::at(
+                file,
+                "server.trusted_proxies",
+                format!(
+                    "'{everyone}' trusts every address, so any client could name itself in \
+                     X-Forwarded-For and slip past the subscribe form's limits: list your proxies"
+                ),
+            ));
+        }
         let api_tokens = api_tokens(file, &raw.api, secrets)?;
         let alerts = alert_settings(file, &raw.alerts, secrets)?;
         let channels_dir = base.join(&raw.channels_dir);

@@ -37,6 +37,12 @@ pub trait ChannelSettings: std::fmt::Debug + Send + Sync {
     fn check(&self) -> Result<(), String> {
         Ok(())
     }
+
+    /// What works, but not as an operator would expect: each a sentence `check-config` prints
+    /// and `crier serve` logs when it starts.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// What a kind's parser gets: the channel file, its table without `kind` and `delivery`, the

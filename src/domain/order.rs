@@ -52,6 +52,11 @@ impl OrderPattern {
         &self.source
     }
 
+    /// Whether `text`, exactly as given, has the shape of an order number.
+    pub fn matches(&self, text: &str) -> bool {
+        self.regex.is_match(text)
+    }
+
     /// How an order number looks, for a message: "like AB-1001", or the pattern itself when
     /// no example could be made.
     pub fn looks_like(&self) -> String {

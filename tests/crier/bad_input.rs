@@ -500,3 +500,92 @@ async fn check_config_finds_an_admin_token_variable_that_serve_would_need() {
     let crier = crier.with_env("CRIER_API_TOKEN", "lead-token-0123456789abcdef0123");
     crier.run(&["check-config"]).await.assert_ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_that_would_pass_but_break_every_link_or_limit_is_refused_with_its_key() {
+    for (from, to, message) in [
+        (
+            "public_url = \"https://status.example.com\"\n",
+            "public_url = \"https://example.com/status\"\n",
+            "brand.public_url: must be the site's address alone",
+        ),
+        (
+            "public_url = \"https://status.example.com\"\n",
+            "public_url = \"https://status.example.com/?utm=1\"\n",
+            "brand.public_url: must be the site's address alone",
+        ),
+        (
+            "public_url = \"https://status.example.com\"\n",
+            "public_url = \"https://status.example.com/#top\"\n",
+            "brand.public_url: must be the site's address alone",
+        ),
+        (
+            "pattern = \"[A-Z]{2}-[0-9]{4,10}\"\n",
+            "pattern = \".*\"\n",
+            "orders.pattern: matches '', so it would take any text as an order number",
+        ),
+        (
+            "pattern = \"[A-Z]{2}-[0-9]{4,10}\"\n",
+            "pattern = \".+\"\n",
+            "orders.pattern: matches 'HELLO, WORLD!'",
+        ),
+    ] {
+        let crier = Crier::new().status_page();
+        let main = std::fs::read_to_string(&crier.config).unwrap();
+        assert!(main.contains(from), "{main}");
+        std::fs::write(&crier.config, main.replace(from, to)).unwrap();
+        crier
+            .run(&["check-config"])
+            .await
+            .assert_user_error(message);
+    }
+    for everyone in ["0.0.0.0/0", "::/0"] {
+        let crier = Crier::new().status_page();
+        let mut main = std::fs::read_to_string(&crier.config).unwrap();
+        main.push_str(&format!(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"{everyone}\"]\n"
+        ));
+        std::fs::write(&crier.config, main).unwrap();
+        crier
+            .run(&["check-config"])
+            .await
+            .assert_user_error(&format!(
+                "server.trusted_proxies: '{everyone}' trusts every address"
+            ));
+    }
+    // The shape of a real site still passes.
+    let crier = Crier::new().status_page();
+    let main = std::fs::read_to_string(&crier.config).unwrap().replace(
+        "public_url = \"https://status.example.com\"\n",
+        "public_url = \"https://status.example.com/\"\n",
+    );
+    std::fs::write(&crier.config, main).unwrap();
+    crier.run(&["check-config"]).await.assert_ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kannel_channel_that_cannot_hear_stop_is_warned_about() {
+    let crier = Crier::new()
+        .channel(
+            "sms",
+            "kind = \"sms\"\nprovider = \"kannel\"\nbase_url = \"http://127.0.0.1:13013\"\nusername = \"crier\"\npassword_env = \"KANNEL_PASSWORD\"\nfrom = \"+447700900000\"\n",
+        )
+        .with_env("KANNEL_PASSWORD", "kannel-password");
+    let output = crier.run(&["check-config"]).await;
+    output.assert_ok();
+    assert!(
+        output.stdout.contains(
+            "warning: without inbound_secret_env, crier refuses every reply Kannel forwards, so a STOP never unsubscribes anyone"
+        ),
+        "{}",
+        output.stdout
+    );
+    let with_secret = crier.channel(
+        "sms",
+        "kind = \"sms\"\nprovider = \"kannel\"\nbase_url = \"http://127.0.0.1:13013\"\nusername = \"crier\"\npassword_env = \"KANNEL_PASSWORD\"\nfrom = \"+447700900000\"\ninbound_secret_env = \"KANNEL_INBOUND_SECRET\"\n",
+    )
+    .with_env("KANNEL_INBOUND_SECRET", "a-long-enough-inbound-secret");
+    let output = with_secret.run(&["check-config"]).await;
+    output.assert_ok();
+    assert!(!output.stdout.contains("warning"), "{}", output.stdout);
+}

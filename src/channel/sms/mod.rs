@@ -533,6 +533,18 @@ impl ChannelSettings for SmsSettings {
         self
     }
 
+    fn warnings(&self) -> Vec<String> {
+        match &self.provider {
+            Provider::Kannel(kannel) if kannel.inbound_secret.is_none() => vec![
+                "without inbound_secret_env, crier refuses every reply Kannel forwards, so a \
+                 STOP never unsubscribes anyone and no delivery report is kept; set it, and add \
+                 its secret to the sms-service's get-url"
+                    .to_owned(),
+            ],
+            _ => Vec::new(),
+        }
+    }
+
     async fn build(
         &self,
         id: &str,
