@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs crier's whole test suite. The tests start real servers and a real browser: an SMTP
-# server (aiosmtpd, from PyPI), PostgreSQL (Debian's postgresql: initdb into a temporary folder,
+# server (aiosmtpd, from PyPI; openapi-spec-validator too, which checks the API's document), PostgreSQL (Debian's postgresql: initdb into a temporary folder,
 # the server on a free port, stopped when the tests end), Kannel (bearerbox, smsbox and
 # fakesmsc, Debian's kannel and kannel-extras) and headless chromium driven over WebDriver (Debian's chromium and
 # chromium-driver), which checks pages for accessibility with axe-core (from npm, into
@@ -29,6 +29,10 @@ can_apt_install() {
 
 if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check aiosmtpd
+fi
+# Validates the admin API's OpenAPI document against the schema of its version.
+if ! python3 -c 'import openapi_spec_validator' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check openapi-spec-validator
 fi
 if ! { [ -x /usr/sbin/bearerbox ] && [ -x /usr/lib/kannel/test/fakesmsc ]; }; then
   if can_apt_install; then

@@ -118,7 +118,7 @@ fn replay(earlier: IdempotentAnswer, fingerprint: &str) -> Result<AcceptAnswer, 
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: the same key and body replay the first answer")),
     responses(
         (status = 202, description = "Stored; delivering", body = Accepted),
-        (status = 401, body = ApiError),
+        (status = 401, description = "No valid bearer token", body = ApiError),
         (status = 422, description = "Invalid, over a channel's limit, or the key was used for another body", body = ApiError),
     )
 )]
@@ -221,8 +221,8 @@ pub(crate) async fn accept_update(
     tag = "updates",
     request_body = UpdateRequest,
     responses(
-        (status = 200, body = PreviewReport),
-        (status = 401, body = ApiError),
+        (status = 200, description = "Every channel's rendering and its limits", body = PreviewReport),
+        (status = 401, description = "No valid bearer token", body = ApiError),
         (status = 422, description = "Invalid, or over a channel's limit", body = ApiError),
     )
 )]
@@ -243,9 +243,9 @@ async fn preview_update(
     tag = "updates",
     params(("id" = String, Path, description = "The update's id")),
     responses(
-        (status = 200, body = Progress),
-        (status = 401, body = ApiError),
-        (status = 404, body = ApiError),
+        (status = 200, description = "The update's counts per channel", body = Progress),
+        (status = 401, description = "No valid bearer token", body = ApiError),
+        (status = 404, description = "Nothing with that id", body = ApiError),
     )
 )]
 async fn update_progress(
@@ -273,7 +273,7 @@ pub struct IncidentSummary {
     get,
     path = "/incidents",
     tag = "updates",
-    responses((status = 200, body = Vec<IncidentSummary>), (status = 401, body = ApiError))
+    responses((status = 200, description = "The incidents, most recently updated first", body = Vec<IncidentSummary>), (status = 401, description = "No valid bearer token", body = ApiError))
 )]
 async fn list_incidents(State(api): State<Api>) -> Result<Json<Vec<IncidentSummary>>, ApiError> {
     let incidents = api.app.store.incidents().await?;
@@ -305,10 +305,10 @@ async fn list_incidents(State(api): State<Api>) -> Result<Json<Vec<IncidentSumma
         ("failed" = Option<bool>, Query, description = "List the failures too"),
     ),
     responses(
-        (status = 200, body = DeliveriesReport),
-        (status = 401, body = ApiError),
-        (status = 404, body = ApiError),
-        (status = 422, body = ApiError),
+        (status = 200, description = "Counts per channel, and the failures when asked", body = DeliveriesReport),
+        (status = 401, description = "No valid bearer token", body = ApiError),
+        (status = 404, description = "Nothing with that id", body = ApiError),
+        (status = 422, description = "Refused: the problem says which field and why", body = ApiError),
     )
 )]
 async fn deliveries(
@@ -365,7 +365,7 @@ pub struct Retried {
     path = "/deliveries/retry",
     tag = "deliveries",
     request_body = RetryRequest,
-    responses((status = 200, body = Retried), (status = 401, body = ApiError), (status = 422, body = ApiError))
+    responses((status = 200, description = "How many dead letters were queued again", body = Retried), (status = 401, description = "No valid bearer token", body = ApiError), (status = 422, description = "Refused: the problem says which field and why", body = ApiError))
 )]
 async fn retry_dead_letters(
     State(api): State<Api>,
@@ -433,7 +433,7 @@ fn contact_of(email: Option<&str>, phone: Option<&str>) -> Result<Contact, ApiEr
     path = "/subscribers",
     tag = "subscribers",
     request_body = SubscribeRequest,
-    responses((status = 200, body = SubscriberSummary), (status = 401, body = ApiError), (status = 422, body = ApiError))
+    responses((status = 200, description = "The subscriber as it is now", body = SubscriberSummary), (status = 401, description = "No valid bearer token", body = ApiError), (status = 422, description = "Refused: the problem says which field and why", body = ApiError))
 )]
 async fn add_subscriber(
     State(api): State<Api>,
@@ -463,9 +463,9 @@ async fn add_subscriber(
     )),
     responses(
         (status = 200, description = "The import's report", body = Object),
-        (status = 401, body = ApiError),
-        (status = 413, body = ApiError),
-        (status = 415, body = ApiError),
+        (status = 401, description = "No valid bearer token", body = ApiError),
+        (status = 413, description = "The body is over the size limit", body = ApiError),
+        (status = 415, description = "The body is not JSON", body = ApiError),
     )
 )]
 async fn import_subscribers(
@@ -510,10 +510,10 @@ async fn import_subscribers(
         ("order" = Option<String>, Query, description = "Stop only this order's updates"),
     ),
     responses(
-        (status = 200, body = SubscriberSummary),
-        (status = 401, body = ApiError),
-        (status = 404, body = ApiError),
-        (status = 422, body = ApiError),
+        (status = 200, description = "The subscriber as it is now", body = SubscriberSummary),
+        (status = 401, description = "No valid bearer token", body = ApiError),
+        (status = 404, description = "Nothing with that id", body = ApiError),
+        (status = 422, description = "Refused: the problem says which field and why", body = ApiError),
     )
 )]
 async fn remove_subscriber(
@@ -550,7 +550,7 @@ async fn remove_subscriber(
     path = "/orders/{order}",
     tag = "support",
     params(("order" = String, Path, description = "The order number, as the customer gives it")),
-    responses((status = 200, body = OrderReport), (status = 401, body = ApiError), (status = 422, body = ApiError))
+    responses((status = 200, description = "The latest update for the order, its contacts (masked) and a reply to paste", body = OrderReport), (status = 401, description = "No valid bearer token", body = ApiError), (status = 422, description = "Refused: the problem says which field and why", body = ApiError))
 )]
 async fn order_report(
     State(api): State<Api>,
@@ -589,7 +589,7 @@ pub struct SupportLink {
     path = "/links",
     tag = "support",
     request_body = LinkRequest,
-    responses((status = 200, body = SupportLink), (status = 401, body = ApiError), (status = 422, body = ApiError))
+    responses((status = 200, description = "A signed link to paste in a reply", body = SupportLink), (status = 401, description = "No valid bearer token", body = ApiError), (status = 422, description = "Refused: the problem says which field and why", body = ApiError))
 )]
 async fn support_link(
     State(api): State<Api>,
