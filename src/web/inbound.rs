@@ -103,19 +103,88 @@ enum Keyword {
     Start,
 }
 
-/// The keyword a message is, case and spaces ignored; anything else is no keyword.
+/// Words that end the texts when a short message starts with them: "stop", "STOP STOP",
+/// "stop please", "Unsubscribe me", "revoke", "opt out", and the usual words of the languages a
+/// carrier serves (French "arrêt", German and Nordic "stopp", Spanish "baja", "alto", "parar").
+/// The FCC's 2024 rule on revoking consent names "revoke" and "opt out" and any reasonable
+/// wording.
+const STOP_WORDS: &[&str] = &[
+    "STOP",
+    "STOPALL",
+    "UNSUBSCRIBE",
+    "REVOKE",
+    "OPTOUT",
+    "ARRET",
+    "ARRETER",
+    "STOPP",
+    "BAJA",
+    "ALTO",
+    "PARAR",
+];
+
+/// Words that end the texts only when the message is nothing else: "cancel my order" or "the
+/// end of the queue?" asks something else.
+const STOP_ALONE: &[&str] = &["END", "QUIT", "CANCEL"];
+
+/// Words that confirm, when the message is nothing else.
+const START_WORDS: &[&str] = &["START", "YES", "UNSTOP"];
+
+/// The longest message still read as a keyword: beyond it, it is a conversation.
+const KEYWORD_WORDS: usize = 6;
+
+/// The keyword a message is; anything else is no keyword. Case, accents, full-width letters,
+/// punctuation and spaces are ignored.
 fn keyword(text: &str) -> Option<Keyword> {
-    // "Stop.", "STOP!" and "stop all" all mean it: only letters count.
-    let word: String = text
-        .chars()
-        .filter(|c| c.is_alphabetic())
-        .collect::<String>()
-        .to_ascii_uppercase();
-    match word.as_str() {
-        "STOP" | "STOPALL" | "UNSUBSCRIBE" | "END" | "QUIT" | "CANCEL" => Some(Keyword::Stop),
-        "START" | "YES" => Some(Keyword::Start),
-        _ => None,
+    let words = words_of(text);
+    let (first, rest) = words.split_first()?;
+    if words.len() > KEYWORD_WORDS {
+        return None;
     }
+    let only = |set: &[&str]| set.contains(&first.as_str()) && rest.iter().all(|w| w == first);
+    let opt_out = first == "OPT" && rest.first().is_some_and(|w| w == "OUT");
+    if STOP_WORDS.contains(&first.as_str()) || opt_out || only(STOP_ALONE) {
+        Some(Keyword::Stop)
+    } else if only(START_WORDS) {
+        Some(Keyword::Start)
+    } else {
+        None
+    }
+}
+
+/// The message's words, upper-cased, of letters only: "Ｓｔｏｐ, please!" is STOP PLEASE,
+/// "Arrêt" is ARRET, "opt-out" is OPT OUT.
+fn words_of(text: &str) -> Vec<String> {
+    use unicode_normalization::UnicodeNormalization;
+    use unicode_normalization::char::is_combining_mark;
+    let plain: String = text
+        .chars()
+        .take(500)
+        .nfkd()
+        .filter(|c| !is_combining_mark(*c))
+        .collect();
+    plain
+        .split(|c: char| !c.is_alphabetic())
+        .filter(|word| !word.is_empty())
+        .map(str::to_uppercase)
+        .collect()
+}
+
+/// The keywords Twilio answers itself (its standard opt-out handling, which takes a message
+/// that is exactly one of them, case and surrounding spaces aside): crier adds no reply to
+/// them, so the customer is not told twice. Any other wording is crier's to confirm.
+fn twilio_answers_itself(text: &str) -> bool {
+    matches!(
+        text.trim().to_ascii_uppercase().as_str(),
+        "STOP"
+            | "STOPALL"
+            | "UNSUBSCRIBE"
+            | "CANCEL"
+            | "END"
+            | "QUIT"
+            | "REVOKE"
+            | "OPTOUT"
+            | "OPT OUT"
+    )
 }
 
 /// Twilio's signature of a request: base64 of HMAC-SHA1 over the URL Twilio called followed
@@ -218,20 +287,41 @@ pub(super) async fn inbound_sms(
             .into_response();
     };
     let contact = Contact::Phone(phone);
-    if let Err(error) = act(&shared, &contact, text.as_deref().unwrap_or_default()).await {
-        tracing::error!(%error, "cannot act on an inbound SMS");
-        return (StatusCode::SERVICE_UNAVAILABLE, "not done: try again\n").into_response();
-    }
+    let text = text.as_deref().unwrap_or_default();
+    let done = match act(&shared, &contact, text).await {
+        Ok(done) => done,
+        Err(error) => {
+            tracing::error!(%error, "cannot act on an inbound SMS");
+            return (StatusCode::SERVICE_UNAVAILABLE, "not done: try again\n").into_response();
+        }
+    };
+    // One confirmation of an opt-out, as the rules ask: unless Twilio's own handling of its
+    // standard keywords already sent one.
+    let reply =
+        (done == Some(Keyword::Stop) && !(twilio && twilio_answers_itself(text))).then(|| {
+            format!(
+                "{}: you will get no more texts from us. Reply START to get them again.",
+                shared.pages.brand.name
+            )
+        });
     if twilio {
-        // An empty TwiML answer: Twilio sends no reply (its own STOP handling answers).
+        // TwiML: a <Message> is sent back as the reply; an empty answer sends nothing.
+        let message = reply
+            .map(|reply| format!("<Message>{}</Message>", handlebars::html_escape(&reply)))
+            .unwrap_or_default();
         (
             [(header::CONTENT_TYPE, "text/xml")],
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response></Response>",
+            format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response>{message}</Response>"),
         )
             .into_response()
     } else {
-        // Kannel would send a non-empty answer back as a reply SMS.
-        StatusCode::OK.into_response()
+        // Kannel sends a non-empty answer back as the reply SMS.
+        match reply {
+            Some(reply) => {
+                ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], reply).into_response()
+            }
+            None => StatusCode::OK.into_response(),
+        }
     }
 }
 
@@ -347,16 +437,21 @@ pub(super) async fn delivery_report(
     }
 }
 
-/// Does what the message asks of the phone's subscription, if it is a keyword.
-async fn act(shared: &Shared, contact: &Contact, text: &str) -> Result<(), StoreError> {
+/// Does what the message asks of the phone's subscription, if it is a keyword, and says which
+/// it was.
+async fn act(
+    shared: &Shared,
+    contact: &Contact,
+    text: &str,
+) -> Result<Option<Keyword>, StoreError> {
     let now = Utc::now();
-    match keyword(text) {
+    let asked = keyword(text);
+    match asked {
         Some(Keyword::Stop) => match shared.store.unsubscribe(contact, None, now).await {
             Ok(_) | Err(StoreError::UnknownSubscriber(_)) => {
                 tracing::info!(phone = %contact.masked(), "unsubscribed by SMS");
-                Ok(())
             }
-            Err(error) => Err(error),
+            Err(error) => return Err(error),
         },
         Some(Keyword::Start) => {
             // Confirms (or takes back) every order the phone still follows; after a STOP it
@@ -367,13 +462,12 @@ async fn act(shared: &Shared, contact: &Contact, text: &str) -> Result<(), Store
                 }
                 tracing::info!(phone = %contact.masked(), "confirmed by SMS");
             }
-            Ok(())
         }
         None => {
             tracing::info!(phone = %contact.masked(), "an inbound SMS that is no keyword was ignored");
-            Ok(())
         }
     }
+    Ok(asked)
 }
 
 #[cfg(test)]
@@ -425,7 +519,80 @@ mod tests {
         assert_eq!(keyword("yes"), Some(Keyword::Start));
         assert_eq!(keyword("START"), Some(Keyword::Start));
         assert_eq!(keyword("Stop."), Some(Keyword::Stop));
-        assert_eq!(keyword("stop please"), None);
         assert_eq!(keyword(""), None);
+    }
+
+    #[test]
+    fn the_usual_ways_of_saying_stop_are_heard_and_questions_are_not() {
+        for stop in [
+            "stop please",
+            "STOP STOP",
+            "Stop texting me",
+            "ＳＴＯＰ",
+            "ｓｔｏｐ ｐｌｅａｓｅ",
+            "REVOKE",
+            "revoke consent",
+            "OPT OUT",
+            "opt-out",
+            "optout",
+            "Unsubscribe me",
+            "Arrêt",
+            "ARRET",
+            "Stopp",
+            "baja",
+            "cancel",
+            "CANCEL CANCEL",
+            "end.",
+            "Quit!",
+        ] {
+            assert_eq!(keyword(stop), Some(Keyword::Stop), "{stop:?}");
+        }
+        for not_stop in [
+            "cancel my order",
+            "When does it end?",
+            "I quit my old provider, when does my SIM work?",
+            "Is there a way to stop the updates for my other order but keep this one working please",
+            "yes but when?",
+            "hello",
+            "stopped working again",
+        ] {
+            assert_ne!(keyword(not_stop), Some(Keyword::Stop), "{not_stop:?}");
+        }
+        assert_eq!(keyword("Yes!"), Some(Keyword::Start));
+        assert_eq!(keyword("YES YES"), Some(Keyword::Start));
+        assert_eq!(keyword("yes but when?"), None);
+        assert!(twilio_answers_itself(" Stop "));
+        assert!(twilio_answers_itself("OPT OUT"));
+        assert!(!twilio_answers_itself("stop please"));
+        assert!(!twilio_answers_itself("Arrêt"));
+        assert!(!twilio_answers_itself("ＳＴＯＰ"));
+    }
+
+    proptest::proptest! {
+        /// A stop word in any case, full-width or not, with any punctuation or spaces around
+        /// it, alone or followed by a few words, ends the texts.
+        #[test]
+        fn a_stop_word_however_written_is_heard(
+            word in proptest::sample::select(STOP_WORDS),
+            upper in proptest::collection::vec(proptest::bool::ANY, 12),
+            full_width in proptest::bool::ANY,
+            before in "[ .,!?\\-]{0,3}",
+            after in "[ .,!?\\-]{0,3}",
+            tail in proptest::sample::select(&["", " please", " now", " stop", " me", " thanks"][..]),
+        ) {
+            let mut typed: String = word
+                .chars()
+                .zip(upper.iter().cycle())
+                .map(|(c, up)| if *up { c } else { c.to_ascii_lowercase() })
+                .collect();
+            if full_width {
+                typed = typed
+                    .chars()
+                    .map(|c| char::from_u32(u32::from(c) - 0x21 + 0xFF01).unwrap_or(c))
+                    .collect();
+            }
+            let text = format!("{before}{typed}{after}{tail}");
+            proptest::prop_assert_eq!(keyword(&text), Some(Keyword::Stop), "{:?}", text);
+        }
     }
 }

@@ -125,13 +125,58 @@ async fn a_signed_stop_from_twilio_unsubscribes_and_a_forged_one_changes_nothing
             .text()
             .await
             .unwrap()
-            .contains("<Response></Response>")
+            .contains("<Response></Response>"),
+        "Twilio answers its own STOP: crier adds no second reply"
     );
     stop(server).await;
     assert!(
         !phone_state(&crier).await.receives_updates(),
         "STOP unsubscribed the phone"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opt_out_in_other_words_unsubscribes_and_is_confirmed_once() {
+    for words in ["stop please", "ＳＴＯＰ", "revoke", "Arrêt", "STOP STOP"] {
+        let crier = twilio(Crier::new());
+        crier.subscribe("AB-1001", PHONE).await;
+        let server = serve(&crier).await;
+        let client = reqwest::Client::new();
+        let answer = twilio_post(&client, &server.base, words, AUTH_TOKEN).await;
+        assert_eq!(answer.status(), 200);
+        let twiml = answer.text().await.unwrap();
+        let replies = twiml.matches("<Message>").count();
+        // Twilio's own handling answers its standard keywords (REVOKE among them); crier
+        // answers the rest.
+        let expected = if words == "revoke" { 0 } else { 1 };
+        assert_eq!(replies, expected, "{words:?}: {twiml}");
+        if expected == 1 {
+            assert!(
+                twiml.contains("<Message>Example Mobile: you will get no more texts from us. Reply START to get them again.</Message>"),
+                "{twiml}"
+            );
+        }
+        stop(server).await;
+        assert!(
+            !phone_state(&crier).await.receives_updates(),
+            "{words:?} unsubscribed the phone"
+        );
+    }
+    // A question is not an opt-out: nothing changes and nothing is answered.
+    let crier = twilio(Crier::new());
+    crier.subscribe("AB-1001", PHONE).await;
+    let server = serve(&crier).await;
+    let client = reqwest::Client::new();
+    let answer = twilio_post(&client, &server.base, "cancel my order", AUTH_TOKEN).await;
+    assert!(
+        answer
+            .text()
+            .await
+            .unwrap()
+            .contains("<Response></Response>")
+    );
+    stop(server).await;
+    assert!(phone_state(&crier).await.receives_updates());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,8 +214,8 @@ async fn kannels_forwarded_stop_needs_the_channels_secret() {
     assert_eq!(answer.status(), 200);
     assert_eq!(
         answer.text().await.unwrap(),
-        "",
-        "an empty answer: no reply SMS"
+        "Example Mobile: you will get no more texts from us. Reply START to get them again.",
+        "Kannel sends the answer back as the one confirmation of the opt-out"
     );
     assert_eq!(
         client
