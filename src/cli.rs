@@ -855,7 +855,26 @@ async fn send_through(
     let mut stopped = stop.receiver();
     let mut only_retries_since: Option<std::time::Instant> = None;
     let progress: Progress = loop {
-        let progress: Progress = remote.get(&accepted.progress["/api".len()..]).await?;
+        let progress: Progress = match remote.get(&accepted.progress["/api".len()..]).await {
+            Ok(progress) => progress,
+            Err(error) if error.kind() == ErrorKind::Unavailable => {
+                // The update is stored: the server that stopped answering delivers it when it
+                // runs again (or another node does).
+                bar.finish_and_clear();
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    anyhow::anyhow!(
+                        "update {} was accepted and stays queued, but crier serve at {} stopped \
+                         answering while its progress was followed; it is delivered when crier \
+                         serve runs again (see `crier deliveries --update {}` then)",
+                        accepted.update,
+                        remote.base(),
+                        accepted.update
+                    ),
+                ));
+            }
+            Err(error) => return Err(error),
+        };
         let totals = progress.totals();
         bar.set_length(totals.total());
         bar.set_position(totals.settled());

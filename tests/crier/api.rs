@@ -722,3 +722,57 @@ async fn a_subscriber_file_over_the_json_limit_is_imported_through_the_api_with_
         "every good row, once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_followed_through_a_server_that_stops_says_the_update_is_accepted_and_queued() {
+    use crate::support::{FakeApi, Reply};
+    use tokio::io::AsyncBufReadExt;
+    // A partner that takes a minute to answer: the send is still being followed when the
+    // server goes away.
+    let partner = FakeApi::start(|_, _| Reply::status(204).after(Duration::from_secs(60))).await;
+    let (crier, _smtp) = api_crier();
+    let crier = crier.webhook(&format!("{}/hooks", partner.url), "");
+    let mut server = serve(&crier).await;
+    let mut send = crier
+        .command(&[
+            "send",
+            "--yes",
+            "--headline",
+            "Activations delayed",
+            "We're on it.",
+        ])
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(send.stderr.take().unwrap()).lines();
+    let mut said = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let accepted = line.starts_with("accepted update");
+            said.push(line);
+            if accepted {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the server accepted the update");
+    server.child.start_kill().unwrap();
+    server.child.wait().await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), send.wait())
+        .await
+        .expect("the send stops following once the server is gone")
+        .unwrap();
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await
+    {
+        said.push(line);
+    }
+    let said = said.join("\n");
+    assert_eq!(status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("was accepted and stays queued, but crier serve at")
+            && said.contains("it is delivered when crier serve runs again"),
+        "{said}"
+    );
+    assert!(!said.contains("error sending request"), "{said}");
+}
