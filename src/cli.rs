@@ -493,22 +493,52 @@ async fn import(config: Config, args: ImportArgs) -> Result<ExitCode> {
             .map_err(|e| Error::user(format!("cannot read {}: {e}", args.file.display())))?;
         Box::new(bar.wrap_read(std::io::BufReader::new(file)))
     };
-    let store = open_store(&config).await?;
-    let report = crate::import::import(
-        store.as_ref(),
-        reader,
-        format,
-        &config.orders,
-        args.batch as usize,
-        args.dry_run,
-        |so_far| {
-            bar.set_message(format!(
-                "{} rows · {} imported · {} refused",
-                so_far.rows, so_far.imported, so_far.refused
-            ))
-        },
-    )
-    .await?;
+    let report = match Remote::find(&config).await? {
+        // crier serve owns the store: the file goes through its import endpoint, whole.
+        Some(remote) => {
+            let limit = crate::web::api::IMPORT_BODY_LIMIT;
+            let mut body = Vec::new();
+            reader
+                .take(limit as u64 + 1)
+                .read_to_end(&mut body)
+                .map_err(|e| Error::user(format!("cannot read {}: {e}", args.file.display())))?;
+            if body.len() > limit {
+                return Err(Error::user(format!(
+                    "{} is over the {} MiB crier serve takes in one import: split it, or stop \
+                     crier serve and import it directly",
+                    args.file.display(),
+                    limit >> 20
+                )));
+            }
+            bar.set_message("crier serve is importing it");
+            let content_type = match format {
+                Format::Csv => "text/csv",
+                Format::JsonLines => "application/x-ndjson",
+            };
+            let path = format!("/subscribers/import?dry_run={}", args.dry_run);
+            remote
+                .post_bytes::<crate::import::ImportReport>(&path, content_type, body)
+                .await?
+        }
+        None => {
+            let store = open_store(&config).await?;
+            crate::import::import(
+                store.as_ref(),
+                reader,
+                format,
+                &config.orders,
+                args.batch as usize,
+                args.dry_run,
+                |so_far| {
+                    bar.set_message(format!(
+                        "{} rows · {} imported · {} refused",
+                        so_far.rows, so_far.imported, so_far.refused
+                    ))
+                },
+            )
+            .await?
+        }
+    };
     bar.finish_and_clear();
     if args.json {
         say!(

@@ -61,7 +61,7 @@ impl Confirmed {
 const REASON_CHARS: usize = 200;
 
 /// A row the import refused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Refusal {
     /// The line of the file the row starts on (the header is line 1 of a CSV file).
     pub line: u64,
@@ -72,7 +72,7 @@ pub struct Refusal {
 pub const DEFAULT_BATCH: usize = 1000;
 
 /// What an import did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ImportReport {
     /// Rows read, good and bad (a row with an email and a phone is one row).
     pub rows: u64,

@@ -160,6 +160,21 @@ impl Remote {
         self.call(request).await
     }
 
+    /// POSTs `body` as it is, of type `content_type` (a file to import).
+    pub async fn post_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &'static str,
+        body: Vec<u8>,
+    ) -> crate::Result<T> {
+        let request = self
+            .client
+            .post(self.url(path))
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        self.call(request).await
+    }
+
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> crate::Result<T> {
         self.call(self.client.delete(self.url(path))).await
     }

@@ -44,7 +44,7 @@ use ulid::Ulid;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("the store at {} is in use by another crier process; wait for it to finish", .0.display())]
+    #[error("the store at {} is held by another crier process: a crier serve already delivers what is queued and takes every other command through its admin API, so none needs to run beside it; another command holds it only until it finishes", .0.display())]
     Locked(PathBuf),
     /// The backend cannot read or write: a full disk, a permission, a broken connection.
     #[error("the store at {place} cannot be used: {reason}")]

@@ -776,3 +776,61 @@ async fn a_send_followed_through_a_server_that_stops_says_the_update_is_accepted
     );
     assert!(!said.contains("error sending request"), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_serve_runs_import_goes_through_it_and_dispatch_says_it_is_not_needed() {
+    let (crier, _smtp) = api_crier();
+    let server = serve(&crier).await;
+    let file = crier.path("subscribers.csv");
+    std::fs::write(
+        &file,
+        "order,email,phone,confirmed\nAB-1001,ann@example.com,,true\nnonsense,bob@example.com,,true\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+
+    let dry = crier.run(&["import", "--dry-run", "--json", path]).await;
+    assert_eq!(dry.code, 1, "a row is refused\n{}", dry.stderr);
+    let report = dry.json();
+    assert_eq!(report["dry_run"], true, "{report}");
+    assert_eq!(report["report"]["imported"], 1, "{report}");
+    assert_eq!(report["report"]["refusals"][0]["line"], 3, "{report}");
+
+    let imported = crier.run(&["import", path]).await;
+    assert_eq!(imported.code, 1, "{}", imported.stderr);
+    assert!(
+        imported
+            .stdout
+            .contains("2 rows: imported 1 (1 new subscribers)"),
+        "{}",
+        imported.stdout
+    );
+    assert!(
+        imported
+            .stdout
+            .contains("line 3: 'nonsense' is not an order number")
+    );
+    let order = crier.run(&["order", "AB-1001", "--json"]).await;
+    order.assert_ok();
+    assert!(
+        order.stdout.contains("a***@example.com"),
+        "{}",
+        order.stdout
+    );
+
+    let dispatch = crier.run(&["dispatch"]).await;
+    assert_eq!(dispatch.code, 1, "{}", dispatch.stderr);
+    assert!(
+        dispatch
+            .stderr
+            .contains("a crier serve already delivers what is queued"),
+        "{}",
+        dispatch.stderr
+    );
+    assert!(
+        !dispatch.stderr.contains("wait for it"),
+        "{}",
+        dispatch.stderr
+    );
+    stop(server).await;
+}

@@ -33,7 +33,7 @@ use utoipa::OpenApi;
 /// The largest JSON body the API reads.
 const JSON_BODY_LIMIT: usize = 1 << 20;
 /// The largest subscriber file `POST /api/subscribers` imports in one request.
-const IMPORT_BODY_LIMIT: usize = 64 << 20;
+pub(crate) const IMPORT_BODY_LIMIT: usize = 64 << 20;
 
 /// What the API's handlers share.
 #[derive(Clone)]

@@ -7,7 +7,7 @@ use crate::reports::{self, DeliveriesReport, OrderReport, PreviewReport, Progres
 use crate::store::IdempotentAnswer;
 use axum::Extension;
 use axum::Json;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
@@ -450,6 +450,11 @@ async fn add_subscriber(
     Ok(Json(SubscriberSummary::of(&subscriber)))
 }
 
+#[derive(Debug, serde::Deserialize)]
+struct ImportQuery {
+    dry_run: Option<bool>,
+}
+
 /// Subscribe many at once: the body is a CSV file (`text/csv`, with an
 /// `order,email,phone,confirmed` header) or JSON lines (`application/x-ndjson`), imported as
 /// `crier import` does. Bad rows are reported with their line and the rest imported.
@@ -465,11 +470,13 @@ async fn add_subscriber(
         (status = 200, description = "The import's report", body = Object),
         (status = 401, description = "No valid bearer token", body = ApiError),
         (status = 413, description = "The body is over the size limit", body = ApiError),
-        (status = 415, description = "The body is not JSON", body = ApiError),
-    )
+        (status = 415, description = "The body is neither text/csv nor application/x-ndjson", body = ApiError),
+    ),
+    params(("dry_run" = Option<bool>, Query, description = "Check every row and report what would change, storing nothing")),
 )]
 async fn import_subscribers(
     State(api): State<Api>,
+    Query(query): Query<ImportQuery>,
     request: Request,
 ) -> Result<Response, ApiError> {
     use crate::import::Format;
@@ -493,7 +500,7 @@ async fn import_subscribers(
         format,
         &api.app.config.orders,
         crate::import::DEFAULT_BATCH,
-        false,
+        query.dry_run.unwrap_or(false),
         |_| {},
     )
     .await?;
