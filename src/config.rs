@@ -109,6 +109,15 @@ struct ServerFile {
     /// could write anything in it.
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    /// Connections open at once; more are closed as soon as they are accepted.
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    /// Connections open at once from one client address (trusted proxies aside).
+    #[serde(default = "default_max_connections_per_client")]
+    max_connections_per_client: usize,
+    /// How long a client may take to send a request's head.
+    #[serde(default = "default_header_timeout")]
+    header_timeout: String,
 }
 
 impl Default for ServerFile {
@@ -116,8 +125,23 @@ impl Default for ServerFile {
         Self {
             listen: default_listen(),
             trusted_proxies: Vec::new(),
+            max_connections: default_max_connections(),
+            max_connections_per_client: default_max_connections_per_client(),
+            header_timeout: default_header_timeout(),
         }
     }
+}
+
+fn default_max_connections() -> usize {
+    crate::web::listener::ConnectionLimits::default().total
+}
+
+fn default_max_connections_per_client() -> usize {
+    crate::web::listener::ConnectionLimits::default().per_client
+}
+
+fn default_header_timeout() -> String {
+    "10s".into()
 }
 
 fn default_listen() -> String {
@@ -310,6 +334,8 @@ pub struct Config {
     pub listen: std::net::SocketAddr,
     /// The reverse proxies whose `X-Forwarded-For` `crier serve` believes.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// How many connections `crier serve` keeps open, and how long a request may take to come.
+    pub connections: crate::web::listener::ConnectionLimits,
     /// How long settled deliveries are kept (see `Store::prune_settled`).
     pub retention: Duration,
     /// The admin API's bearer tokens, by name.
@@ -787,6 +813,7 @@ impl Config {
                 ),
             ));
         }
+        let connections = connection_limits(file, &raw.server)?;
         let api_tokens = api_tokens(file, &raw.api, secrets)?;
         let alerts = alert_settings(file, &raw.alerts, secrets)?;
         let channels_dir = base.join(&raw.channels_dir);
@@ -835,6 +862,7 @@ impl Config {
             plan_batch: raw.dispatch.plan_batch,
             listen,
             trusted_proxies,
+            connections,
             alerts,
             retention,
             api_tokens,
@@ -1064,6 +1092,38 @@ fn link_secret(
         )),
         None => Ok(secret),
     }
+}
+
+fn connection_limits(
+    file: &Path,
+    server: &ServerFile,
+) -> Result<crate::web::listener::ConnectionLimits, ConfigError> {
+    if !(16..=1_000_000).contains(&server.max_connections) {
+        return Err(ConfigError::at(
+            file,
+            "server.max_connections",
+            "must be between 16 and 1000000",
+        ));
+    }
+    if server.max_connections_per_client == 0
+        || server.max_connections_per_client > server.max_connections
+    {
+        return Err(ConfigError::at(
+            file,
+            "server.max_connections_per_client",
+            "must be at least 1 and at most server.max_connections",
+        ));
+    }
+    Ok(crate::web::listener::ConnectionLimits {
+        total: server.max_connections,
+        per_client: server.max_connections_per_client,
+        header_timeout: duration(
+            file,
+            "server.header_timeout",
+            &server.header_timeout,
+            Duration::from_secs(300),
+        )?,
+    })
 }
 
 /// At most `max` characters of a value someone wrote, for an error message that quotes it.

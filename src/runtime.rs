@@ -404,13 +404,17 @@ pub async fn serve(
         metrics: crate::web::prometheus::install(),
         console,
     });
-    // The client's address feeds the limits on confirmations.
-    let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
+    // Each request carries its client's address, which the limits on confirmations count.
+    crate::web::listener::serve(
+        listener,
+        router,
+        app.config.connections,
+        app.config.trusted_proxies.clone(),
+        async move {
             let _ = stopped.wait_for(|stop| *stop).await;
-        })
-        .await?;
+        },
+    )
+    .await;
     let dispatched = dispatching.await?;
     planner.abort();
     let _ = planner.await;

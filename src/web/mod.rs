@@ -7,6 +7,7 @@
 pub mod api;
 pub mod console;
 pub mod inbound;
+pub mod listener;
 pub mod pages;
 pub mod prometheus;
 pub mod session;

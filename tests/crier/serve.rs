@@ -363,3 +363,112 @@ async fn no_public_page_can_be_framed_by_another_site_and_the_console_keeps_its_
     assert!(policy.starts_with("default-src 'self';"), "{policy}");
     crate::subscribe::stop(server).await;
 }
+
+/// Opens a connection to `server` from `local` (any 127.x address is this machine).
+async fn connect_from(local: &str, server: std::net::SocketAddr) -> Option<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.bind(format!("{local}:0").parse().ok()?).ok()?;
+    tokio::time::timeout(Duration::from_secs(5), socket.connect(server))
+        .await
+        .ok()?
+        .ok()
+}
+
+/// Whether the server closed `stream` (or never kept it) within `wait`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 512];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // A 408 or 400 answer before the close is fine: read on to the end.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_through_a_flood_of_idle_and_slow_connections_which_the_timeouts_close() {
+    use tokio::io::AsyncWriteExt;
+    let crier = Crier::new().status_page();
+    let mut config = std::fs::read_to_string(&crier.config).unwrap();
+    config.push_str(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2000\nmax_connections_per_client = 1200\nheader_timeout = \"5s\"\n",
+    );
+    std::fs::write(&crier.config, config).unwrap();
+    let server = serve(&crier).await;
+    let address: std::net::SocketAddr = server.base["http://".len()..].parse().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let healthz = format!("{}/healthz", server.base);
+
+    // 1,200 from one client (its share), then 1,000 from another: 200 more than the server
+    // keeps. Half of each send a partial request head and stop; the rest send nothing.
+    let mut flood = Vec::new();
+    for (from, count) in [("127.0.0.2", 1200), ("127.0.0.3", 1000)] {
+        for n in 0..count {
+            let Some(mut stream) = connect_from(from, address).await else {
+                continue;
+            };
+            if n % 2 == 0 {
+                let _ = stream
+                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: crier\r\n")
+                    .await;
+            }
+            flood.push(stream);
+        }
+        if from == "127.0.0.2" {
+            // One more from the first client is over its share: closed at once.
+            let mut over = connect_from(from, address).await.expect("connects");
+            assert!(
+                closed_within(&mut over, Duration::from_secs(1)).await,
+                "a client past its share is closed at once"
+            );
+        }
+    }
+    let opened = std::time::Instant::now();
+    assert!(flood.len() >= 2000, "{} connections opened", flood.len());
+    // A few that trickle their head, a byte every half second.
+    let mut trickling = Vec::new();
+    for _ in 0..20 {
+        if let Some(stream) = connect_from("127.0.0.4", address).await {
+            trickling.push(stream);
+        }
+    }
+
+    // Meanwhile /healthz answers, every time within a second.
+    for round in 0..6 {
+        let started = std::time::Instant::now();
+        let answer = client.get(&healthz).send().await;
+        assert!(
+            answer.as_ref().is_ok_and(|a| a.status() == 200),
+            "round {round}: /healthz did not answer within a second: {answer:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        for stream in &mut trickling {
+            let _ = stream.write_all(b"X").await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Past the header deadline (5 s) every one of them is closed, the trickling ones too,
+    // though they kept sending.
+    let deadline = opened + Duration::from_secs(12);
+    let mut still_open = 0;
+    for stream in flood.iter_mut().chain(trickling.iter_mut()) {
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        if !closed_within(stream, wait.max(Duration::from_millis(10))).await {
+            still_open += 1;
+        }
+    }
+    assert_eq!(still_open, 0, "connections the timeouts left open");
+    drop(flood);
+    drop(trickling);
+    let answer = client.get(&healthz).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    crate::subscribe::stop(server).await;
+}
