@@ -68,6 +68,26 @@ fn field(page: &str, name: &str) -> String {
     page[start..][..page[start..].find('"').unwrap()].to_owned()
 }
 
+/// What a lead does with the compose form `fields`: presses Send, then Send it now on the
+/// confirm step. Returns the confirm step's page and the answer to sending.
+async fn send_confirmed(
+    base: &str,
+    session: &str,
+    mut fields: Vec<(&'static str, String)>,
+) -> (String, reqwest::Response) {
+    let post = |fields: Vec<(&'static str, String)>| {
+        client()
+            .post(format!("{base}/admin/compose"))
+            .header("cookie", session)
+            .form(&fields)
+            .send()
+    };
+    let asked = post(fields.clone()).await.unwrap().text().await.unwrap();
+    fields.push(("confirmed", field(&asked, "confirmed")));
+    let sent = post(fields).await.unwrap();
+    (asked, sent)
+}
+
 /// The `name=value` of a `Set-Cookie` the answer carries for `name`.
 fn set_cookie(answer: &reqwest::Response, name: &str) -> Option<String> {
     answer
@@ -724,7 +744,7 @@ async fn a_dead_letter_is_listed_with_its_reason_and_retried_from_the_progress_p
     let base = &server.base;
     let session = sign_in(&server).await;
     let (_, csrf, key) = compose_page(&server, &session).await;
-    let mut fields = vec![
+    let fields = vec![
         ("csrf", csrf.clone()),
         ("key", key.clone()),
         ("headline", "Activations delayed".to_owned()),
@@ -733,20 +753,11 @@ async fn a_dead_letter_is_listed_with_its_reason_and_retried_from_the_progress_p
         ("channel", "partners".to_owned()),
         ("action", "send".to_owned()),
     ];
-    let post = |fields: Vec<(&'static str, String)>| {
-        client()
-            .post(format!("{base}/admin/compose"))
-            .header("cookie", &session)
-            .form(&fields)
-            .send()
-    };
-    let asked = post(fields.clone()).await.unwrap().text().await.unwrap();
+    let (asked, sent) = send_confirmed(base, &session, fields).await;
     assert!(
         asked.contains("This update is posted once on partners."),
         "{asked}"
     );
-    fields.push(("confirmed", field(&asked, "confirmed")));
-    let sent = post(fields).await.unwrap();
     assert_eq!(sent.status(), 303);
     let progress = format!("{base}{}", sent.headers()["location"].to_str().unwrap());
     let fragment = format!("{progress}/progress");
@@ -839,7 +850,7 @@ async fn a_partner_that_cannot_be_reached_is_listed_in_plain_words_with_its_next
     let base = &server.base;
     let session = sign_in(&server).await;
     let (_, csrf, key) = compose_page(&server, &session).await;
-    let mut fields = vec![
+    let fields = vec![
         ("csrf", csrf.clone()),
         ("key", key.clone()),
         ("headline", "Activations delayed".to_owned()),
@@ -848,16 +859,7 @@ async fn a_partner_that_cannot_be_reached_is_listed_in_plain_words_with_its_next
         ("channel", "partners".to_owned()),
         ("action", "send".to_owned()),
     ];
-    let post = |fields: Vec<(&'static str, String)>| {
-        client()
-            .post(format!("{base}/admin/compose"))
-            .header("cookie", &session)
-            .form(&fields)
-            .send()
-    };
-    let asked = post(fields.clone()).await.unwrap().text().await.unwrap();
-    fields.push(("confirmed", field(&asked, "confirmed")));
-    let sent = post(fields).await.unwrap();
+    let (_, sent) = send_confirmed(base, &session, fields).await;
     assert_eq!(sent.status(), 303);
     let progress = format!("{base}{}", sent.headers()["location"].to_str().unwrap());
     page_showing(

@@ -480,7 +480,8 @@ link_secret_env = "CRIER_LINK_SECRET"
     }
 
     /// Sends an update to everyone with `--json` and returns the parsed summary.
-    pub async fn send(&self, extra: &[&str], body: &str) -> serde_json::Value {
+    /// `crier send --yes --json --headline "Activations delayed"`, `extra` and `body`.
+    async fn run_send(&self, extra: &[&str], body: &str) -> Output {
         let mut args = vec![
             "send",
             "--yes",
@@ -490,7 +491,11 @@ link_secret_env = "CRIER_LINK_SECRET"
         ];
         args.extend_from_slice(extra);
         args.push(body);
-        let output = self.run(&args).await;
+        self.run(&args).await
+    }
+
+    pub async fn send(&self, extra: &[&str], body: &str) -> serde_json::Value {
+        let output = self.run_send(extra, body).await;
         output.assert_ok();
         output.json()
     }
@@ -500,16 +505,7 @@ link_secret_env = "CRIER_LINK_SECRET"
     /// Sends an update of which some deliveries go to dead letters and the rest are
     /// delivered: exit code 4, with the hint.
     pub async fn send_partly(&self, extra: &[&str], body: &str) -> serde_json::Value {
-        let mut args = vec![
-            "send",
-            "--yes",
-            "--json",
-            "--headline",
-            "Activations delayed",
-        ];
-        args.extend_from_slice(extra);
-        args.push(body);
-        let output = self.run(&args).await;
+        let output = self.run_send(extra, body).await;
         assert_eq!(
             output.code, 4,
             "some delivered, some dead is exit code 4\nstdout: {}\nstderr: {}",
@@ -525,15 +521,7 @@ link_secret_env = "CRIER_LINK_SECRET"
     }
 
     pub async fn send_to_no_avail(&self, body: &str) -> serde_json::Value {
-        let args = [
-            "send",
-            "--yes",
-            "--json",
-            "--headline",
-            "Activations delayed",
-            body,
-        ];
-        let output = self.run(&args).await;
+        let output = self.run_send(&[], body).await;
         assert_eq!(
             output.code, 3,
             "nothing delivered is exit code 3\nstdout: {}\nstderr: {}",

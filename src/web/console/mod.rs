@@ -723,26 +723,14 @@ async fn compose_view(
 }
 
 /// "This update goes to 12,403 emails and 3,221 texts, and is posted once on status and
-/// partners": who Send reaches, per kind of contact and by name for the channels that post
-/// once. None when the form cannot be sent as it is (Send then says why).
+/// partners": who the previewed update reaches, per kind of contact and by name for the
+/// channels that post once. None when the audience cannot be counted.
 async fn confirm_step(
     shared: &Shared,
-    session: &Session,
     form: &ComposeForm,
+    previewed: &EachPreviewed,
 ) -> Option<ConfirmStep> {
     let app = shared.console.api.app();
-    let request = form
-        .to_request(
-            &shared.console.channel_ids(),
-            Utc::now(),
-            app.config.brand.time_zone,
-        )
-        .ok()?;
-    let draft = request.into_draft(&app.config, session.name.clone()).ok()?;
-    let previewed = app.preview_each(draft).await.ok()?;
-    if previewed.channels.iter().any(|c| c.rendered.is_err()) {
-        return None;
-    }
     let counts = match crate::dispatch::plan::audience_counts(
         app.store.as_ref(),
         &previewed.update,
@@ -795,26 +783,36 @@ async fn confirm_step(
 
 /// Every channel's rendering of the form as it stands, or why there is none yet.
 async fn preview(shared: &Shared, session: &Session, form: &ComposeForm) -> PreviewsView {
+    match previewed(shared, session, form).await {
+        Ok(Some(previewed)) => PreviewsView::of(previewed),
+        Ok(None) => PreviewsView::default(),
+        Err(reason) => PreviewsView::failed(reason),
+    }
+}
+
+/// The form drafted as an update and rendered for every channel; None while the update is
+/// empty, and why when it cannot be drafted.
+async fn previewed(
+    shared: &Shared,
+    session: &Session,
+    form: &ComposeForm,
+) -> Result<Option<EachPreviewed>, String> {
     if form.body.trim().is_empty() {
-        return PreviewsView::default();
+        return Ok(None);
     }
     let app = shared.console.api.app();
-    let request = match form.to_request(
+    let request = form.to_request(
         &shared.console.channel_ids(),
         Utc::now(),
         app.config.brand.time_zone,
-    ) {
-        Ok(request) => request,
-        Err(reason) => return PreviewsView::failed(reason),
-    };
-    let draft = match request.into_draft(&app.config, session.name.clone()) {
-        Ok(draft) => draft,
-        Err(error) => return PreviewsView::failed(error.to_string()),
-    };
-    match app.preview_each(draft).await {
-        Ok(previewed) => PreviewsView::of(previewed),
-        Err(error) => PreviewsView::failed(error.to_string()),
-    }
+    )?;
+    let draft = request
+        .into_draft(&app.config, session.name.clone())
+        .map_err(|error| error.to_string())?;
+    app.preview_each(draft)
+        .await
+        .map(Some)
+        .map_err(|error| error.to_string())
 }
 
 /// The compose form posted: Preview renders it, Send stores it and shows its progress. The
@@ -872,10 +870,13 @@ async fn compose(
     }
     // Nothing goes out before the lead has seen who it reaches (and has not changed the
     // audience since).
+    // An update that cannot be sent as it is goes on to Send, which says why.
     if form.confirmed != form.audience_digest()
-        && let Some(confirm) = confirm_step(&shared, &session, &form).await
+        && let Ok(Some(previewed)) = previewed(&shared, &session, &form).await
+        && previewed.channels.iter().all(|c| c.rendered.is_ok())
+        && let Some(confirm) = confirm_step(&shared, &form, &previewed).await
     {
-        let previews = preview(&shared, &session, &form).await;
+        let previews = PreviewsView::of(previewed);
         let mut view = compose_view(&shared, &session, &form, None, previews).await;
         view.confirm = Some(confirm);
         return console.render(StatusCode::OK, "compose", &view);
