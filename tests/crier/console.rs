@@ -572,6 +572,13 @@ async fn a_browser_signs_in_types_past_the_sms_limit_sends_and_watches_the_progr
     browser.goto(&format!("{base}/admin")).await;
     browser.wait_for_text("h1", "Sign in").await;
     browser.check_accessibility("console sign-in").await;
+    browser.set_window_size(360, 800).await;
+    assert!(
+        !browser.scrolls_sideways().await,
+        "the sign-in page fits 360 px"
+    );
+    browser.screenshot("console-sign-in-phone.png").await;
+    browser.set_window_size(1280, 900).await;
     let token = browser.find("#token").await;
     browser.type_into(&token, "not-the-token").await;
     browser.click(&browser.find("#sign-in").await).await;
@@ -605,7 +612,7 @@ async fn a_browser_signs_in_types_past_the_sms_limit_sends_and_watches_the_progr
         .check_accessibility("console compose, over the limit")
         .await;
 
-    browser.set_window_size(400, 860).await;
+    browser.set_window_size(360, 800).await;
     browser.screenshot("console-compose-phone.png").await;
     let phone_width = browser
         .execute("return document.documentElement.scrollWidth;", vec![])
@@ -675,6 +682,13 @@ async fn a_browser_signs_in_types_past_the_sms_limit_sends_and_watches_the_progr
         .wait_for_text("main", "next update promised by")
         .await;
     browser.check_accessibility("console incidents").await;
+    browser.set_window_size(360, 800).await;
+    assert!(
+        !browser.scrolls_sideways().await,
+        "the incidents page fits 360 px"
+    );
+    browser.screenshot("console-incidents-phone.png").await;
+    browser.set_window_size(1280, 900).await;
 
     // Resolving goes through the same compose page, prefilled, and the same Send.
     browser
