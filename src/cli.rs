@@ -3,7 +3,7 @@
 use crate::app::{App, UpdateRequest};
 use crate::config::{Config, ProcessEnv};
 use crate::delivery::Counts;
-use crate::domain::{Contact, EmailAddress, IncidentState, OrderNumber, PhoneNumber};
+use crate::domain::{Contact, EmailAddress, FollowVia, IncidentState, OrderNumber, PhoneNumber};
 use crate::error::ErrorKind;
 use crate::error::{Error, Result};
 use crate::remote::Remote;
@@ -448,7 +448,13 @@ async fn subscribe(config: Config, args: SubscribeArgs) -> Result<ExitCode> {
         None => {
             let store = open_store(&config).await?;
             let subscriber = store
-                .subscribe(&contact, &order, args.confirmed, Utc::now())
+                .subscribe(
+                    &contact,
+                    &order,
+                    args.confirmed,
+                    FollowVia::Operator,
+                    Utc::now(),
+                )
                 .await?;
             SubscriberSummary::of(&subscriber)
         }
@@ -618,7 +624,7 @@ async fn unsubscribe(config: Config, args: UnsubscribeArgs) -> Result<ExitCode> 
         None => {
             let store = open_store(&config).await?;
             let subscriber = store
-                .unsubscribe(&contact, order.as_ref(), Utc::now())
+                .unsubscribe(&contact, order.as_ref(), FollowVia::Operator, Utc::now())
                 .await?;
             SubscriberSummary::of(&subscriber)
         }
@@ -1203,23 +1209,34 @@ async fn order(config: Config, args: OrderArgs) -> Result<ExitCode> {
         None => say!("order {order}: no update applies to it yet"),
     }
     if report.contacts.is_empty() {
-        say!("nobody follows order {order}");
+        say!("nobody follows order {order}, and nobody has");
     } else {
-        say!("contacts following {order}:");
+        say!("contacts that follow or followed {order}:");
         for contact in &report.contacts {
             let deliveries: Vec<String> = contact
                 .deliveries
                 .iter()
                 .map(|(channel, state)| format!("{channel}: {state}"))
                 .collect();
+            let since = parse_time(&contact.since)
+                .map(human_time)
+                .unwrap_or_else(|| contact.since.clone());
+            let stopped = if contact.stopped_on.is_empty() {
+                String::new()
+            } else {
+                format!(" · stopped on {}", contact.stopped_on.join(", "))
+            };
             say!(
-                "  {} ({}){}",
+                "  {} · {} {} {}{}{}",
                 contact.contact,
                 contact.state,
+                since,
+                contact.how,
+                stopped,
                 if deliveries.is_empty() {
                     String::new()
                 } else {
-                    format!(" · {}", deliveries.join(", "))
+                    format!(" · latest update: {}", deliveries.join(", "))
                 }
             );
         }

@@ -41,6 +41,14 @@ pub fn after(time: DateTime<Utc>, wait: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
+/// `time - wait`, or the earliest representable time when that would overflow.
+pub fn before(time: DateTime<Utc>, wait: Duration) -> DateTime<Utc> {
+    TimeDelta::from_std(wait)
+        .ok()
+        .and_then(|delta| time.checked_sub_signed(delta))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
 /// How long from `now` until `time`: zero if it has passed.
 pub fn until(now: DateTime<Utc>, time: DateTime<Utc>) -> Duration {
     time.signed_duration_since(now).to_std().unwrap_or_default()

@@ -82,7 +82,7 @@ impl LinkMaker {
         now: DateTime<Utc>,
         ttl: std::time::Duration,
     ) -> String {
-        let subject = LinkSubject::subject(&self.signer, order, Some(contact));
+        let subject = LinkSubject::subject(&self.signer, order, Some(contact), now);
         let token = self.signer.issue(
             TokenPurpose::Confirm,
             &subject,
@@ -99,7 +99,7 @@ impl LinkMaker {
         contact: Option<&Contact>,
         expires: DateTime<Utc>,
     ) -> String {
-        let subject = LinkSubject::subject(&self.signer, order, contact);
+        let subject = LinkSubject::subject(&self.signer, order, contact, Utc::now());
         let token = self
             .signer
             .issue(TokenPurpose::SupportLink, &subject, expires);
@@ -108,18 +108,30 @@ impl LinkMaker {
 }
 
 /// What a confirm or support link names: an order and, for a confirm link or a support link
-/// made for one customer, the contact. Signed as `order` or `order\nsealed contact`: an order
-/// number never holds a line break.
+/// made for one customer, the contact and when the link was made. Signed as `order`, or
+/// `order\nsealed contact\nissued` (Unix seconds): an order number never holds a line break.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkSubject {
     pub order: OrderNumber,
     pub contact: Option<Contact>,
+    /// When the link was made: an opt-out after it voids it. A link made before links said
+    /// when reads as made at the beginning of time, so any opt-out voids it.
+    pub issued: DateTime<Utc>,
 }
 
 impl LinkSubject {
-    fn subject(signer: &TokenSigner, order: &OrderNumber, contact: Option<&Contact>) -> String {
+    fn subject(
+        signer: &TokenSigner,
+        order: &OrderNumber,
+        contact: Option<&Contact>,
+        issued: DateTime<Utc>,
+    ) -> String {
         match contact {
-            Some(contact) => format!("{order}\n{}", signer.seal(contact.as_str())),
+            Some(contact) => format!(
+                "{order}\n{}\n{}",
+                signer.seal(contact.as_str()),
+                issued.timestamp()
+            ),
             None => order.to_string(),
         }
     }
@@ -134,15 +146,26 @@ impl LinkSubject {
         now: DateTime<Utc>,
     ) -> Result<Self, TokenError> {
         let subject = signer.verify(purpose, token, now)?;
-        let (order, contact) = match subject.split_once('\n') {
-            Some((order, contact)) => (order, Some(contact)),
-            None => (subject.as_str(), None),
+        let mut parts = subject.splitn(3, '\n');
+        let order = parts.next().unwrap_or_default();
+        let contact = parts.next();
+        let issued = match parts.next() {
+            Some(seconds) => seconds
+                .parse::<i64>()
+                .ok()
+                .and_then(|s| DateTime::from_timestamp(s, 0))
+                .ok_or(TokenError::Malformed)?,
+            None => DateTime::<Utc>::MIN_UTC,
         };
         let order = OrderNumber::parse(order, orders).map_err(|_| TokenError::Malformed)?;
         let contact = contact
             .map(|contact| signed_contact(signer, contact))
             .transpose()?;
-        Ok(Self { order, contact })
+        Ok(Self {
+            order,
+            contact,
+            issued,
+        })
     }
 }
 
@@ -278,7 +301,8 @@ mod tests {
             read,
             Ok(LinkSubject {
                 order: order.clone(),
-                contact: Some(ann)
+                contact: Some(ann),
+                issued: DateTime::from_timestamp(now.timestamp(), 0).unwrap(),
             })
         );
         assert_eq!(
@@ -311,7 +335,8 @@ mod tests {
             read,
             Ok(LinkSubject {
                 order,
-                contact: None
+                contact: None,
+                issued: DateTime::<Utc>::MIN_UTC,
             })
         );
     }

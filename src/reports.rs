@@ -51,13 +51,23 @@ impl UpdateSummary {
     }
 }
 
-/// One contact following an order, masked, and how the latest update reached it.
+/// One contact that follows or followed an order, masked: where its consent to the order
+/// stands, since when and how, and how the latest update reached it.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Follower {
     /// Masked: `a***@example.com`, `+44*******123`.
     pub contact: String,
-    /// pending, confirmed or unsubscribed.
+    /// Its follow of this order: pending (not confirmed yet), confirmed, or left.
     pub state: String,
+    /// When the follow came to that state (RFC 3339).
+    pub since: String,
+    /// How it came to it, in words: "by a confirmation link", "by text message".
+    pub how: String,
+    /// When the contact first asked for this order (RFC 3339).
+    pub first: String,
+    /// Channels the contact can no longer be reached on (a STOP, a dead number).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stopped_on: Vec<String>,
     /// The latest update's delivery state on each channel that reached the contact.
     pub deliveries: BTreeMap<String, String>,
 }
@@ -111,9 +121,16 @@ pub async fn order_report(
                 }
             }
         }
+        let Some(follow) = subscriber.follow_of(order) else {
+            continue;
+        };
         contacts.push(Follower {
             contact: subscriber.contact.masked(),
-            state: as_text(&subscriber.state),
+            state: as_text(&follow.state),
+            since: rfc3339(follow.since),
+            how: follow.via.describe().to_owned(),
+            first: rfc3339(follow.first),
+            stopped_on: subscriber.stopped_on.iter().cloned().collect(),
             deliveries,
         });
     }

@@ -744,10 +744,22 @@ impl Dispatcher {
                 reason: "the subscriber stopped receiving these before it went out".into(),
             }));
         }
+        // What it follows may have changed since planning: name only what it still receives.
         let orders: Vec<_> = if delivery.orders.is_empty() {
-            subscriber.orders.iter().cloned().collect()
+            subscriber.confirmed_orders().into_iter().collect()
         } else {
-            delivery.orders.clone()
+            let still: Vec<_> = delivery
+                .orders
+                .iter()
+                .filter(|o| subscriber.receives(o))
+                .cloned()
+                .collect();
+            if still.is_empty() {
+                return Ok(Prepared::Settle(Outcome::Skipped {
+                    reason: "the subscriber stopped following the order before it went out".into(),
+                }));
+            }
+            still
         };
         let message = self
             .composer

@@ -139,12 +139,12 @@ pub fn deliveries_for(
     if !subscriber.receives_updates() {
         return Vec::new();
     }
+    // Consent is per order: a targeted update reaches only the orders it confirmed.
     let orders: Vec<OrderNumber> = match targets {
         Some(targets) => subscriber
-            .orders
-            .iter()
+            .confirmed_orders()
+            .into_iter()
             .filter(|o| targets.contains(o))
-            .cloned()
             .collect(),
         None => Vec::new(),
     };
@@ -174,7 +174,7 @@ mod tests {
     use crate::config::DeliveryPolicy;
     use crate::delivery::{DeliveryError, DeliveryKey, Receipt};
     use crate::domain::{
-        Body, Contact, ContactKind, Headline, Incident, IncidentState, OrderPattern,
+        Body, Contact, ContactKind, FollowVia, Headline, Incident, IncidentState, OrderPattern,
     };
     use crate::render::MessageContext;
     use crate::store::{DeliveryFilter, MemoryStore, PlanState};
@@ -240,7 +240,7 @@ mod tests {
             let order =
                 OrderNumber::parse(&format!("AB-{:04}", 1000 + i % 10), &pattern()).unwrap();
             store
-                .subscribe(&contact, &order, true, Utc::now())
+                .subscribe(&contact, &order, true, FollowVia::Operator, Utc::now())
                 .await
                 .unwrap();
         }
@@ -338,7 +338,7 @@ mod tests {
         let phone = Contact::parse("+447700900123").unwrap();
         let order = OrderNumber::parse("AB-1001", &pattern()).unwrap();
         store
-            .subscribe(&phone, &order, true, Utc::now())
+            .subscribe(&phone, &order, true, FollowVia::Operator, Utc::now())
             .await
             .unwrap();
         let update = accepted(&store, Audience::Everyone).await;
@@ -359,7 +359,7 @@ mod tests {
         let ann = Contact::parse("c000@example.com").unwrap();
         let second_order = OrderNumber::parse("AB-1001", &pattern()).unwrap();
         store
-            .subscribe(&ann, &second_order, true, Utc::now())
+            .subscribe(&ann, &second_order, true, FollowVia::Operator, Utc::now())
             .await
             .unwrap();
         let targets: BTreeSet<OrderNumber> = ["AB-1000", "AB-1001"]

@@ -12,8 +12,8 @@ use crate::delivery::{
 };
 use crate::domain::token::TokenSigner;
 use crate::domain::{
-    Audience, Body, Contact, ContactKind, Headline, Incident, IncidentState, OrderNumber,
-    OrderPattern, Update,
+    Audience, Body, Contact, ContactKind, FollowVia, Headline, Incident, IncidentState,
+    OrderNumber, OrderPattern, Update,
 };
 use crate::links::LinkMaker;
 use crate::render::{Composer, MessageContext};
@@ -148,7 +148,13 @@ impl Harness {
         let order = OrderNumber::parse("AB-1001", &pattern).unwrap();
         let contact = Contact::parse(contact).unwrap();
         self.store
-            .subscribe(&contact, &order, true, self.clock.now())
+            .subscribe(
+                &contact,
+                &order,
+                true,
+                FollowVia::Operator,
+                self.clock.now(),
+            )
             .await
             .unwrap();
     }

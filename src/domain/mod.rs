@@ -10,7 +10,7 @@ mod update;
 pub use contact::{Contact, ContactKind, EmailAddress, PhoneNumber};
 pub use incident::{Incident, IncidentState};
 pub use order::{OrderNumber, OrderPattern};
-pub use subscriber::{Subscriber, SubscriberState};
+pub use subscriber::{Follow, FollowState, FollowVia, Subscriber, SubscriberState, TextAsk};
 pub use update::{Audience, Body, Headline, Update, parse_next_update_in, printable};
 
 /// Input that does not describe a valid domain value. Each variant is a user error.

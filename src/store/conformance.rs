@@ -17,8 +17,8 @@ use crate::delivery::{
     ProviderReport, Receipt, Recipient, ReportedOutcome,
 };
 use crate::domain::{
-    Audience, Body, Contact, Headline, Incident, IncidentState, OrderNumber, OrderPattern,
-    SubscriberState, Update,
+    Audience, Body, Contact, FollowState, FollowVia, Headline, Incident, IncidentState,
+    OrderNumber, OrderPattern, SubscriberState, Update,
 };
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use std::collections::{BTreeMap, BTreeSet};
@@ -123,6 +123,11 @@ macro_rules! conformance {
             form_requests_arriving_together_are_each_decided_as_alone_and_all_stored,
             a_shared_store_lets_one_holder_at_a_time_claim_an_updates_planning,
             a_delivery_twice_in_one_planning_write_is_stored_and_counted_once,
+            a_confirmation_confirms_exactly_its_follows_and_a_strangers_stay_pending,
+            an_opt_out_voids_every_link_issued_before_it,
+            start_after_stop_brings_back_exactly_what_was_confirmed,
+            a_form_request_forgotten_after_its_link_expired_is_not_kept,
+            an_import_never_brings_back_an_order_the_contact_left,
         );
     };
     (@tests $backend:ident, $open:expr; $($test:ident),* $(,)?) => {
@@ -342,20 +347,20 @@ async fn subscribing_creates_a_subscriber_once_and_counts_it(store: &dyn Store) 
     let ann = contact("ann@example.com");
 
     let pending = store
-        .subscribe(&ann, &order("AB-1001"), false, at(0))
+        .subscribe(&ann, &order("AB-1001"), false, FollowVia::Operator, at(0))
         .await
         .unwrap();
-    assert_eq!(pending.state, SubscriberState::Pending);
-    assert_eq!(pending.orders, BTreeSet::from([order("AB-1001")]));
+    assert_eq!(pending.state(), SubscriberState::Pending);
+    assert_eq!(pending.orders(), BTreeSet::from([order("AB-1001")]));
     assert!(pending.stopped_on.is_empty());
 
     let confirmed = store
-        .subscribe(&ann, &order("AB-1002"), true, at(1))
+        .subscribe(&ann, &order("AB-1002"), true, FollowVia::Operator, at(1))
         .await
         .unwrap();
-    assert_eq!(confirmed.state, SubscriberState::Confirmed);
+    assert_eq!(confirmed.state(), SubscriberState::Confirmed);
     assert_eq!(
-        confirmed.orders,
+        confirmed.orders(),
         BTreeSet::from([order("AB-1001"), order("AB-1002")])
     );
     assert_eq!(confirmed.created_at, at(0));
@@ -364,7 +369,13 @@ async fn subscribing_creates_a_subscriber_once_and_counts_it(store: &dyn Store) 
     assert_eq!(store.subscriber_count().await.unwrap(), 1, "counted once");
 
     store
-        .subscribe(&contact("+447700900123"), &order("AB-1001"), true, at(2))
+        .subscribe(
+            &contact("+447700900123"),
+            &order("AB-1001"),
+            true,
+            FollowVia::Operator,
+            at(2),
+        )
         .await
         .unwrap();
     assert_eq!(store.subscriber_count().await.unwrap(), 2);
@@ -377,30 +388,44 @@ async fn subscribing_creates_a_subscriber_once_and_counts_it(store: &dyn Store) 
 async fn unsubscribing_from_one_order_keeps_the_others_until_the_last_one_goes(store: &dyn Store) {
     let ann = contact("ann@example.com");
     store
-        .subscribe(&ann, &order("AB-1001"), true, at(0))
+        .subscribe(&ann, &order("AB-1001"), true, FollowVia::Operator, at(0))
         .await
         .unwrap();
     store
-        .subscribe(&ann, &order("AB-1002"), true, at(0))
+        .subscribe(&ann, &order("AB-1002"), true, FollowVia::Operator, at(0))
         .await
         .unwrap();
 
     let one_left = store
-        .unsubscribe(&ann, Some(&order("AB-1001")), at(1))
+        .unsubscribe(&ann, Some(&order("AB-1001")), FollowVia::Operator, at(1))
         .await
         .unwrap();
-    assert_eq!(one_left.orders, BTreeSet::from([order("AB-1002")]));
-    assert_eq!(one_left.state, SubscriberState::Confirmed);
+    assert_eq!(one_left.orders(), BTreeSet::from([order("AB-1002")]));
+    assert_eq!(one_left.state(), SubscriberState::Confirmed);
     assert_eq!(one_left.updated_at, at(1));
+    // The order still lists her, as having left it: support sees who followed, planning skips
+    // her.
     let followers = Audience::Orders(BTreeSet::from([order("AB-1001")]));
-    assert!(walk(store, &followers, 10).await.is_empty());
+    let listed = store
+        .subscriber_page(&followers, None, 10)
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(listed.len(), 1);
+    let follow = listed[0].follow_of(&order("AB-1001")).unwrap();
+    assert_eq!(
+        (follow.state, follow.since, follow.via),
+        (FollowState::Left, at(1), FollowVia::Operator)
+    );
+    assert!(!listed[0].receives(&order("AB-1001")));
+    assert!(listed[0].receives(&order("AB-1002")));
 
     let none_left = store
-        .unsubscribe(&ann, Some(&order("AB-1002")), at(2))
+        .unsubscribe(&ann, Some(&order("AB-1002")), FollowVia::Operator, at(2))
         .await
         .unwrap();
-    assert!(none_left.orders.is_empty());
-    assert_eq!(none_left.state, SubscriberState::Unsubscribed);
+    assert!(none_left.orders().is_empty());
+    assert_eq!(none_left.state(), SubscriberState::Unsubscribed);
     assert_eq!(store.subscriber(&ann).await.unwrap(), Some(none_left));
     assert_eq!(
         store.subscriber_count().await.unwrap(),
@@ -413,14 +438,17 @@ async fn unsubscribing_from_everything_leaves_every_order(store: &dyn Store) {
     let ann = contact("ann@example.com");
     for number in ["AB-1001", "AB-1002", "AB-1003"] {
         store
-            .subscribe(&ann, &order(number), true, at(0))
+            .subscribe(&ann, &order(number), true, FollowVia::Operator, at(0))
             .await
             .unwrap();
     }
 
-    let gone = store.unsubscribe(&ann, None, at(1)).await.unwrap();
-    assert!(gone.orders.is_empty());
-    assert_eq!(gone.state, SubscriberState::Unsubscribed);
+    let gone = store
+        .unsubscribe(&ann, None, FollowVia::Operator, at(1))
+        .await
+        .unwrap();
+    assert!(gone.orders().is_empty());
+    assert_eq!(gone.state(), SubscriberState::Unsubscribed);
     assert!(!gone.receives_on(CHANNEL));
 
     let all_three = Audience::Orders(
@@ -429,16 +457,29 @@ async fn unsubscribing_from_everything_leaves_every_order(store: &dyn Store) {
             .map(order)
             .collect(),
     );
-    assert!(
-        walk(store, &all_three, 10).await.is_empty(),
-        "no order index entry is left behind"
-    );
+    let listed = store
+        .subscriber_page(&all_three, None, 10)
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(listed.len(), 3, "each order lists her once, as having left");
+    for subscriber in listed {
+        assert!(
+            subscriber
+                .follows
+                .values()
+                .all(|f| f.state == FollowState::Left)
+        );
+        assert_eq!(subscriber.opted_out_at, Some(at(1)));
+    }
 }
 
 async fn unsubscribing_an_unknown_contact_is_refused(store: &dyn Store) {
     let nobody = contact("nobody@example.com");
     for which in [Some(order("AB-1001")), None] {
-        let refused = store.unsubscribe(&nobody, which.as_ref(), at(0)).await;
+        let refused = store
+            .unsubscribe(&nobody, which.as_ref(), FollowVia::Operator, at(0))
+            .await;
         assert!(
             matches!(refused, Err(StoreError::UnknownSubscriber(_))),
             "{refused:?}"
@@ -451,27 +492,30 @@ async fn unsubscribing_an_unknown_contact_is_refused(store: &dyn Store) {
 async fn subscribing_again_after_unsubscribing_is_pending_unless_confirmed(store: &dyn Store) {
     let ann = contact("ann@example.com");
     store
-        .subscribe(&ann, &order("AB-1001"), true, at(0))
+        .subscribe(&ann, &order("AB-1001"), true, FollowVia::Operator, at(0))
         .await
         .unwrap();
-    store.unsubscribe(&ann, None, at(1)).await.unwrap();
+    store
+        .unsubscribe(&ann, None, FollowVia::Operator, at(1))
+        .await
+        .unwrap();
 
     let again = store
-        .subscribe(&ann, &order("AB-1002"), false, at(2))
+        .subscribe(&ann, &order("AB-1002"), false, FollowVia::Operator, at(2))
         .await
         .unwrap();
-    assert_eq!(again.state, SubscriberState::Pending);
+    assert_eq!(again.state(), SubscriberState::Pending);
     assert_eq!(
-        again.orders,
+        again.orders(),
         BTreeSet::from([order("AB-1002")]),
         "the orders left before do not come back"
     );
 
     let vouched = store
-        .subscribe(&ann, &order("AB-1002"), true, at(3))
+        .subscribe(&ann, &order("AB-1002"), true, FollowVia::Operator, at(3))
         .await
         .unwrap();
-    assert_eq!(vouched.state, SubscriberState::Confirmed);
+    assert_eq!(vouched.state(), SubscriberState::Confirmed);
     assert_eq!(store.subscriber_count().await.unwrap(), 1);
 }
 
@@ -491,17 +535,33 @@ async fn the_followers_of_targeted_orders_are_paged_once_per_followed_order(stor
         let confirmed = raw != "cat@example.com";
         for number in orders {
             store
-                .subscribe(&contact(raw), &order(number), confirmed, at(0))
+                .subscribe(
+                    &contact(raw),
+                    &order(number),
+                    confirmed,
+                    FollowVia::Operator,
+                    at(0),
+                )
                 .await
                 .unwrap();
         }
     }
     store
-        .unsubscribe(&contact("fay@example.com"), Some(&order("AB-1001")), at(1))
+        .unsubscribe(
+            &contact("fay@example.com"),
+            Some(&order("AB-1001")),
+            FollowVia::Operator,
+            at(1),
+        )
         .await
         .unwrap();
     store
-        .unsubscribe(&contact("gus@example.com"), None, at(1))
+        .unsubscribe(
+            &contact("gus@example.com"),
+            None,
+            FollowVia::Operator,
+            at(1),
+        )
         .await
         .unwrap();
 
@@ -514,15 +574,17 @@ async fn the_followers_of_targeted_orders_are_paged_once_per_followed_order(stor
     );
     let expected = sorted(
         [
-            // AB-1001
+            // AB-1001 (fay left it, and stays listed as having left)
             "+447700900123",
             "ann@example.com",
             "bob@example.com",
             "eve@example.com",
-            // AB-1002
+            "fay@example.com",
+            // AB-1002 (gus left everything)
             "ann@example.com",
             "cat@example.com",
             "fay@example.com",
+            "gus@example.com",
         ]
         .map(String::from)
         .to_vec(),
@@ -555,12 +617,23 @@ async fn paging_over_everyone_resumes_after_the_cursor_without_repeats(store: &d
     for (i, raw) in everyone.iter().enumerate() {
         let number = format!("AB-100{}", i % 2);
         store
-            .subscribe(&contact(raw), &order(&number), i != 2, at(0))
+            .subscribe(
+                &contact(raw),
+                &order(&number),
+                i != 2,
+                FollowVia::Operator,
+                at(0),
+            )
             .await
             .unwrap();
     }
     store
-        .unsubscribe(&contact("dan@example.com"), None, at(1))
+        .unsubscribe(
+            &contact("dan@example.com"),
+            None,
+            FollowVia::Operator,
+            at(1),
+        )
         .await
         .unwrap();
 
@@ -1154,7 +1227,7 @@ async fn an_endpoint_gone_failure_disables_the_channel_until_it_is_enabled(store
 async fn a_recipient_gone_failure_stops_the_contact_on_that_channel_only(store: &dyn Store) {
     let ann = contact("ann@example.com");
     store
-        .subscribe(&ann, &order("AB-1001"), true, at(0))
+        .subscribe(&ann, &order("AB-1001"), true, FollowVia::Operator, at(0))
         .await
         .unwrap();
     let update = Ulid::new();
@@ -1190,8 +1263,8 @@ async fn a_recipient_gone_failure_stops_the_contact_on_that_channel_only(store: 
     assert_eq!(stopped.stopped_on, BTreeSet::from(["sms".to_owned()]));
     assert!(!stopped.receives_on("sms"));
     assert!(stopped.receives_on("email"));
-    assert_eq!(stopped.state, SubscriberState::Confirmed);
-    assert_eq!(stopped.orders, BTreeSet::from([order("AB-1001")]));
+    assert_eq!(stopped.state(), SubscriberState::Confirmed);
+    assert_eq!(stopped.orders(), BTreeSet::from([order("AB-1001")]));
     assert_eq!(store.channel_disabled("sms").await.unwrap(), None);
 }
 
@@ -1572,7 +1645,7 @@ async fn a_page_of_deliveries_that_finds_nothing_has_no_cursor(store: &dyn Store
 async fn a_page_of_zero_holds_nothing(store: &dyn Store) {
     let ann = contact("ann@example.com");
     store
-        .subscribe(&ann, &order("AB-1001"), true, at(0))
+        .subscribe(&ann, &order("AB-1001"), true, FollowVia::Operator, at(0))
         .await
         .unwrap();
     let update = Ulid::new();
@@ -1616,7 +1689,13 @@ fn row(raw_contact: &str, raw_order: &str, confirmed: bool) -> Subscription {
 
 async fn a_batch_of_subscriptions_reports_what_each_row_changed(store: &dyn Store) {
     store
-        .subscribe(&contact("old@example.com"), &order("AB-0001"), false, at(0))
+        .subscribe(
+            &contact("old@example.com"),
+            &order("AB-0001"),
+            false,
+            FollowVia::Operator,
+            at(0),
+        )
         .await
         .unwrap();
     let rows = [
@@ -1647,14 +1726,14 @@ async fn a_batch_of_subscriptions_reports_what_each_row_changed(store: &dyn Stor
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(new.state, SubscriberState::Confirmed);
-    assert_eq!(new.orders.len(), 2);
+    assert_eq!(new.state(), SubscriberState::Confirmed);
+    assert_eq!(new.orders().len(), 2);
     let old = store
         .subscriber(&contact("old@example.com"))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(old.state, SubscriberState::Confirmed);
+    assert_eq!(old.state(), SubscriberState::Confirmed);
     // The order index knows the new followers.
     let followers = store
         .subscriber_page(
@@ -1677,18 +1756,21 @@ async fn a_batch_of_subscriptions_reports_what_each_row_changed(store: &dyn Stor
 async fn a_batch_never_subscribes_a_contact_that_left_again(store: &dyn Store) {
     let ann = contact("ann@example.com");
     store
-        .subscribe(&ann, &order("AB-0001"), true, at(0))
+        .subscribe(&ann, &order("AB-0001"), true, FollowVia::Operator, at(0))
         .await
         .unwrap();
-    store.unsubscribe(&ann, None, at(1)).await.unwrap();
+    store
+        .unsubscribe(&ann, None, FollowVia::Operator, at(1))
+        .await
+        .unwrap();
     let outcomes = store
         .subscribe_batch(&[row("ann@example.com", "AB-0002", true)], at(2))
         .await
         .unwrap();
     assert_eq!(outcomes, [Subscribed::KeptUnsubscribed]);
     let ann = store.subscriber(&ann).await.unwrap().unwrap();
-    assert_eq!(ann.state, SubscriberState::Unsubscribed);
-    assert!(ann.orders.is_empty());
+    assert_eq!(ann.state(), SubscriberState::Unsubscribed);
+    assert!(ann.orders().is_empty());
 }
 
 async fn a_lease_given_back_is_queued_again_without_its_attempt(store: &dyn Store) {
@@ -1724,7 +1806,13 @@ async fn a_lease_given_back_is_queued_again_without_its_attempt(store: &dyn Stor
 async fn many_subscribers_are_read_at_once_in_order(store: &dyn Store) {
     for raw in ["a@example.com", "b@example.com"] {
         store
-            .subscribe(&contact(raw), &order("AB-0001"), true, at(0))
+            .subscribe(
+                &contact(raw),
+                &order("AB-0001"),
+                true,
+                FollowVia::Operator,
+                at(0),
+            )
             .await
             .unwrap();
     }
@@ -1900,7 +1988,7 @@ async fn provider_reports_are_kept_and_undelivered_ones_in_a_row_stop_the_contac
     use ReportedOutcome::{Delivered, Pending, Undelivered};
     let phone = contact("+447700900123");
     store
-        .subscribe(&phone, &order("AB-1234"), true, at(0))
+        .subscribe(&phone, &order("AB-1234"), true, FollowVia::Operator, at(0))
         .await
         .unwrap();
     let report = |outcome: ReportedOutcome, status: &str| ProviderReport {
@@ -2016,13 +2104,13 @@ async fn a_form_request_stores_a_pending_follower_and_never_changes_a_confirmed_
         .await
         .unwrap()
         .expect("stored at once");
-    assert_eq!(stored.state, SubscriberState::Pending);
-    assert!(stored.orders.contains(&order("AB-1001")));
+    assert_eq!(stored.state(), SubscriberState::Pending);
+    assert!(stored.orders().contains(&order("AB-1001")));
     assert_eq!(store.subscriber_count().await.unwrap(), 1);
 
     // Confirmed: the same order again sends nothing; another waits for its link.
     store
-        .subscribe(&ann, &order("AB-1001"), true, at(1))
+        .subscribe(&ann, &order("AB-1001"), true, FollowVia::Operator, at(1))
         .await
         .unwrap();
     assert_eq!(
@@ -2040,19 +2128,29 @@ async fn a_form_request_stores_a_pending_follower_and_never_changes_a_confirmed_
         FormRequest::AskToConfirm
     );
     let ann_now = store.subscriber(&ann).await.unwrap().unwrap();
-    assert_eq!(ann_now.state, SubscriberState::Confirmed);
+    assert_eq!(ann_now.state(), SubscriberState::Confirmed);
     assert!(
-        !ann_now.orders.contains(&order("AB-1002")),
+        !ann_now.receives(&order("AB-1002")),
         "a form does not change what a confirmed contact receives"
+    );
+    assert_eq!(
+        ann_now
+            .follow_of(&order("AB-1002"))
+            .map(|f| (f.state, f.via)),
+        Some((FollowState::Pending, FollowVia::Form)),
+        "it waits for its own link"
     );
 
     // A phone that unsubscribed is never texted from a form, and stays unsubscribed.
     let phone = contact("+447700900123");
     store
-        .subscribe(&phone, &order("AB-1001"), true, at(4))
+        .subscribe(&phone, &order("AB-1001"), true, FollowVia::Operator, at(4))
         .await
         .unwrap();
-    store.unsubscribe(&phone, None, at(5)).await.unwrap();
+    store
+        .unsubscribe(&phone, None, FollowVia::Operator, at(5))
+        .await
+        .unwrap();
     assert_eq!(
         store
             .request_subscription(&phone, &order("AB-1001"), "sms", at(6))
@@ -2061,7 +2159,7 @@ async fn a_form_request_stores_a_pending_follower_and_never_changes_a_confirmed_
         FormRequest::MustNotMessage
     );
     assert_eq!(
-        store.subscriber(&phone).await.unwrap().unwrap().state,
+        store.subscriber(&phone).await.unwrap().unwrap().state(),
         SubscriberState::Unsubscribed
     );
     assert_eq!(store.subscriber_count().await.unwrap(), 2);
@@ -2090,7 +2188,7 @@ async fn a_form_request_stores_a_pending_follower_and_never_changes_a_confirmed_
         "one it follows may be asked again"
     );
     let bob_now = store.subscriber(&bob).await.unwrap().unwrap();
-    assert_eq!(bob_now.orders.len(), crate::store::FORM_PENDING_ORDERS);
+    assert_eq!(bob_now.orders().len(), crate::store::FORM_PENDING_ORDERS);
 }
 
 async fn form_requests_arriving_together_are_each_decided_as_alone_and_all_stored(
@@ -2105,14 +2203,17 @@ async fn form_requests_arriving_together_are_each_decided_as_alone_and_all_store
     );
     let phone = contact("+447700900123");
     store
-        .subscribe(&erin, &order("AB-1001"), true, at(0))
+        .subscribe(&erin, &order("AB-1001"), true, FollowVia::Operator, at(0))
         .await
         .unwrap();
     store
-        .subscribe(&phone, &order("AB-1001"), true, at(0))
+        .subscribe(&phone, &order("AB-1001"), true, FollowVia::Operator, at(0))
         .await
         .unwrap();
-    store.unsubscribe(&phone, None, at(1)).await.unwrap();
+    store
+        .unsubscribe(&phone, None, FollowVia::Operator, at(1))
+        .await
+        .unwrap();
 
     // All of them in flight at once: the sled store's thread decides the ones that reach it
     // together in one transaction. Two requests of one contact may be decided in either order
@@ -2152,10 +2253,10 @@ async fn form_requests_arriving_together_are_each_decided_as_alone_and_all_store
         .await
         .unwrap()
         .expect("ann is stored");
-    assert_eq!(ann_now.state, SubscriberState::Pending);
+    assert_eq!(ann_now.state(), SubscriberState::Pending);
     assert_eq!(
         ann_now
-            .orders
+            .orders()
             .iter()
             .map(|o| o.as_str())
             .collect::<Vec<_>>(),
@@ -2167,20 +2268,20 @@ async fn form_requests_arriving_together_are_each_decided_as_alone_and_all_store
         .await
         .unwrap()
         .expect("bob is stored");
-    assert_eq!(bob_now.state, SubscriberState::Pending);
+    assert_eq!(bob_now.state(), SubscriberState::Pending);
     assert_eq!(
-        bob_now.orders.len(),
+        bob_now.orders().len(),
         1,
         "the same order twice is followed once"
     );
     let erin_now = store.subscriber(&erin).await.unwrap().unwrap();
-    assert_eq!(erin_now.state, SubscriberState::Confirmed);
+    assert_eq!(erin_now.state(), SubscriberState::Confirmed);
     assert!(
-        !erin_now.orders.contains(&order("AB-1003")),
+        !erin_now.receives(&order("AB-1003")),
         "a form does not change what a confirmed contact receives"
     );
     assert_eq!(
-        store.subscriber(&phone).await.unwrap().unwrap().state,
+        store.subscriber(&phone).await.unwrap().unwrap().state(),
         SubscriberState::Unsubscribed
     );
     assert_eq!(
@@ -2195,12 +2296,13 @@ async fn form_requests_arriving_together_are_each_decided_as_alone_and_all_store
     let following: BTreeSet<String> = followers
         .items
         .iter()
+        .filter(|s| !s.opted_out())
         .map(|s| s.contact.as_str().to_owned())
         .collect();
     assert_eq!(
         following,
         [&ann, &bob, &erin].map(|c| c.as_str().to_owned()).into(),
-        "the order index finds the new followers beside erin; the phone left and stays out"
+        "the order index finds the new followers beside erin; the phone left and stays so"
     );
 }
 
@@ -2243,4 +2345,424 @@ async fn a_delivery_twice_in_one_planning_write_is_stored_and_counted_once(store
     let counts = store.counts(Some(update)).await.unwrap();
     assert_eq!(counts[CHANNEL].queued, 2);
     assert_eq!(counts, recount(store, update).await);
+}
+
+// ---- consent per order ------------------------------------------------------------------------
+
+async fn a_confirmation_confirms_exactly_its_follows_and_a_strangers_stay_pending(
+    store: &dyn Store,
+) {
+    use crate::store::{FollowChange, FormRequest};
+    let phone = contact("+447700900123");
+    // The owner asks for AB-1001; the confirmation text goes out and asks for a YES.
+    let asked = store
+        .request_subscription(&phone, &order("AB-1001"), "sms", at(0))
+        .await
+        .unwrap();
+    assert_eq!(asked, FormRequest::AskToConfirm);
+    let text = FollowChange::AskedByText {
+        orders: [order("AB-1001")].into(),
+        until: at(3600),
+    };
+    let sent = store.change_follows(&phone, &text, at(1)).await.unwrap();
+    assert_eq!(sent.orders, [order("AB-1001")]);
+    // A stranger adds two more orders for the same number; no text asks about them.
+    for number in ["AB-1002", "AB-1003"] {
+        store
+            .request_subscription(&phone, &order(number), "sms", at(2))
+            .await
+            .unwrap();
+    }
+    let yes = store
+        .change_follows(
+            &phone,
+            &FollowChange::AnsweredByText { order: None },
+            at(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        yes.orders,
+        [order("AB-1001")],
+        "the YES confirms what it was asked"
+    );
+    let now = store.subscriber(&phone).await.unwrap().unwrap();
+    assert!(now.receives(&order("AB-1001")));
+    for number in ["AB-1002", "AB-1003"] {
+        let follow = now.follow_of(&order(number)).unwrap();
+        assert_eq!(
+            (follow.state, follow.via),
+            (FollowState::Pending, FollowVia::Form)
+        );
+    }
+    assert_eq!(
+        now.follow_of(&order("AB-1001")).unwrap().via,
+        FollowVia::Text
+    );
+    let again = store
+        .change_follows(
+            &phone,
+            &FollowChange::AnsweredByText { order: None },
+            at(11),
+        )
+        .await
+        .unwrap();
+    assert!(
+        again.orders.is_empty(),
+        "a second YES has nothing left to confirm"
+    );
+
+    // A link confirms its own order and no other.
+    let link = FollowChange::FollowByLink {
+        order: order("AB-1002"),
+        via: FollowVia::ConfirmLink,
+        issued: at(2),
+    };
+    let confirmed = store.change_follows(&phone, &link, at(12)).await.unwrap();
+    assert_eq!(confirmed.orders, [order("AB-1002")]);
+    let now = store.subscriber(&phone).await.unwrap().unwrap();
+    assert!(now.receives(&order("AB-1002")));
+    assert!(!now.receives(&order("AB-1003")));
+
+    // An update for AB-1003 does not reach the phone; one for AB-1001 does.
+    let pages = |number: &str| Audience::Orders([order(number)].into());
+    let stranger = store
+        .subscriber_page(&pages("AB-1003"), None, 10)
+        .await
+        .unwrap();
+    assert!(
+        stranger
+            .items
+            .iter()
+            .all(|s| !s.receives(&order("AB-1003")))
+    );
+    let owner = store
+        .subscriber_page(&pages("AB-1001"), None, 10)
+        .await
+        .unwrap();
+    assert!(owner.items.iter().any(|s| s.receives(&order("AB-1001"))));
+}
+
+async fn an_opt_out_voids_every_link_issued_before_it(store: &dyn Store) {
+    use crate::store::FollowChange;
+    let ann = contact("ann@example.com");
+    store
+        .subscribe(&ann, &order("AB-1001"), true, FollowVia::Operator, at(0))
+        .await
+        .unwrap();
+    store
+        .subscribe(&ann, &order("AB-1002"), true, FollowVia::Operator, at(0))
+        .await
+        .unwrap();
+    let link = |number: &str, issued: i64| FollowChange::FollowByLink {
+        order: order(number),
+        via: FollowVia::SupportLink,
+        issued: at(issued),
+    };
+    // Leaving one order voids the links for it made before.
+    store
+        .unsubscribe(
+            &ann,
+            Some(&order("AB-1001")),
+            FollowVia::UnsubscribeLink,
+            at(10),
+        )
+        .await
+        .unwrap();
+    let old = store
+        .change_follows(&ann, &link("AB-1001", 5), at(11))
+        .await
+        .unwrap();
+    assert!(old.orders.is_empty());
+    assert!(!old.subscriber.receives(&order("AB-1001")));
+    // Leaving everything voids every older link.
+    store
+        .unsubscribe(&ann, None, FollowVia::UnsubscribeLink, at(20))
+        .await
+        .unwrap();
+    for number in ["AB-1001", "AB-1002"] {
+        let old = store
+            .change_follows(&ann, &link(number, 15), at(21))
+            .await
+            .unwrap();
+        assert!(old.orders.is_empty(), "{number}");
+    }
+    let stored = store.subscriber(&ann).await.unwrap().unwrap();
+    assert_eq!(stored.state(), SubscriberState::Unsubscribed);
+    assert_eq!(stored.opted_out_at, Some(at(20)));
+    // A link made after the opt-out is a new request: it brings back its order alone.
+    let new = store
+        .change_follows(&ann, &link("AB-1002", 25), at(26))
+        .await
+        .unwrap();
+    assert_eq!(new.orders, [order("AB-1002")]);
+    assert!(new.subscriber.receives(&order("AB-1002")));
+    assert!(!new.subscriber.receives(&order("AB-1001")));
+    assert_eq!(store.subscriber(&ann).await.unwrap(), Some(new.subscriber));
+}
+
+async fn start_after_stop_brings_back_exactly_what_was_confirmed(store: &dyn Store) {
+    use crate::store::FollowChange;
+    let phone = contact("+447700900123");
+    store
+        .subscribe(&phone, &order("AB-1001"), true, FollowVia::Operator, at(0))
+        .await
+        .unwrap();
+    store
+        .request_subscription(&phone, &order("AB-1002"), "sms", at(0))
+        .await
+        .unwrap();
+    let stop = store
+        .change_follows(&phone, &FollowChange::StopByText, at(5))
+        .await
+        .unwrap();
+    assert_eq!(stop.orders, [order("AB-1001"), order("AB-1002")]);
+    assert_eq!(stop.subscriber.state(), SubscriberState::Unsubscribed);
+    let start = store
+        .change_follows(
+            &phone,
+            &FollowChange::AnsweredByText { order: None },
+            at(999_999),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        start.orders,
+        [order("AB-1001")],
+        "the pending one was never consented to"
+    );
+    assert!(!start.subscriber.receives(&order("AB-1002")));
+    let unknown = store
+        .change_follows(
+            &contact("+447700900999"),
+            &FollowChange::AnsweredByText { order: None },
+            at(1),
+        )
+        .await;
+    assert!(matches!(unknown, Err(StoreError::UnknownSubscriber(_))));
+}
+
+async fn a_form_request_forgotten_after_its_link_expired_is_not_kept(store: &dyn Store) {
+    use crate::store::{CONFIRM_TTL, FollowChange};
+    let ann = contact("ann@example.com");
+    store
+        .request_subscription(&ann, &order("AB-1001"), "email", at(0))
+        .await
+        .unwrap();
+    store
+        .subscribe(&ann, &order("AB-1002"), true, FollowVia::Operator, at(0))
+        .await
+        .unwrap();
+    let later = crate::clock::after(at(1), CONFIRM_TTL);
+    let touched = FollowChange::Follow {
+        order: order("AB-1003"),
+        confirmed: true,
+        via: FollowVia::Operator,
+    };
+    let now = store
+        .change_follows(&ann, &touched, later)
+        .await
+        .unwrap()
+        .subscriber;
+    assert_eq!(
+        now.follow_of(&order("AB-1001")),
+        None,
+        "the made-up request is gone"
+    );
+    assert_eq!(now.orders(), [order("AB-1002"), order("AB-1003")].into());
+    let followers = Audience::Orders([order("AB-1001")].into());
+    assert!(
+        walk(store, &followers, 10).await.is_empty(),
+        "nor does the order list it"
+    );
+}
+
+async fn an_import_never_brings_back_an_order_the_contact_left(store: &dyn Store) {
+    let ann = contact("ann@example.com");
+    let rows = [
+        row("ann@example.com", "AB-1001", true),
+        row("ann@example.com", "AB-1002", true),
+    ];
+    store.subscribe_batch(&rows, at(0)).await.unwrap();
+    store
+        .unsubscribe(
+            &ann,
+            Some(&order("AB-1001")),
+            FollowVia::UnsubscribeLink,
+            at(1),
+        )
+        .await
+        .unwrap();
+    let again = store
+        .subscribe_batch(&[row("ann@example.com", "AB-1001", true)], at(2))
+        .await
+        .unwrap();
+    assert_eq!(again, [Subscribed::KeptUnsubscribed]);
+    let now = store.subscriber(&ann).await.unwrap().unwrap();
+    assert!(!now.receives(&order("AB-1001")));
+    assert!(now.receives(&order("AB-1002")));
+    assert_eq!(
+        now.follow_of(&order("AB-1002")).unwrap().via,
+        FollowVia::Import
+    );
+}
+
+// ---- records from before consent per order ------------------------------------------------------
+
+/// Subscribers as crier wrote them before consent was kept per order: a state for the contact,
+/// the set of orders it followed.
+const LEGACY_SUBSCRIBERS: [(&str, &str, &[&str]); 3] = [
+    (
+        "ann@example.com",
+        r#"{"contact":"ann@example.com","state":"confirmed","orders":["AB-1001","AB-1002"],"created_at":"2026-01-01T00:00:00Z","updated_at":"2026-02-01T00:00:00Z"}"#,
+        &["AB-1001", "AB-1002"],
+    ),
+    (
+        "bob@example.com",
+        r#"{"contact":"bob@example.com","state":"pending","orders":["AB-1001"],"created_at":"2026-01-01T00:00:00Z","updated_at":"2026-02-01T00:00:00Z"}"#,
+        &["AB-1001"],
+    ),
+    (
+        "+447700900123",
+        r#"{"contact":"+447700900123","state":"unsubscribed","orders":[],"stopped_on":["sms"],"created_at":"2026-01-01T00:00:00Z","updated_at":"2026-02-01T00:00:00Z"}"#,
+        &[],
+    ),
+];
+
+/// What a store holding [`LEGACY_SUBSCRIBERS`] must show, and do, once it reads them.
+async fn legacy_subscribers_read_as_follows_per_order(store: &dyn Store) {
+    use crate::store::FormRequest;
+    let ann = store
+        .subscriber(&contact("ann@example.com"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ann.receives(&order("AB-1001")) && ann.receives(&order("AB-1002")));
+    assert_eq!(
+        ann.follow_of(&order("AB-1001")).unwrap().via,
+        FollowVia::Earlier
+    );
+    let bob = store
+        .subscriber(&contact("bob@example.com"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bob.state(), SubscriberState::Pending);
+    let phone = contact("+447700900123");
+    let gone = store.subscriber(&phone).await.unwrap().unwrap();
+    assert_eq!(gone.state(), SubscriberState::Unsubscribed);
+    assert!(gone.stopped_on.contains("sms"));
+    assert_eq!(
+        store
+            .request_subscription(&phone, &order("AB-1001"), "sms", at(0))
+            .await
+            .unwrap(),
+        FormRequest::MustNotMessage,
+        "an opted-out phone stays opted out"
+    );
+    let followers = Audience::Orders([order("AB-1001")].into());
+    assert_eq!(
+        sorted(walk(store, &followers, 10).await),
+        ["ann@example.com", "bob@example.com"].map(String::from)
+    );
+    // Changed once, a record is written in the new form and still reads the same.
+    store
+        .unsubscribe(
+            &contact("ann@example.com"),
+            Some(&order("AB-1002")),
+            FollowVia::Operator,
+            at(0),
+        )
+        .await
+        .unwrap();
+    let ann = store
+        .subscriber(&contact("ann@example.com"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ann.receives(&order("AB-1001")));
+    assert_eq!(
+        ann.follow_of(&order("AB-1002")).unwrap().state,
+        FollowState::Left
+    );
+    assert_eq!(store.subscriber_count().await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn a_sled_store_reads_subscribers_written_before_consent_per_order() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let path = dir.path().join("store");
+    {
+        let db = ::sled::Config::new().path(&path).open().unwrap();
+        let (subscribers, index, meta) = (
+            db.open_tree("subscribers").unwrap(),
+            db.open_tree("order_index").unwrap(),
+            db.open_tree("meta").unwrap(),
+        );
+        for (key, record, orders) in LEGACY_SUBSCRIBERS {
+            subscribers.insert(key, record.as_bytes()).unwrap();
+            for order in orders {
+                index
+                    .insert([order.as_bytes(), &[0], key.as_bytes()].concat(), &[])
+                    .unwrap();
+            }
+        }
+        meta.insert("subscriber_count", b"3".as_slice()).unwrap();
+        db.flush().unwrap();
+    }
+    let store = SledStore::open(&StoreSettings::sled(path, 8 << 20))
+        .await
+        .unwrap();
+    legacy_subscribers_read_as_follows_per_order(&store).await;
+}
+
+#[tokio::test]
+async fn a_postgres_store_reads_subscribers_written_before_consent_per_order() {
+    let server = tokio::task::spawn_blocking(PostgresServer::shared)
+        .await
+        .unwrap();
+    let url = tokio::task::spawn_blocking(|| server.database())
+        .await
+        .unwrap();
+    let settings = PostgresSettings {
+        url: url.clone().into(),
+        variable: "CRIER_DATABASE_URL".into(),
+        pool_size: 2,
+    };
+    // Opening runs the migrations; the records then go in as an older crier wrote them.
+    drop(PostgresStore::open(&settings).await.unwrap());
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    for (key, record, orders) in LEGACY_SUBSCRIBERS {
+        let record: serde_json::Value = serde_json::from_str(record).unwrap();
+        client
+            .execute(
+                "INSERT INTO subscribers (contact, record) VALUES ($1, $2)",
+                &[&key, &tokio_postgres::types::Json(record)],
+            )
+            .await
+            .unwrap();
+        for order in orders {
+            client
+                .execute(
+                    "INSERT INTO followers (order_number, contact) VALUES ($1, $2)",
+                    &[order, &key],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    client
+        .execute(
+            "INSERT INTO counters (name, shard, value) VALUES ('subscribers', 0, 3)",
+            &[],
+        )
+        .await
+        .unwrap();
+    drop(client);
+    connection.await.unwrap().unwrap();
+    let store = PostgresStore::open(&settings).await.unwrap();
+    legacy_subscribers_read_as_follows_per_order(&store).await;
 }

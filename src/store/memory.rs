@@ -4,16 +4,15 @@
 //! moment it is made; the dispatcher tests use it.
 
 use super::{
-    Cursor, DeliveryFilter, FormRequest, IdempotentAnswer, Page, PlanState, Recorded, Store,
-    StoreError, Subscribed, Subscription, apply_report, apply_subscription,
+    Cursor, DeliveryFilter, FollowChange, Followed, FormRequest, IdempotentAnswer, Page, PlanState,
+    Recorded, Store, StoreError, Subscribed, Subscription, apply_report, apply_subscription,
 };
 use crate::clock;
 use crate::delivery::{
     Counts, DeliveryKey, DeliveryRecord, DeliveryState, FailureKind, Outcome, ProviderReport,
 };
-use crate::domain::{Audience, Contact, Incident, OrderNumber, Subscriber, Update};
+use crate::domain::{Audience, Contact, FollowVia, Incident, OrderNumber, Subscriber, Update};
 use chrono::{DateTime, Utc};
-use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::sync::{Mutex, PoisonError};
@@ -153,41 +152,42 @@ fn page_of<T>(items: Vec<(Cursor, T)>) -> Page<T> {
 impl State {
     // ---- subscribers --------------------------------------------------------------------------
 
-    fn subscribe(
-        &mut self,
-        contact: &Contact,
-        order: &OrderNumber,
-        confirmed: bool,
-        now: DateTime<Utc>,
-    ) -> Subscriber {
-        let key = contact.as_str();
-        let subscriber = match self.subscribers.entry(key.to_owned()) {
-            Entry::Occupied(existing) => existing.into_mut(),
-            Entry::Vacant(vacant) => {
-                self.subscriber_count = self.subscriber_count.saturating_add(1);
-                vacant.insert(Subscriber::new(contact.clone(), now))
-            }
-        };
-        subscriber.follow(order.clone(), confirmed, now);
-        let subscriber = subscriber.clone();
-        self.order_index.insert((order.clone(), key.to_owned()));
-        subscriber
+    /// Stores `after` in place of the contact's record, keeping the order index and the
+    /// count in step.
+    fn write_subscriber(&mut self, after: Subscriber) {
+        let key = after.contact.as_str().to_owned();
+        let before = self.subscribers.get(&key);
+        if before.is_none() {
+            self.subscriber_count = self.subscriber_count.saturating_add(1);
+        }
+        let gone: Vec<OrderNumber> = before
+            .map(|b| {
+                b.follows
+                    .keys()
+                    .filter(|o| !after.follows.contains_key(*o))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for order in gone {
+            self.order_index.remove(&(order, key.clone()));
+        }
+        for order in after.follows.keys() {
+            self.order_index.insert((order.clone(), key.clone()));
+        }
+        self.subscribers.insert(key, after);
     }
 
-    fn unsubscribe(
+    fn change_follows(
         &mut self,
         contact: &Contact,
-        order: Option<&OrderNumber>,
+        change: &FollowChange,
         now: DateTime<Utc>,
-    ) -> Result<Subscriber, StoreError> {
-        let key = contact.as_str();
-        let Some(subscriber) = self.subscribers.get_mut(key) else {
-            return Err(StoreError::UnknownSubscriber(contact.to_string()));
-        };
-        for left in subscriber.leave(order, now) {
-            self.order_index.remove(&(left, key.to_owned()));
-        }
-        Ok(subscriber.clone())
+    ) -> Result<Followed, StoreError> {
+        let existing = self.subscribers.get(contact.as_str()).cloned();
+        let followed = change.apply(existing, contact, now)?;
+        self.write_subscriber(followed.subscriber.clone());
+        Ok(followed)
     }
 
     fn everyone_page(
@@ -571,14 +571,13 @@ impl Store for MemoryStore {
         }))
     }
 
-    async fn subscribe(
+    async fn change_follows(
         &self,
         contact: &Contact,
-        order: &OrderNumber,
-        confirmed: bool,
+        change: &FollowChange,
         now: DateTime<Utc>,
-    ) -> Result<Subscriber, StoreError> {
-        Ok(self.with(|state| state.subscribe(contact, order, confirmed, now)))
+    ) -> Result<Followed, StoreError> {
+        self.with(|state| state.change_follows(contact, change, now))
     }
 
     async fn request_subscription(
@@ -592,7 +591,13 @@ impl Store for MemoryStore {
             let existing = state.subscribers.get(contact.as_str()).cloned();
             let (request, store) = FormRequest::decide(existing.as_ref(), order, channel);
             if store {
-                state.subscribe(contact, order, false, now);
+                let change = FollowChange::Follow {
+                    order: order.clone(),
+                    confirmed: false,
+                    via: FollowVia::Form,
+                };
+                // A follow that can be stored never fails to apply.
+                let _ = state.change_follows(contact, &change, now);
             }
             request
         }))
@@ -606,30 +611,15 @@ impl Store for MemoryStore {
         Ok(self.with(|state| {
             rows.iter()
                 .map(|row| {
-                    let key = row.contact.as_str().to_owned();
-                    let existing = state.subscribers.get(&key).cloned();
-                    let created = existing.is_none();
+                    let existing = state.subscribers.get(row.contact.as_str()).cloned();
                     let (write, outcome) = apply_subscription(existing, row, now);
                     if let Some(subscriber) = write {
-                        if created {
-                            state.subscriber_count = state.subscriber_count.saturating_add(1);
-                        }
-                        state.order_index.insert((row.order.clone(), key.clone()));
-                        state.subscribers.insert(key, subscriber);
+                        state.write_subscriber(subscriber);
                     }
                     outcome
                 })
                 .collect()
         }))
-    }
-
-    async fn unsubscribe(
-        &self,
-        contact: &Contact,
-        order: Option<&OrderNumber>,
-        now: DateTime<Utc>,
-    ) -> Result<Subscriber, StoreError> {
-        self.with(|state| state.unsubscribe(contact, order, now))
     }
 
     async fn subscriber_page(

@@ -30,7 +30,7 @@ use crate::delivery::{
     Counts, DeliveryKey, DeliveryRecord, DeliveryState, Outcome, ProviderReport, ReportedOutcome,
 };
 use crate::domain::{
-    Audience, Contact, Incident, OrderNumber, Subscriber, SubscriberState, Update,
+    Audience, Contact, FollowState, FollowVia, Incident, OrderNumber, Subscriber, Update,
 };
 use crate::error::ErrorKind;
 use chrono::{DateTime, Utc};
@@ -134,24 +134,19 @@ impl FormRequest {
             return (FormRequest::AskToConfirm, true);
         };
         let phone = matches!(subscriber.contact, Contact::Phone(_));
-        if (phone && subscriber.state == SubscriberState::Unsubscribed)
-            || subscriber.stopped_on.contains(channel)
-        {
+        if (phone && subscriber.opted_out()) || subscriber.stopped_on.contains(channel) {
             return (FormRequest::MustNotMessage, false);
         }
-        if subscriber.state == SubscriberState::Confirmed {
-            // A form must not change what a confirmed contact receives: the link adds the order.
-            if subscriber.orders.contains(order) {
-                return (FormRequest::AlreadyFollowing, false);
+        match subscriber.follow_of(order).map(|f| f.state) {
+            Some(FollowState::Confirmed) => (FormRequest::AlreadyFollowing, false),
+            Some(FollowState::Pending) => (FormRequest::AskToConfirm, true),
+            // A form anyone can fill in may not pile orders onto one contact: each waits for
+            // its own confirmation, but each would be one more message to it.
+            _ if subscriber.pending_count() >= FORM_PENDING_ORDERS => {
+                (FormRequest::MustNotMessage, false)
             }
-            return (FormRequest::AskToConfirm, false);
+            _ => (FormRequest::AskToConfirm, true),
         }
-        // A form anyone can fill in may not pile orders onto a contact that has not confirmed:
-        // confirming is per contact, so each would be followed once the owner confirms one.
-        if !subscriber.orders.contains(order) && subscriber.orders.len() >= FORM_PENDING_ORDERS {
-            return (FormRequest::MustNotMessage, false);
-        }
-        (FormRequest::AskToConfirm, true)
     }
 }
 
@@ -244,7 +239,7 @@ pub fn apply_report(
 }
 
 /// Applies one import row to the subscriber it concerns (if any): the record to write, if
-/// anything changed, and what changed. The one rule both backends follow.
+/// anything changed, and what changed. The one rule every backend follows.
 pub fn apply_subscription(
     existing: Option<Subscriber>,
     row: &Subscription,
@@ -253,21 +248,163 @@ pub fn apply_subscription(
     match existing {
         None => {
             let mut subscriber = Subscriber::new(row.contact.clone(), now);
-            subscriber.follow(row.order.clone(), row.confirmed, now);
+            subscriber.follow(row.order.clone(), row.confirmed, FollowVia::Import, now);
             (Some(subscriber), Subscribed::Created)
         }
-        Some(subscriber) if subscriber.state == crate::domain::SubscriberState::Unsubscribed => {
+        // Only the customer brings back what the customer stopped: all of it, or this order.
+        Some(subscriber)
+            if subscriber.opted_out()
+                || subscriber
+                    .follow_of(&row.order)
+                    .is_some_and(|f| f.state == FollowState::Left) =>
+        {
             (None, Subscribed::KeptUnsubscribed)
         }
         Some(mut subscriber) => {
-            let (orders, state) = (subscriber.orders.len(), subscriber.state);
-            subscriber.follow(row.order.clone(), row.confirmed, now);
-            if subscriber.orders.len() == orders && subscriber.state == state {
-                (None, Subscribed::Unchanged)
-            } else {
+            if subscriber.follow(row.order.clone(), row.confirmed, FollowVia::Import, now) {
                 (Some(subscriber), Subscribed::Updated)
+            } else {
+                (None, Subscribed::Unchanged)
             }
         }
+    }
+}
+
+/// How long a confirmation's link and its text's question last: a follow asked for through
+/// the form and not confirmed by then is forgotten.
+pub const CONFIRM_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
+
+/// A change to one contact's follows. Every backend reads the contact, applies the change
+/// with [`FollowChange::apply`] and writes what it returns, in one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FollowChange {
+    /// Follow `order`: confirmed (`via` vouches for the contact) or pending. Creates the
+    /// subscriber if needed.
+    Follow {
+        order: OrderNumber,
+        confirmed: bool,
+        via: FollowVia,
+    },
+    /// A link the customer followed (a confirm link, a support link) confirms `order`, unless
+    /// the contact opted out, or left the order, after the link was `issued`: then nothing
+    /// changes. Creates the subscriber if needed.
+    FollowByLink {
+        order: OrderNumber,
+        via: FollowVia,
+        issued: DateTime<Utc>,
+    },
+    /// Stop following one order, or every order.
+    Leave {
+        order: Option<OrderNumber>,
+        via: FollowVia,
+    },
+    /// The contact texted STOP: leave every order, and let a START reply bring back exactly
+    /// the orders it had confirmed.
+    StopByText,
+    /// A text asked the contact to reply YES about `orders` (a confirmation went out), until
+    /// `until`.
+    AskedByText {
+        orders: std::collections::BTreeSet<OrderNumber>,
+        until: DateTime<Utc>,
+    },
+    /// The contact replied YES or START, naming an order or not: confirm exactly what the
+    /// text it answers asked about ([`Subscriber::answer_by_text`]).
+    AnsweredByText { order: Option<OrderNumber> },
+}
+
+/// What a [`FollowChange`] did: the subscriber as it now is, and the orders it changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Followed {
+    pub subscriber: Subscriber,
+    pub orders: Vec<OrderNumber>,
+    /// The subscriber did not exist before.
+    pub created: bool,
+}
+
+impl FollowChange {
+    /// Whether it creates the subscriber when the contact is not known yet.
+    pub fn creates(&self) -> bool {
+        matches!(
+            self,
+            FollowChange::Follow { .. } | FollowChange::FollowByLink { .. }
+        )
+    }
+
+    /// Applies the change to the contact's record (`None`: not known). Only following creates
+    /// one; the others refuse an unknown contact. Pending form requests whose link expired are
+    /// forgotten on the way, so a record a flood made shrinks the next time it is touched.
+    pub fn apply(
+        &self,
+        existing: Option<Subscriber>,
+        contact: &Contact,
+        now: DateTime<Utc>,
+    ) -> Result<Followed, StoreError> {
+        let created = existing.is_none();
+        let mut subscriber = match (existing, self) {
+            (Some(subscriber), _) => subscriber,
+            (None, FollowChange::Follow { .. } | FollowChange::FollowByLink { .. }) => {
+                Subscriber::new(contact.clone(), now)
+            }
+            (None, _) => return Err(StoreError::UnknownSubscriber(contact.to_string())),
+        };
+        subscriber.forget_unconfirmed(crate::clock::before(now, CONFIRM_TTL));
+        let orders = match self {
+            FollowChange::Follow {
+                order,
+                confirmed,
+                via,
+            } => {
+                let changed = subscriber.follow(order.clone(), *confirmed, *via, now);
+                if changed {
+                    vec![order.clone()]
+                } else {
+                    Vec::new()
+                }
+            }
+            FollowChange::FollowByLink { order, via, issued } => {
+                if !subscriber.honours_link(order, *issued) {
+                    Vec::new()
+                } else if subscriber.follow(order.clone(), true, *via, now) {
+                    vec![order.clone()]
+                } else {
+                    Vec::new()
+                }
+            }
+            FollowChange::Leave { order, via } => subscriber.leave(order.as_ref(), *via, now),
+            FollowChange::StopByText => {
+                let confirmed = subscriber.confirmed_orders();
+                let left = subscriber.leave(None, FollowVia::Text, now);
+                let again = left
+                    .iter()
+                    .filter(|o| confirmed.contains(*o))
+                    .cloned()
+                    .collect();
+                subscriber.ask_by_text(again, None, now);
+                left
+            }
+            FollowChange::AskedByText { orders, until } => {
+                let pending: std::collections::BTreeSet<OrderNumber> = orders
+                    .iter()
+                    .filter(|o| {
+                        subscriber
+                            .follow_of(o)
+                            .is_some_and(|f| f.state == FollowState::Pending)
+                    })
+                    .cloned()
+                    .collect();
+                let asked = pending.iter().cloned().collect();
+                subscriber.ask_by_text(pending, Some(*until), now);
+                asked
+            }
+            FollowChange::AnsweredByText { order } => {
+                subscriber.answer_by_text(order.as_ref(), now)
+            }
+        };
+        Ok(Followed {
+            subscriber,
+            orders,
+            created,
+        })
     }
 }
 
@@ -300,14 +437,32 @@ pub trait Store: Send + Sync + 'static {
         contacts: &[Contact],
     ) -> Result<Vec<Option<Subscriber>>, StoreError>;
 
-    /// Adds `order` to the contact's followed orders, creating the subscriber if needed.
+    /// Applies `change` to the contact's follows ([`FollowChange::apply`]) and writes it, in
+    /// one durable step.
+    async fn change_follows(
+        &self,
+        contact: &Contact,
+        change: &FollowChange,
+        now: DateTime<Utc>,
+    ) -> Result<Followed, StoreError>;
+
+    /// Has `contact` follow `order`, creating the subscriber if needed: confirmed when `via`
+    /// vouches for the contact, pending otherwise.
     async fn subscribe(
         &self,
         contact: &Contact,
         order: &OrderNumber,
         confirmed: bool,
+        via: FollowVia,
         now: DateTime<Utc>,
-    ) -> Result<Subscriber, StoreError>;
+    ) -> Result<Subscriber, StoreError> {
+        let change = FollowChange::Follow {
+            order: order.clone(),
+            confirmed,
+            via,
+        };
+        Ok(self.change_follows(contact, &change, now).await?.subscriber)
+    }
 
     /// The subscribe form's request that `contact` follow `order`, decided by
     /// [`FormRequest::decide`] (`channel` is the one its confirmation goes through) and stored
@@ -335,12 +490,20 @@ pub trait Store: Send + Sync + 'static {
         &self,
         contact: &Contact,
         order: Option<&OrderNumber>,
+        via: FollowVia,
         now: DateTime<Utc>,
-    ) -> Result<Subscriber, StoreError>;
+    ) -> Result<Subscriber, StoreError> {
+        let change = FollowChange::Leave {
+            order: order.cloned(),
+            via,
+        };
+        Ok(self.change_follows(contact, &change, now).await?.subscriber)
+    }
 
     /// Up to `limit` subscribers the audience reaches, after `after`: every subscriber for
-    /// everyone, the followers of the orders (one entry per followed order) for a targeted
-    /// update. Pending and unsubscribed ones are included; planning skips them.
+    /// everyone, everyone who follows or followed the orders (one entry per order) for a
+    /// targeted update. Pending and left follows are included; planning skips them, support's
+    /// history shows them.
     async fn subscriber_page(
         &self,
         audience: &Audience,

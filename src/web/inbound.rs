@@ -9,8 +9,8 @@ use super::Shared;
 use crate::channel::sms::{Provider, SmsSettings};
 use crate::config::Config;
 use crate::delivery::{DeliveryKey, ProviderReport, Recipient, ReportedOutcome};
-use crate::domain::{Contact, PhoneNumber};
-use crate::store::StoreError;
+use crate::domain::{Contact, OrderNumber, PhoneNumber};
+use crate::store::{FollowChange, StoreError};
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -73,6 +73,14 @@ impl Proof {
 pub struct Inbound {
     channels: HashMap<String, Proof>,
     public_url: String,
+}
+
+impl Inbound {
+    /// Whether texts sent to `channel`'s numbers come back to crier: only then may a message
+    /// ask for a reply.
+    pub fn hears(&self, channel: &str) -> bool {
+        self.channels.contains_key(channel)
+    }
 }
 
 impl Inbound {
@@ -149,6 +157,19 @@ fn keyword(text: &str) -> Option<Keyword> {
     } else {
         None
     }
+}
+
+/// The order a "YES AB-1001" names: a confirming word, then an order number and nothing else.
+fn yes_to_order(text: &str, orders: &crate::domain::OrderPattern) -> Option<OrderNumber> {
+    let (first, rest) = text.trim().split_once(char::is_whitespace)?;
+    let word = words_of(first);
+    if word.len() != 1 || !START_WORDS.contains(&word[0].as_str()) {
+        return None;
+    }
+    let named = rest.trim().trim_end_matches(['.', '!']).trim();
+    OrderNumber::parse(named, orders)
+        .ok()
+        .or_else(|| OrderNumber::parse(&named.to_uppercase(), orders).ok())
 }
 
 /// The message's words, upper-cased, of letters only: "Ｓｔｏｐ, please!" is STOP PLEASE,
@@ -288,22 +309,14 @@ pub(super) async fn inbound_sms(
     };
     let contact = Contact::Phone(phone);
     let text = text.as_deref().unwrap_or_default();
-    let done = match act(&shared, &contact, text).await {
-        Ok(done) => done,
+    let acted = match act(&shared, &contact, text).await {
+        Ok(acted) => acted,
         Err(error) => {
             tracing::error!(%error, "cannot act on an inbound SMS");
             return (StatusCode::SERVICE_UNAVAILABLE, "not done: try again\n").into_response();
         }
     };
-    // One confirmation of an opt-out, as the rules ask: unless Twilio's own handling of its
-    // standard keywords already sent one.
-    let reply =
-        (done == Some(Keyword::Stop) && !(twilio && twilio_answers_itself(text))).then(|| {
-            format!(
-                "{}: you will get no more texts from us. Reply START to get them again.",
-                shared.pages.brand.name
-            )
-        });
+    let reply = reply_to(&shared, &acted, text, twilio);
     if twilio {
         // TwiML: a <Message> is sent back as the reply; an empty answer sends nothing.
         let message = reply
@@ -437,37 +450,90 @@ pub(super) async fn delivery_report(
     }
 }
 
-/// Does what the message asks of the phone's subscription, if it is a keyword, and says which
-/// it was.
-async fn act(
-    shared: &Shared,
-    contact: &Contact,
-    text: &str,
-) -> Result<Option<Keyword>, StoreError> {
+/// What a text from a phone did to its follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Acted {
+    /// STOP: it follows nothing now.
+    Stopped,
+    /// YES or START: these orders, which the last text that asked named, are confirmed.
+    Confirmed(Vec<OrderNumber>),
+    /// YES or START with nothing asked (or the question expired).
+    NothingToConfirm,
+    /// A bare YES while texts asked about several orders: it is not clear which.
+    WhichOrder(Vec<OrderNumber>),
+    /// Not a keyword.
+    NoKeyword,
+}
+
+/// Does what the message asks of the phone's follows, if it is a keyword, and says what.
+/// A YES confirms exactly the orders the last text that asked for it named, never another
+/// order someone added for the number.
+async fn act(shared: &Shared, contact: &Contact, text: &str) -> Result<Acted, StoreError> {
     let now = Utc::now();
-    let asked = keyword(text);
-    match asked {
-        Some(Keyword::Stop) => match shared.store.unsubscribe(contact, None, now).await {
-            Ok(_) | Err(StoreError::UnknownSubscriber(_)) => {
-                tracing::info!(phone = %contact.masked(), "unsubscribed by SMS");
-            }
-            Err(error) => return Err(error),
-        },
-        Some(Keyword::Start) => {
-            // Confirms (or takes back) every order the phone still follows; after a STOP it
-            // follows none, and subscribing again starts from the subscribe page.
-            if let Some(subscriber) = shared.store.subscriber(contact).await? {
-                for order in &subscriber.orders {
-                    shared.store.subscribe(contact, order, true, now).await?;
-                }
-                tracing::info!(phone = %contact.masked(), "confirmed by SMS");
-            }
-        }
-        None => {
+    let change = match (
+        keyword(text),
+        yes_to_order(text, &shared.subscriptions.orders),
+    ) {
+        (Some(Keyword::Stop), _) => FollowChange::StopByText,
+        (Some(Keyword::Start), _) => FollowChange::AnsweredByText { order: None },
+        (None, Some(order)) => FollowChange::AnsweredByText { order: Some(order) },
+        (None, None) => {
             tracing::info!(phone = %contact.masked(), "an inbound SMS that is no keyword was ignored");
+            return Ok(Acted::NoKeyword);
         }
+    };
+    let (orders, still_asked) = match shared.store.change_follows(contact, &change, now).await {
+        Ok(followed) => (followed.orders, followed.subscriber.asked_by_text(now)),
+        Err(StoreError::UnknownSubscriber(_)) => Default::default(),
+        Err(error) => return Err(error),
+    };
+    Ok(match change {
+        FollowChange::StopByText => {
+            tracing::info!(phone = %contact.masked(), "unsubscribed by SMS");
+            Acted::Stopped
+        }
+        FollowChange::AnsweredByText { order: None }
+            if orders.is_empty() && still_asked.len() > 1 =>
+        {
+            tracing::info!(phone = %contact.masked(), "a YES by SMS did not say which of several orders");
+            Acted::WhichOrder(still_asked.into_iter().collect())
+        }
+        _ if orders.is_empty() => {
+            tracing::info!(phone = %contact.masked(), "a YES by SMS found nothing asked to confirm");
+            Acted::NothingToConfirm
+        }
+        _ => {
+            tracing::info!(phone = %contact.masked(), orders = orders.len(), "confirmed by SMS");
+            Acted::Confirmed(orders)
+        }
+    })
+}
+
+/// The reply to a keyword, if one is due.
+fn reply_to(shared: &Shared, acted: &Acted, text: &str, twilio: bool) -> Option<String> {
+    let brand = &shared.pages.brand.name;
+    match acted {
+        // One confirmation of an opt-out, as the rules ask: unless Twilio's own handling of
+        // its standard keywords already sent one.
+        Acted::Stopped if !(twilio && twilio_answers_itself(text)) => Some(format!(
+            "{brand}: you will get no more texts from us. Reply START to get them again."
+        )),
+        Acted::Confirmed(orders) => Some(format!(
+            "{brand}: you will get updates on {} {} by text. Reply STOP to stop them.",
+            if orders.len() == 1 { "order" } else { "orders" },
+            crate::render::and_list(&orders.iter().map(ToString::to_string).collect::<Vec<_>>())
+        )),
+        Acted::WhichOrder(orders) => Some(format!(
+            "{brand}: we asked about orders {}. Reply YES and the order you want updates on, like YES {}.",
+            crate::render::and_list(&orders.iter().map(ToString::to_string).collect::<Vec<_>>()),
+            orders.first().map(OrderNumber::as_str).unwrap_or_default()
+        )),
+        Acted::NothingToConfirm => Some(format!(
+            "{brand}: there is nothing to confirm. To get updates on an order, ask on {}",
+            shared.pages.links.subscribe
+        )),
+        _ => None,
     }
-    Ok(asked)
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@
 //! capability, so no CSRF token is needed.
 
 use super::Shared;
-use crate::domain::Contact;
 use crate::domain::token::TokenSigner;
+use crate::domain::{Contact, FollowVia};
 use crate::links::Links;
 use crate::render::{BrandView, Renderer};
 use crate::store::StoreError;
@@ -126,7 +126,11 @@ pub(super) async fn unsubscribe(
             },
         );
     }
-    match shared.store.unsubscribe(&contact, None, Utc::now()).await {
+    match shared
+        .store
+        .unsubscribe(&contact, None, FollowVia::UnsubscribeLink, Utc::now())
+        .await
+    {
         // Unsubscribing someone the store does not know is already done.
         Ok(_) | Err(StoreError::UnknownSubscriber(_)) => {}
         Err(error) => {

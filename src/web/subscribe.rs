@@ -16,11 +16,11 @@ use crate::app::App;
 use crate::channel::{ConfiguredChannel, Notice};
 use crate::domain::token::{TokenPurpose, TokenSigner};
 use crate::domain::{
-    Contact, ContactKind, EmailAddress, OrderNumber, OrderPattern, PhoneNumber, SubscriberState,
+    Contact, ContactKind, EmailAddress, FollowVia, OrderNumber, OrderPattern, PhoneNumber,
 };
 use crate::links::{LinkMaker, LinkSubject, Links};
 use crate::render::{BrandView, Renderer, human_time};
-use crate::store::FormRequest;
+use crate::store::{FollowChange, FormRequest};
 use axum::Form;
 use axum::body::Bytes;
 use axum::extract::connect_info::ConnectInfo;
@@ -39,7 +39,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long a confirm link works.
-pub const CONFIRM_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
+pub use crate::store::CONFIRM_TTL;
 /// How long a form may stay open before its CSRF token expires.
 const CSRF_TTL: Duration = Duration::from_secs(12 * 3600);
 const CSRF_COOKIE: &str = "crier_csrf";
@@ -63,7 +63,7 @@ const LIMIT_KEYS: usize = 100_000;
 /// What subscribing from the web needs besides the pages': the order pattern, links, the
 /// channels confirmations go through and the limits on them.
 pub struct Subscriptions {
-    orders: OrderPattern,
+    pub(super) orders: OrderPattern,
     links: LinkMaker,
     /// The first email channel, and the first SMS channel: confirmations go through them.
     email: Option<ConfiguredChannel>,
@@ -327,6 +327,8 @@ struct ConfirmView<'a> {
     ask: bool,
     done: bool,
     invalid: bool,
+    /// A genuine link that an opt-out after it made void.
+    voided: bool,
 }
 
 /// What the confirmation's templates see.
@@ -336,6 +338,8 @@ struct NoticeView<'a> {
     links: &'a Links,
     order: &'a str,
     confirm_url: &'a str,
+    /// The text may ask for a YES: replies to its channel come back to crier.
+    reply_yes: bool,
     expires_text: String,
 }
 
@@ -411,42 +415,40 @@ impl Shared {
         .ok()
     }
 
-    /// Subscribes the contact a link names, confirmed, and says so.
-    ///
-    /// Confirmation is kept per contact, not per order: a contact that was not confirmed yet
-    /// may have had other orders added by anyone through the form, and confirming the one the
-    /// link names must not make it follow those. They are dropped first.
-    async fn follow_confirmed(&self, order: &OrderNumber, contact: &Contact) -> Response {
-        let now = Utc::now();
-        let confirmed = match self.store.subscriber(contact).await {
-            Ok(Some(subscriber)) if subscriber.state != SubscriberState::Confirmed => {
-                let mut result = Ok(());
-                for other in subscriber.orders.iter().filter(|o| *o != order) {
-                    if let Err(error) = self.store.unsubscribe(contact, Some(other), now).await {
-                        result = Err(error);
-                        break;
-                    }
-                }
-                result
+    /// Confirms exactly the follow a link names (its contact and its order), and says so.
+    /// Other orders anyone added for the contact stay as they are: each waits for its own
+    /// confirmation. A link made before the contact opted out (or left the order) confirms
+    /// nothing: only a new request brings it back.
+    async fn follow_confirmed(
+        &self,
+        link: &LinkSubject,
+        contact: &Contact,
+        via: FollowVia,
+    ) -> Response {
+        let order = &link.order;
+        let change = FollowChange::FollowByLink {
+            order: order.clone(),
+            via,
+            issued: link.issued,
+        };
+        let followed = match self
+            .store
+            .change_follows(contact, &change, Utc::now())
+            .await
+        {
+            Ok(followed) => followed,
+            Err(error) => {
+                tracing::error!(%error, "cannot confirm a subscription");
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not done: please try again in a minute\n",
+                )
+                    .into_response();
             }
-            Ok(_) => Ok(()),
-            Err(error) => Err(error),
         };
-        let confirmed = match confirmed {
-            Ok(()) => self
-                .store
-                .subscribe(contact, order, true, now)
-                .await
-                .map(|_| ()),
-            Err(error) => Err(error),
-        };
-        if let Err(error) = confirmed {
-            tracing::error!(%error, "cannot confirm a subscription");
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not done: please try again in a minute\n",
-            )
-                .into_response();
+        if !followed.subscriber.receives(order) {
+            tracing::info!(contact = %contact.masked(), %order, "a link made before the contact opted out confirmed nothing");
+            return self.voided_link(StatusCode::GONE);
         }
         tracing::info!(contact = %contact.masked(), %order, "subscription confirmed");
         self.confirm_page(
@@ -458,6 +460,29 @@ impl Shared {
                 ..ConfirmView::default()
             },
         )
+    }
+
+    /// The page of a genuine link an opt-out made void.
+    fn voided_link(&self, status: StatusCode) -> Response {
+        self.confirm_page(
+            status,
+            ConfirmView {
+                voided: true,
+                ..ConfirmView::default()
+            },
+        )
+    }
+
+    /// The page a link that names a contact opens: the question, unless the contact opted out
+    /// after the link was made.
+    async fn ask_by_link(&self, link: &LinkSubject, contact: &Contact) -> Response {
+        match self.store.subscriber(contact).await {
+            Ok(Some(subscriber)) if !subscriber.honours_link(&link.order, link.issued) => {
+                self.voided_link(StatusCode::OK)
+            }
+            // Asking changes nothing: if the store cannot tell, the answer will.
+            _ => self.ask(&link.order, contact, StatusCode::OK),
+        }
     }
 
     fn ask(&self, order: &OrderNumber, contact: &Contact, status: StatusCode) -> Response {
@@ -694,7 +719,9 @@ async fn send_confirmation(
     let confirm_url = subscriptions
         .links
         .confirm_url(contact, order, now, CONFIRM_TTL);
-    let notice = match notice(shared, contact, order, &confirm_url, now) {
+    // A text may ask for a YES only where replies come back to crier.
+    let reply_yes = contact.kind() == ContactKind::Phone && shared.inbound.hears(&channel.id);
+    let notice = match notice(shared, contact, order, &confirm_url, reply_yes, now) {
         Ok(notice) => notice,
         Err(error) => {
             tracing::error!(%error, "cannot render the confirmation");
@@ -704,6 +731,20 @@ async fn send_confirmation(
     match channel.adapter.notify(contact, &notice).await {
         Ok(_) => {
             tracing::info!(contact = %masked, channel = %channel.id, "confirmation sent");
+            if reply_yes {
+                // A YES answers this text: it confirms this order, and no other.
+                let asked = FollowChange::AskedByText {
+                    orders: [order.clone()].into(),
+                    until: crate::clock::after(now, CONFIRM_TTL),
+                };
+                if let Err(error) = shared
+                    .store
+                    .change_follows(contact, &asked, Utc::now())
+                    .await
+                {
+                    tracing::warn!(%error, contact = %masked, "a YES to the confirmation will not be understood");
+                }
+            }
         }
         Err(error) => {
             // The provider's own words often quote the address or number: log only its codes.
@@ -724,6 +765,7 @@ fn notice(
     contact: &Contact,
     order: &OrderNumber,
     confirm_url: &str,
+    reply_yes: bool,
     now: chrono::DateTime<Utc>,
 ) -> Result<Notice, crate::render::RenderError> {
     let view = NoticeView {
@@ -731,6 +773,7 @@ fn notice(
         links: &shared.pages.links,
         order: order.as_str(),
         confirm_url,
+        reply_yes,
         expires_text: human_time(crate::clock::after(now, CONFIRM_TTL)),
     };
     let renderer = &shared.pages.renderer;
@@ -754,11 +797,11 @@ pub(super) async fn confirm_page(
     Path(token): Path<String>,
 ) -> Response {
     match shared.link(TokenPurpose::Confirm, &token) {
-        Some(LinkSubject {
-            order,
-            contact: Some(contact),
-        }) => shared.ask(&order, &contact, StatusCode::OK),
-        _ => shared.invalid_link(),
+        Some(link) => match &link.contact {
+            Some(contact) => shared.ask_by_link(&link, contact).await,
+            None => shared.invalid_link(),
+        },
+        None => shared.invalid_link(),
     }
 }
 
@@ -777,22 +820,18 @@ pub(super) async fn support_page(
     State(shared): State<Shared>,
     Path(token): Path<String>,
 ) -> Response {
-    match shared.link(TokenPurpose::SupportLink, &token) {
-        Some(LinkSubject {
-            order,
-            contact: Some(contact),
-        }) => shared.ask(&order, &contact, StatusCode::OK),
-        Some(LinkSubject {
-            order,
-            contact: None,
-        }) => shared.fresh_form(
+    let Some(link) = shared.link(TokenPurpose::SupportLink, &token) else {
+        return shared.invalid_link();
+    };
+    match &link.contact {
+        Some(contact) => shared.ask_by_link(&link, contact).await,
+        None => shared.fresh_form(
             StatusCode::OK,
             FormView {
-                order: order.to_string(),
+                order: link.order.to_string(),
                 ..FormView::default()
             },
         ),
-        None => shared.invalid_link(),
     }
 }
 
@@ -814,17 +853,20 @@ async fn confirm_by_link(
     token: &str,
     body: &[u8],
 ) -> Response {
-    let Some(LinkSubject {
-        order,
-        contact: Some(contact),
-    }) = shared.link(purpose, token)
-    else {
+    let Some(link) = shared.link(purpose, token) else {
+        return shared.invalid_link();
+    };
+    let Some(contact) = &link.contact else {
         return shared.invalid_link();
     };
     if !String::from_utf8_lossy(body).contains("confirm=yes") {
-        return shared.ask(&order, &contact, StatusCode::BAD_REQUEST);
+        return shared.ask(&link.order, contact, StatusCode::BAD_REQUEST);
     }
-    shared.follow_confirmed(&order, &contact).await
+    let via = match purpose {
+        TokenPurpose::SupportLink => FollowVia::SupportLink,
+        _ => FollowVia::ConfirmLink,
+    };
+    shared.follow_confirmed(&link, contact, via).await
 }
 
 #[cfg(test)]

@@ -206,8 +206,8 @@ async fn a_browser_reads_the_status_page_subscribes_past_an_inline_error_and_con
         .await
         .unwrap()
         .expect("ann is a subscriber");
-    assert_eq!(ann.state, SubscriberState::Confirmed);
-    let orders: Vec<&str> = ann.orders.iter().map(|o| o.as_str()).collect();
+    assert_eq!(ann.state(), SubscriberState::Confirmed);
+    let orders: Vec<String> = ann.orders().iter().map(ToString::to_string).collect();
     assert_eq!(orders, ["AB-1234"]);
     for shot in [status_shot, form_shot, error_shot, confirm_shot, done_shot] {
         assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "{shot:?}");

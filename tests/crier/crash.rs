@@ -16,7 +16,13 @@ async fn seed_subscribers(crier: &Crier, count: usize) {
         let contact = Contact::parse(&format!("customer{i}@example.com")).unwrap();
         let order = OrderNumber::parse(&format!("AB-{}", 100_000 + i), &pattern).unwrap();
         store
-            .subscribe(&contact, &order, true, Utc::now())
+            .subscribe(
+                &contact,
+                &order,
+                true,
+                crier::domain::FollowVia::Operator,
+                Utc::now(),
+            )
             .await
             .unwrap();
     }
@@ -157,7 +163,13 @@ async fn a_send_killed_mid_way_with_sms_configured_too_loses_no_email_and_no_sms
             ] {
                 let contact = Contact::parse(&contact).unwrap();
                 store
-                    .subscribe(&contact, &order, true, Utc::now())
+                    .subscribe(
+                        &contact,
+                        &order,
+                        true,
+                        crier::domain::FollowVia::Operator,
+                        Utc::now(),
+                    )
                     .await
                     .unwrap();
             }

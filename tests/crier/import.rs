@@ -81,7 +81,7 @@ async fn a_file_of_good_bad_and_duplicate_rows_gives_the_exact_report() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(ann.orders.len(), 2);
+    assert_eq!(ann.orders().len(), 2);
     assert!(ann.receives_updates());
 }
 

@@ -180,20 +180,111 @@ async fn an_opt_out_in_other_words_unsubscribes_and_is_confirmed_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_yes_from_twilio_confirms_a_pending_phone() {
-    let crier = twilio(Crier::new());
+async fn a_yes_confirms_exactly_the_order_its_text_asked_about_never_one_a_stranger_added() {
+    use crate::subscribe::{MESSAGES_PATH, sms_crier, submit};
+    use crier::domain::FollowState;
+    let (crier, twilio) = sms_crier().await;
+    // A phone pending through the CLI was never asked anything by text: YES confirms nothing.
     crier
-        .run(&["subscribe", "--order", "AB-1001", "--phone", PHONE])
+        .run(&["subscribe", "--order", "AB-1009", "--phone", PHONE])
         .await
         .assert_ok();
     let server = serve(&crier).await;
     let client = reqwest::Client::new();
-    let answer = twilio_post(&client, &server.base, "Yes", AUTH_TOKEN).await;
-    assert_eq!(answer.status(), 200);
-    stop(server).await;
+    let nothing = twilio_post(&client, &server.base, "Yes", AUTH_TOKEN).await;
     assert!(
-        phone_state(&crier).await.receives_updates(),
-        "YES confirmed it"
+        nothing
+            .text()
+            .await
+            .unwrap()
+            .contains("there is nothing to confirm"),
+        "and says so"
+    );
+    // The owner asks for AB-1001; a stranger adds AB-1002 and AB-1003 for the same number.
+    for order in ["AB-1001", "AB-1002", "AB-1003"] {
+        let answer = submit(&server, &[("order", order), ("phone", PHONE)]).await;
+        assert_eq!(answer.status(), 200);
+        let texts = match order {
+            "AB-1001" => 1,
+            "AB-1002" => 2,
+            _ => 3,
+        };
+        assert!(
+            crate::support::wait_until(Duration::from_secs(20), || twilio
+                .requests("POST", MESSAGES_PATH)
+                .len()
+                == texts)
+            .await
+        );
+    }
+    let first =
+        String::from_utf8_lossy(&twilio.requests("POST", MESSAGES_PATH)[0].body).into_owned();
+    let first: Vec<(String, String)> = form_urlencoded::parse(first.as_bytes())
+        .into_owned()
+        .collect();
+    let text = &first.iter().find(|(k, _)| k == "Body").unwrap().1;
+    assert!(
+        text.contains("reply YES to get updates on order AB-1001"),
+        "the text names its order and asks for a YES: {text}"
+    );
+    // Each question is recorded once its text is sent.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Three texts asked: a bare YES does not say which, and confirms none.
+    let which = twilio_post(&client, &server.base, "YES", AUTH_TOKEN).await;
+    let which = which.text().await.unwrap();
+    assert!(
+        which.contains("we asked about orders AB-1001, AB-1002 and AB-1003. Reply YES and the order you want updates on, like YES AB-1001."),
+        "{which}"
+    );
+    let mine = twilio_post(&client, &server.base, "yes ab-1001", AUTH_TOKEN).await;
+    let mine = mine.text().await.unwrap();
+    assert!(
+        mine.contains("you will get updates on order AB-1001 by text. Reply STOP to stop them."),
+        "{mine}"
+    );
+    stop(server).await;
+    let phone = phone_state(&crier).await;
+    let state = |order: &str| {
+        phone
+            .follow_of(&crate::support::order(order))
+            .map(|f| f.state)
+    };
+    assert_eq!(state("AB-1001"), Some(FollowState::Confirmed));
+    assert_eq!(
+        state("AB-1002"),
+        Some(FollowState::Pending),
+        "the stranger's stays pending"
+    );
+    assert_eq!(state("AB-1003"), Some(FollowState::Pending));
+    assert_eq!(state("AB-1009"), Some(FollowState::Pending));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_after_stop_brings_back_what_the_phone_had_confirmed() {
+    let crier = twilio(Crier::new());
+    crier.subscribe("AB-1001", PHONE).await;
+    crier
+        .run(&["subscribe", "--order", "AB-1002", "--phone", PHONE])
+        .await
+        .assert_ok();
+    let server = serve(&crier).await;
+    let client = reqwest::Client::new();
+    twilio_post(&client, &server.base, "STOP", AUTH_TOKEN).await;
+    let start = twilio_post(&client, &server.base, "START", AUTH_TOKEN).await;
+    assert!(
+        start
+            .text()
+            .await
+            .unwrap()
+            .contains("you will get updates on order AB-1001 by text"),
+        "the reply names what came back"
+    );
+    stop(server).await;
+    let phone = phone_state(&crier).await;
+    assert!(phone.receives(&crate::support::order("AB-1001")));
+    assert!(
+        !phone.receives(&crate::support::order("AB-1002")),
+        "an order the phone never confirmed stays unconfirmed"
     );
 }
 

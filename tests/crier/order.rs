@@ -85,3 +85,69 @@ async fn a_malformed_order_number_is_answered_with_an_example_not_the_pattern() 
         .await
         .assert_user_error("orders.example: '1001' does not match orders.pattern");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn support_sees_everyone_who_ever_followed_the_order_and_where_each_consent_stands() {
+    let crier = Crier::new();
+    crier.subscribe("AB-1001", "ann@example.com").await;
+    crier
+        .run(&[
+            "subscribe",
+            "--order",
+            "AB-1001",
+            "--email",
+            "cat@example.com",
+        ])
+        .await
+        .assert_ok();
+    crier.subscribe("AB-1001", "dan@example.com").await;
+    crier.subscribe("AB-1002", "dan@example.com").await;
+    crier
+        .run(&[
+            "unsubscribe",
+            "--email",
+            "dan@example.com",
+            "--order",
+            "AB-1001",
+        ])
+        .await
+        .assert_ok();
+
+    let report = crier.run(&["order", "AB-1001", "--json"]).await.json();
+    let contacts = report["contacts"].as_array().unwrap();
+    let seen: Vec<(&str, &str, &str)> = contacts
+        .iter()
+        .map(|c| {
+            (
+                c["contact"].as_str().unwrap(),
+                c["state"].as_str().unwrap(),
+                c["how"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("a***@example.com", "confirmed", "by an operator"),
+            ("c***@example.com", "pending", "by an operator"),
+            ("d***@example.com", "left", "by an operator"),
+        ],
+        "one who left stays listed, as having left"
+    );
+    for contact in contacts {
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(contact["since"].as_str().unwrap()).is_ok(),
+            "{contact}"
+        );
+    }
+
+    let text = crier.run(&["order", "AB-1001"]).await;
+    text.assert_ok();
+    assert!(
+        text.stdout
+            .contains("contacts that follow or followed AB-1001:")
+            && text.stdout.contains("d***@example.com · left "),
+        "{}",
+        text.stdout
+    );
+}

@@ -99,7 +99,7 @@ pub async fn post_form(
 }
 
 /// Opens the form and sends it with `fields` and its own CSRF token.
-async fn submit(server: &Server, fields: &[(&str, &str)]) -> reqwest::Response {
+pub async fn submit(server: &Server, fields: &[(&str, &str)]) -> reqwest::Response {
     let (token, _) = open_form(server, "").await;
     let mut fields = fields.to_vec();
     fields.push(("csrf", &token.field));
@@ -188,7 +188,7 @@ async fn a_customer_subscribes_confirms_with_a_post_and_then_receives_updates() 
     stop(server).await;
     let ann = subscriber(&crier, "ann@example.com").await.unwrap();
     assert_eq!(
-        ann.state,
+        ann.state(),
         SubscriberState::Pending,
         "the GET confirmed nothing"
     );
@@ -203,8 +203,8 @@ async fn a_customer_subscribes_confirms_with_a_post_and_then_receives_updates() 
     assert_eq!(done.status(), 200);
     stop(server).await;
     let ann = subscriber(&crier, "ann@example.com").await.unwrap();
-    assert_eq!(ann.state, SubscriberState::Confirmed);
-    assert!(ann.orders.iter().any(|o| o.as_str() == "AB-1001"));
+    assert_eq!(ann.state(), SubscriberState::Confirmed);
+    assert!(ann.orders().iter().any(|o| o.as_str() == "AB-1001"));
 
     crier.send(&[], "We're on it.").await;
     assert_eq!(
@@ -231,8 +231,8 @@ async fn a_subscriber_thanked_by_the_form_survives_a_kill_9_right_after_the_answ
     let ann = subscriber(&crier, "ann@example.com")
         .await
         .expect("the email was stored before the answer");
-    assert_eq!(ann.state, SubscriberState::Pending);
-    assert_eq!(ann.orders.len(), 1);
+    assert_eq!(ann.state(), SubscriberState::Pending);
+    assert_eq!(ann.orders().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -511,7 +511,7 @@ async fn forged_expired_and_wrong_purpose_confirm_links_are_400_and_change_nothi
     }
     stop(server).await;
     let ann = subscriber(&crier, "ann@example.com").await.unwrap();
-    assert_eq!(ann.state, SubscriberState::Pending);
+    assert_eq!(ann.state(), SubscriberState::Pending);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -544,10 +544,11 @@ async fn a_filled_in_honeypot_gets_the_usual_answer_and_nothing_is_done() {
 }
 
 const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
-const MESSAGES_PATH: &str = "/2010-04-01/Accounts/AC0123456789abcdef0123456789abcdef/Messages.json";
+pub const MESSAGES_PATH: &str =
+    "/2010-04-01/Accounts/AC0123456789abcdef0123456789abcdef/Messages.json";
 
 /// crier with one Twilio SMS channel, against a stand-in that accepts every message.
-async fn sms_crier() -> (Crier, FakeApi) {
+pub async fn sms_crier() -> (Crier, FakeApi) {
     sms_crier_with("").await
 }
 
@@ -606,7 +607,7 @@ async fn one_phone_gets_at_most_three_confirmation_sms_an_hour() {
     );
     stop(server).await;
     let phone = subscriber(&crier, "+447700900123").await.unwrap();
-    assert_eq!(phone.state, SubscriberState::Pending);
+    assert_eq!(phone.state(), SubscriberState::Pending);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -690,11 +691,74 @@ async fn a_support_link_for_a_contact_subscribes_it_confirmed_with_one_button() 
     stop(server).await;
     let bob = subscriber(&crier, "bob@example.com").await.unwrap();
     assert_eq!(
-        bob.state,
+        bob.state(),
         SubscriberState::Confirmed,
         "no second confirmation"
     );
     assert_eq!(smtp.count(), 0, "and no confirmation email");
+}
+
+/// A support link for AB-1001 that names `email`, as `crier link` prints it.
+async fn support_link(crier: &Crier, email: &str) -> String {
+    let output = crier
+        .run(&["link", "--order", "AB-1001", "--email", email])
+        .await;
+    output.assert_ok();
+    output.stdout.trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_support_link_made_before_an_opt_out_no_longer_subscribes_anyone() {
+    let (crier, _smtp) = email_crier();
+    let old = support_link(&crier, "bob@example.com").await;
+    crier.subscribe("AB-1001", "bob@example.com").await;
+    // Links carry their time to the second: the opt-out comes in a later second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    crier
+        .run(&["unsubscribe", "--email", "bob@example.com"])
+        .await
+        .assert_ok();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let server = serve(&crier).await;
+    let page = client().get(local(&server, &old)).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("You stopped these updates after this link was sent")
+            && !html.contains("<form method=\"post\""),
+        "{html}"
+    );
+    let replayed = client()
+        .post(local(&server, &old))
+        .form(&[("confirm", "yes")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        replayed.status(),
+        410,
+        "a link from before the opt-out is void"
+    );
+    stop(server).await;
+    let bob = subscriber(&crier, "bob@example.com").await.unwrap();
+    assert_eq!(
+        bob.state(),
+        SubscriberState::Unsubscribed,
+        "nothing changed"
+    );
+    // A new link is a new request: it brings the order back.
+    let new = support_link(&crier, "bob@example.com").await;
+    let server = serve(&crier).await;
+    let done = client()
+        .post(local(&server, &new))
+        .form(&[("confirm", "yes")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 200);
+    stop(server).await;
+    let bob = subscriber(&crier, "bob@example.com").await.unwrap();
+    assert!(bob.receives(&crate::support::order("AB-1001")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -738,9 +802,19 @@ async fn confirming_ones_own_order_does_not_confirm_orders_someone_else_added_me
     assert_eq!(done.status(), 200);
     stop(server).await;
     let ann = subscriber(&crier, "ann@example.com").await.unwrap();
-    assert_eq!(ann.state, SubscriberState::Confirmed);
-    let orders: Vec<&str> = ann.orders.iter().map(|o| o.as_str()).collect();
+    assert_eq!(ann.state(), SubscriberState::Confirmed);
+    let orders: Vec<String> = ann
+        .confirmed_orders()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(orders, ["AB-1001"], "only the order she confirmed");
+    let added = ann.follow_of(&crate::support::order("AB-2002")).unwrap();
+    assert_eq!(
+        added.state,
+        crier::domain::FollowState::Pending,
+        "the other waits for its own link"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

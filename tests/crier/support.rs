@@ -764,3 +764,9 @@ impl Crier {
         self
     }
 }
+
+/// An order number of the test configuration's pattern.
+pub fn order(raw: &str) -> crier::domain::OrderNumber {
+    let pattern = crier::domain::OrderPattern::new(r"[A-Z]{2}-\d{4}").unwrap();
+    crier::domain::OrderNumber::parse(raw, &pattern).unwrap()
+}

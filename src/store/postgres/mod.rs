@@ -15,15 +15,16 @@ mod listen;
 pub(crate) mod test_server;
 
 use super::{
-    Cursor, DeliveryFilter, FormRequest, IdempotentAnswer, Page, PlanClaim, PlanState, Recorded,
-    Slots, Store, StoreError, Subscribed, Subscription, apply_report, apply_subscription,
+    Cursor, DeliveryFilter, FollowChange, Followed, FormRequest, IdempotentAnswer, Page, PlanClaim,
+    PlanState, Recorded, Slots, Store, StoreError, Subscribed, Subscription, apply_report,
+    apply_subscription,
 };
 use crate::clock;
 use crate::config::{PostgresSettings, Rate};
 use crate::delivery::{
     Counts, DeliveryKey, DeliveryRecord, DeliveryState, FailureKind, Outcome, ProviderReport,
 };
-use crate::domain::{Audience, Contact, Incident, OrderNumber, Subscriber, Update};
+use crate::domain::{Audience, Contact, FollowVia, Incident, OrderNumber, Subscriber, Update};
 use chrono::{DateTime, SecondsFormat, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
 use secrecy::ExposeSecret;
@@ -236,8 +237,8 @@ impl DeliveryRow<'_> {
     }
 }
 
-/// Every changed subscriber of a transaction: its record before (none when it is new) and
-/// after.
+/// Every changed subscriber of a transaction: the orders of its follows before (none when it
+/// is new), and its record after.
 struct SubscriberWrite {
     before: BTreeSet<OrderNumber>,
     after: Subscriber,
@@ -746,7 +747,7 @@ async fn lock_subscribers(
     Ok(Locked { existing })
 }
 
-/// Writes changed subscribers and keeps the followers table in step with their orders.
+/// Writes changed subscribers and keeps the followers table in step with their follows.
 async fn write_subscribers(
     tx: &Transaction<'_>,
     writes: &[SubscriberWrite],
@@ -767,10 +768,11 @@ async fn write_subscribers(
     let (mut added, mut removed) = (Vec::new(), Vec::new());
     for write in writes {
         let contact = write.after.contact.as_str();
-        for order in write.after.orders.difference(&write.before) {
+        let after = &write.after.follows;
+        for order in after.keys().filter(|o| !write.before.contains(*o)) {
             added.push((order.as_str(), contact));
         }
-        for order in write.before.difference(&write.after.orders) {
+        for order in write.before.iter().filter(|o| !after.contains_key(*o)) {
             removed.push((order.as_str(), contact));
         }
     }
@@ -800,10 +802,12 @@ async fn write_subscribers(
     Ok(())
 }
 
-/// Writes one subscriber changed in place (its orders as they were).
+/// Writes one subscriber changed in place (its follows as they were).
 fn rewrite(subscriber: Subscriber, before: Option<&Subscriber>) -> SubscriberWrite {
     SubscriberWrite {
-        before: before.map(|s| s.orders.clone()).unwrap_or_default(),
+        before: before
+            .map(|s| s.follows.keys().cloned().collect())
+            .unwrap_or_default(),
         after: subscriber,
     }
 }
@@ -1108,20 +1112,18 @@ impl Store for PostgresStore {
         Ok(keys.iter().map(|key| found.get(*key).cloned()).collect())
     }
 
-    async fn subscribe(
+    async fn change_follows(
         &self,
         contact: &Contact,
-        order: &OrderNumber,
-        confirmed: bool,
+        change: &FollowChange,
         now: DateTime<Utc>,
-    ) -> Result<Subscriber, StoreError> {
-        self.change_subscribers(&[contact], Some(now), |locked| {
+    ) -> Result<Followed, StoreError> {
+        let create_at = change.creates().then_some(now);
+        self.change_subscribers(&[contact], create_at, |locked| {
             let before = locked.existing.remove(contact.as_str()).flatten();
-            let mut after = before
-                .clone()
-                .unwrap_or_else(|| Subscriber::new(contact.clone(), now));
-            after.follow(order.clone(), confirmed, now);
-            Ok((after.clone(), vec![rewrite(after, before.as_ref())]))
+            let followed = change.apply(before.clone(), contact, now)?;
+            let write = rewrite(followed.subscriber.clone(), before.as_ref());
+            Ok((followed, vec![write]))
         })
         .await
     }
@@ -1136,12 +1138,18 @@ impl Store for PostgresStore {
         self.change_subscribers(&[contact], Some(now), |locked| {
             let before = locked.existing.remove(contact.as_str()).flatten();
             let (request, store) = FormRequest::decide(before.as_ref(), order, channel);
-            let mut after = before
-                .clone()
-                .unwrap_or_else(|| Subscriber::new(contact.clone(), now));
-            if store {
-                after.follow(order.clone(), false, now);
-            }
+            let after = if store {
+                let change = FollowChange::Follow {
+                    order: order.clone(),
+                    confirmed: false,
+                    via: FollowVia::Form,
+                };
+                change.apply(before.clone(), contact, now)?.subscriber
+            } else {
+                before
+                    .clone()
+                    .unwrap_or_else(|| Subscriber::new(contact.clone(), now))
+            };
             // Written whatever was decided, so the answer takes as long either way.
             Ok((request, vec![rewrite(after, before.as_ref())]))
         })
@@ -1181,24 +1189,6 @@ impl Store for PostgresStore {
                 })
                 .collect();
             Ok((outcomes, writes))
-        })
-        .await
-    }
-
-    async fn unsubscribe(
-        &self,
-        contact: &Contact,
-        order: Option<&OrderNumber>,
-        now: DateTime<Utc>,
-    ) -> Result<Subscriber, StoreError> {
-        self.change_subscribers(&[contact], None, |locked| {
-            let Some(before) = locked.existing.remove(contact.as_str()).flatten() else {
-                return Err(StoreError::UnknownSubscriber(contact.to_string()));
-            };
-            let mut after = before.clone();
-            // The followers table follows from the orders left, in `write_subscribers`.
-            after.leave(order, now);
-            Ok((after.clone(), vec![rewrite(after, Some(&before))]))
         })
         .await
     }

@@ -10,12 +10,12 @@ mod outbox;
 mod thread;
 
 use super::{
-    Cursor, DeliveryFilter, FormRequest, IdempotentAnswer, Page, PlanState, Recorded, Store,
-    StoreError, Subscribed, Subscription, apply_subscription,
+    Cursor, DeliveryFilter, FollowChange, Followed, FormRequest, IdempotentAnswer, Page, PlanState,
+    Recorded, Store, StoreError, Subscribed, Subscription, apply_subscription,
 };
 use crate::config::StoreSettings;
 use crate::delivery::{Counts, DeliveryKey, DeliveryRecord, Outcome};
-use crate::domain::{Audience, Contact, Incident, OrderNumber, Subscriber, Update};
+use crate::domain::{Audience, Contact, FollowVia, Incident, OrderNumber, Subscriber, Update};
 use ::sled::Transactional;
 use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use chrono::{DateTime, Utc};
@@ -325,21 +325,51 @@ fn read_subscriber(
         .transpose()
 }
 
-/// Has `contact` (`existing`, or a new subscriber) follow `order`, and writes it.
-fn follow(
+/// Writes `after` in place of the contact's record (`before`, none if new), keeping the order
+/// index in step with its follows.
+fn write_subscriber(
     subscribers: &TransactionalTree,
     index: &TransactionalTree,
-    existing: Option<Subscriber>,
+    before: Option<&Subscriber>,
+    after: &Subscriber,
+) -> TxResult<()> {
+    let contact = &after.contact;
+    subscribers.insert(contact.as_str(), encode(after).map_err(abort)?)?;
+    if let Some(before) = before {
+        for gone in before
+            .follows
+            .keys()
+            .filter(|o| !after.follows.contains_key(*o))
+        {
+            index.remove(order_index_key(gone, contact))?;
+        }
+    }
+    for order in after.follows.keys() {
+        if before.is_none_or(|b| !b.follows.contains_key(order)) {
+            index.insert(order_index_key(order, contact), &[])?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies `change` to the contact's record and writes it, counting a new subscriber.
+fn change_follows(
+    subscribers: &TransactionalTree,
+    index: &TransactionalTree,
+    meta: &TransactionalTree,
     contact: &Contact,
-    order: &OrderNumber,
-    confirmed: bool,
+    change: &FollowChange,
     now: DateTime<Utc>,
-) -> TxResult<Subscriber> {
-    let mut subscriber = existing.unwrap_or_else(|| Subscriber::new(contact.clone(), now));
-    subscriber.follow(order.clone(), confirmed, now);
-    subscribers.insert(contact.as_str(), encode(&subscriber).map_err(abort)?)?;
-    index.insert(order_index_key(order, contact), &[])?;
-    Ok(subscriber)
+) -> TxResult<Followed> {
+    let existing = read_subscriber(subscribers, contact)?;
+    let followed = change
+        .apply(existing.clone(), contact, now)
+        .map_err(abort)?;
+    write_subscriber(subscribers, index, existing.as_ref(), &followed.subscriber)?;
+    if followed.created {
+        add_to_count(meta, 1)?;
+    }
+    Ok(followed)
 }
 
 /// Adds `created` new subscribers to the count kept in `meta`.
@@ -360,26 +390,18 @@ impl Trees {
             .transpose()
     }
 
-    fn subscribe(
+    fn change_follows(
         &self,
         contact: &Contact,
-        order: &OrderNumber,
-        confirmed: bool,
+        change: &FollowChange,
         now: DateTime<Utc>,
-    ) -> Result<Subscriber, StoreError> {
-        let subscriber = (&self.subscribers, &self.order_index, &self.meta).transaction(
+    ) -> Result<Followed, StoreError> {
+        let followed = (&self.subscribers, &self.order_index, &self.meta).transaction(
             |(subscribers, index, meta)| {
-                let existing = read_subscriber(subscribers, contact)?;
-                let created = existing.is_none();
-                let subscriber =
-                    follow(subscribers, index, existing, contact, order, confirmed, now)?;
-                if created {
-                    add_to_count(meta, 1)?;
-                }
-                Ok(subscriber)
+                change_follows(subscribers, index, meta, contact, change, now)
             },
         )?;
-        Ok(subscriber)
+        Ok(followed)
     }
 
     /// Decides and stores form requests (`POST /subscribe`) that arrived together, in one
@@ -399,7 +421,6 @@ impl Trees {
     ) -> Result<Vec<FormRequest>, StoreError> {
         let decided = (&self.subscribers, &self.order_index, &self.meta).transaction(
             |(subscribers, index, meta)| {
-                let mut created = 0u64;
                 let mut decided = Vec::with_capacity(requests.len());
                 for request in requests {
                     let contact = &request.contact;
@@ -407,10 +428,20 @@ impl Trees {
                     let (answer, store) =
                         FormRequest::decide(existing.as_ref(), &request.order, &request.channel);
                     match (store, existing) {
-                        (true, existing) => {
-                            created += u64::from(existing.is_none());
-                            let (order, now) = (&request.order, request.now);
-                            follow(subscribers, index, existing, contact, order, false, now)?;
+                        (true, _) => {
+                            let change = FollowChange::Follow {
+                                order: request.order.clone(),
+                                confirmed: false,
+                                via: FollowVia::Form,
+                            };
+                            change_follows(
+                                subscribers,
+                                index,
+                                meta,
+                                contact,
+                                &change,
+                                request.now,
+                            )?;
                         }
                         // Nothing changes, but the record is written again all the same: an
                         // answer that came sooner would tell that the contact is known.
@@ -421,9 +452,6 @@ impl Trees {
                         (false, None) => {}
                     }
                     decided.push(answer);
-                }
-                if created > 0 {
-                    add_to_count(meta, created)?;
                 }
                 Ok(decided)
             },
@@ -446,10 +474,9 @@ impl Trees {
                         Some(bytes) => Some(decode::<Subscriber>(&bytes).map_err(abort)?),
                         None => None,
                     };
-                    let (write, outcome) = apply_subscription(existing, row, now);
+                    let (write, outcome) = apply_subscription(existing.clone(), row, now);
                     if let Some(subscriber) = write {
-                        subscribers.insert(key, encode(&subscriber).map_err(abort)?)?;
-                        index.insert(order_index_key(&row.order, &row.contact), &[])?;
+                        write_subscriber(subscribers, index, existing.as_ref(), &subscriber)?;
                     }
                     created += u64::from(outcome == Subscribed::Created);
                     outcomes.push(outcome);
@@ -461,27 +488,6 @@ impl Trees {
             },
         )?;
         Ok(outcomes)
-    }
-
-    fn unsubscribe(
-        &self,
-        contact: &Contact,
-        order: Option<&OrderNumber>,
-        now: DateTime<Utc>,
-    ) -> Result<Subscriber, StoreError> {
-        let subscriber =
-            (&self.subscribers, &self.order_index).transaction(|(subscribers, index)| {
-                let Some(bytes) = subscribers.get(contact.as_str())? else {
-                    return Err(abort(StoreError::UnknownSubscriber(contact.to_string())));
-                };
-                let mut subscriber: Subscriber = decode(&bytes).map_err(abort)?;
-                for left in subscriber.leave(order, now) {
-                    index.remove(order_index_key(&left, contact))?;
-                }
-                subscribers.insert(contact.as_str(), encode(&subscriber).map_err(abort)?)?;
-                Ok(subscriber)
-            })?;
-        Ok(subscriber)
     }
 
     /// Every subscriber, in contact order, after the cursor (the last contact returned).
@@ -676,15 +682,14 @@ impl Store for SledStore {
             .await
     }
 
-    async fn subscribe(
+    async fn change_follows(
         &self,
         contact: &Contact,
-        order: &OrderNumber,
-        confirmed: bool,
+        change: &FollowChange,
         now: DateTime<Utc>,
-    ) -> Result<Subscriber, StoreError> {
-        let (contact, order) = (contact.clone(), order.clone());
-        self.write(move |trees| trees.subscribe(&contact, &order, confirmed, now))
+    ) -> Result<Followed, StoreError> {
+        let (contact, change) = (contact.clone(), change.clone());
+        self.write(move |trees| trees.change_follows(&contact, &change, now))
             .await
     }
 
@@ -714,17 +719,6 @@ impl Store for SledStore {
     ) -> Result<Vec<Subscribed>, StoreError> {
         let rows = rows.to_vec();
         self.write(move |trees| trees.subscribe_batch(&rows, now))
-            .await
-    }
-
-    async fn unsubscribe(
-        &self,
-        contact: &Contact,
-        order: Option<&OrderNumber>,
-        now: DateTime<Utc>,
-    ) -> Result<Subscriber, StoreError> {
-        let (contact, order) = (contact.clone(), order.cloned());
-        self.write(move |trees| trees.unsubscribe(&contact, order.as_ref(), now))
             .await
     }
 
@@ -1048,8 +1042,8 @@ mod tests {
             .subscriber(&requests[0].contact)
             .unwrap()
             .expect("ann is stored");
-        assert_eq!(ann.state, SubscriberState::Pending);
-        assert_eq!(ann.orders.len(), 2, "the second request saw the first");
+        assert_eq!(ann.state(), SubscriberState::Pending);
+        assert_eq!(ann.orders().len(), 2, "the second request saw the first");
         assert!(trees.subscriber(&requests[3].contact).unwrap().is_some());
         let count: u64 = decode(&trees.meta.get(SUBSCRIBER_COUNT).unwrap().unwrap()).unwrap();
         assert_eq!(count, 2, "ann once, and bob");

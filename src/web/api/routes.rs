@@ -2,7 +2,7 @@
 
 use super::{Api, ApiDoc, ApiError, ApiJson, Author, IMPORT_BODY_LIMIT, JSON_BODY_LIMIT};
 use crate::app::UpdateRequest;
-use crate::domain::{Contact, EmailAddress, OrderNumber, PhoneNumber};
+use crate::domain::{Contact, EmailAddress, FollowVia, OrderNumber, PhoneNumber};
 use crate::reports::{self, DeliveriesReport, OrderReport, PreviewReport, Progress};
 use crate::store::IdempotentAnswer;
 use axum::Extension;
@@ -413,8 +413,12 @@ impl SubscriberSummary {
     pub fn of(subscriber: &crate::domain::Subscriber) -> Self {
         Self {
             contact: subscriber.contact.to_string(),
-            state: reports::as_text(&subscriber.state),
-            orders: subscriber.orders.iter().map(ToString::to_string).collect(),
+            state: reports::as_text(&subscriber.state()),
+            orders: subscriber
+                .orders()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         }
     }
 }
@@ -445,7 +449,13 @@ async fn add_subscriber(
     let subscriber = api
         .app
         .store
-        .subscribe(&contact, &order, request.confirmed, Utc::now())
+        .subscribe(
+            &contact,
+            &order,
+            request.confirmed,
+            FollowVia::Operator,
+            Utc::now(),
+        )
         .await?;
     Ok(Json(SubscriberSummary::of(&subscriber)))
 }
@@ -543,7 +553,7 @@ async fn remove_subscriber(
     let subscriber = api
         .app
         .store
-        .unsubscribe(&contact, order.as_ref(), Utc::now())
+        .unsubscribe(&contact, order.as_ref(), FollowVia::Operator, Utc::now())
         .await?;
     Ok(Json(SubscriberSummary::of(&subscriber)))
 }
