@@ -829,7 +829,7 @@ impl Config {
                 format!(
                     "must be longer than every channel's timeout plus a second; channel {} allows {}",
                     slowest.id,
-                    humantime::format_duration(slowest.policy.timeout)
+                    crate::render::duration_text(slowest.policy.timeout)
                 ),
             ));
         }
@@ -994,11 +994,41 @@ fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result
         let line = e
             .span()
             .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        let key = line.and_then(|line| key_on_line(text, line));
         let file = match line {
             Some(line) => PathBuf::from(format!("{}:{line}", file.display())),
             None => file.to_owned(),
         };
-        ConfigError::new(&file, None, e.message().trim().to_owned())
+        ConfigError::new(&file, key, e.message().trim().to_owned())
+    })
+}
+
+/// The dotted key set on line `line` (from 1) of a TOML text, with the table it is in:
+/// `store.pool_size` for `pool_size = …` under `[store]`. The parser's message names the
+/// value's problem ("invalid value: integer `-1`, expected u32"), not whose value it is.
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let here = lines.get(line.checked_sub(1)?)?.trim();
+    let (key, _) = here.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    let plain = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    if !plain(key) {
+        return None;
+    }
+    let table = lines[..line - 1]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(['[', ']']).trim().to_owned())
+        .filter(|t| plain(t));
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_owned(),
     })
 }
 
@@ -1163,7 +1193,7 @@ pub fn duration(
             key,
             format!(
                 "'{text}' is longer than the most allowed, {}",
-                humantime::format_duration(longest)
+                crate::render::duration_text(longest)
             ),
         ));
     }
@@ -1367,7 +1397,7 @@ fn delivery_policy(
     if sets_own_backoff {
         policy.schedule = None;
     }
-    let show = |d: Duration| humantime::format_duration(d).to_string();
+    let show = crate::render::duration_text;
     if policy.backoff_base > policy.backoff_max {
         return Err(ConfigError::at(
             file,

@@ -364,7 +364,7 @@ impl Dispatcher {
                             channel = %channel.id,
                             %error,
                             "the store cannot be used; the worker pauses {} and tries again",
-                            humantime::format_duration(pause)
+                            crate::render::duration_text(pause)
                         );
                         // What was leased ahead waits; `fill` leaves to expire any whose
                         // lease would run out before its attempt could end.
@@ -684,7 +684,7 @@ impl Dispatcher {
                 Ok(result) => result,
                 Err(_) => Err(DeliveryError::transient(format!(
                     "no answer within {}",
-                    humantime::format_duration(channel.policy.timeout)
+                    crate::render::duration_text(channel.policy.timeout)
                 ))),
             };
         metrics::histogram!("crier_delivery_attempt_seconds", "channel" => channel.id.clone())

@@ -56,12 +56,12 @@ pub fn after_failure(
     let at = clock::after(now, wait);
     let deadline = clock::after(delivery.queued_at, policy.max_age);
     if at > deadline {
-        let max_age = humantime::format_duration(policy.max_age);
+        let max_age = crate::render::duration_text(policy.max_age);
         return gave_up(match error.retry_after {
             Some(asked) => format!(
                 "gave up: the provider asked to wait {} (Retry-After), which ends past this \
                  channel's max_age of {max_age}; raise max_age to wait that long",
-                humantime::format_duration(Duration::from_secs(asked.as_secs()))
+                crate::render::duration_text(Duration::from_secs(asked.as_secs()))
             ),
             None => format!(
                 "gave up: the next attempt would be more than {max_age} after it was queued"
@@ -260,8 +260,8 @@ mod tests {
         };
         assert_eq!(
             failure.reason,
-            "gave up: the provider asked to wait 2h (Retry-After), which ends past this \
-             channel's max_age of 10m; raise max_age to wait that long: the provider answered 429"
+            "gave up: the provider asked to wait 2 hours (Retry-After), which ends past this \
+             channel's max_age of 10 minutes; raise max_age to wait that long: the provider answered 429"
         );
     }
 

@@ -161,6 +161,44 @@ pub fn use_time_zone(zone: chrono_tz::Tz) {
     let _ = TIME_ZONE.set(zone);
 }
 
+/// A length of time as a person writes it, in its two largest units: "45 seconds",
+/// "1 minute 30 seconds", "2 hours", "3 days 4 hours", "about 10 years". Never humantime's
+/// "9years 11months 27days 1h 2m 3s".
+pub fn duration_text(wait: std::time::Duration) -> String {
+    const MINUTE: u64 = 60;
+    const HOUR: u64 = 60 * MINUTE;
+    const DAY: u64 = 24 * HOUR;
+    const YEAR: u64 = 365 * DAY;
+    let seconds = wait.as_secs();
+    let unit = |n: u64, one: &str| {
+        if n == 1 {
+            format!("1 {one}")
+        } else {
+            format!("{} {one}s", thousands(n))
+        }
+    };
+    let two = |big: u64, big_name: &str, small: u64, small_name: &str| {
+        if small == 0 {
+            unit(big, big_name)
+        } else {
+            format!("{} {}", unit(big, big_name), unit(small, small_name))
+        }
+    };
+    match seconds {
+        0 if wait.is_zero() => "no time".into(),
+        0 => "less than a second".into(),
+        s if s < MINUTE => unit(s, "second"),
+        s if s < HOUR => two(s / MINUTE, "minute", s % MINUTE, "second"),
+        s if s < DAY => two(s / HOUR, "hour", s % HOUR / MINUTE, "minute"),
+        s if s < YEAR => two(s / DAY, "day", s % DAY / HOUR, "hour"),
+        s if s % YEAR == 0 => unit(s / YEAR, "year"),
+        s => {
+            let years = s / YEAR + u64::from(s % YEAR >= YEAR / 2);
+            format!("about {}", unit(years, "year"))
+        }
+    }
+}
+
 /// "16:00 UTC, Mon 23 Nov 2026" (or "17:00 CET, …" in the site's time zone): how a time is
 /// written to customers and to the comms lead.
 pub fn human_time(time: DateTime<Utc>) -> String {
@@ -397,7 +435,38 @@ impl Composer {
 
 #[cfg(test)]
 mod counting_tests {
-    use super::{and_list, thousands};
+    use super::{and_list, duration_text, thousands};
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_in_their_two_largest_units() {
+        let cases: [(u64, &str); 12] = [
+            (1, "1 second"),
+            (45, "45 seconds"),
+            (60, "1 minute"),
+            (90, "1 minute 30 seconds"),
+            (600, "10 minutes"),
+            (3600, "1 hour"),
+            (9000, "2 hours 30 minutes"),
+            (86_400, "1 day"),
+            (273_600, "3 days 4 hours"),
+            (365 * 86_400, "1 year"),
+            (3_650 * 86_400 - 3 * 86_400 + 3_723, "about 10 years"),
+            (u64::MAX, "about 584,942,417,355 years"),
+        ];
+        for (seconds, text) in cases {
+            assert_eq!(
+                duration_text(Duration::from_secs(seconds)),
+                text,
+                "{seconds}"
+            );
+        }
+        assert_eq!(duration_text(Duration::ZERO), "no time");
+        assert_eq!(
+            duration_text(Duration::from_millis(300)),
+            "less than a second"
+        );
+    }
 
     #[test]
     fn counts_and_lists_read_as_people_write_them() {

@@ -58,7 +58,7 @@ async fn an_unknown_config_key_is_reported_with_its_file_and_key() {
     crier
         .run(&["check-config"])
         .await
-        .assert_user_error("crier.toml:1: unknown field `colour`");
+        .assert_user_error("crier.toml:1: colour: unknown field `colour`");
 
     let crier = Crier::new()
         .status_page()
@@ -220,15 +220,30 @@ async fn a_missing_secret_variable_or_an_invalid_value_is_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_out_of_range_in_the_config_names_its_key() {
+    let crier = Crier::new();
+    let config = std::fs::read_to_string(&crier.config).unwrap();
+    std::fs::write(
+        &crier.config,
+        config.replace("cache_capacity_mb = 16", "cache_capacity_mb = -16"),
+    )
+    .unwrap();
+    crier
+        .run(&["check-config"])
+        .await
+        .assert_user_error("store.cache_capacity_mb: invalid value: integer `-16`");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_settings_that_contradict_each_other_are_refused_with_the_key() {
     let cases = [
         (
             "[delivery]\nbackoff_base = \"10m\"\nbackoff_max = \"1m\"\n",
-            "delivery.backoff_base: 10m is longer than delivery.backoff_max (1m)",
+            "delivery.backoff_base: 10 minutes is longer than delivery.backoff_max (1 minute)",
         ),
         (
             "[delivery]\nmax_age = \"5s\"\ntimeout = \"10s\"\n",
-            "delivery.max_age: 5s is shorter than one attempt may take",
+            "delivery.max_age: 5 seconds is shorter than one attempt may take (delivery.timeout, 10 seconds)",
         ),
         ("id = \"Not An Id\"\n", "id: use lower-case letters"),
     ];
