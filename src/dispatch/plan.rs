@@ -384,4 +384,56 @@ mod tests {
         let orders: Vec<&str> = ann_delivery.orders.iter().map(|o| o.as_str()).collect();
         assert_eq!(orders, ["AB-1000", "AB-1001"]);
     }
+
+    #[tokio::test]
+    async fn a_targeted_plan_reaches_a_contact_only_about_orders_it_confirmed() {
+        let store = MemoryStore::new();
+        let ann = Contact::parse("ann@example.com").unwrap();
+        let order = |raw: &str| OrderNumber::parse(raw, &pattern()).unwrap();
+        let now = Utc::now();
+        store
+            .subscribe(&ann, &order("AB-1000"), true, FollowVia::Operator, now)
+            .await
+            .unwrap();
+        store
+            .subscribe(&ann, &order("AB-1001"), false, FollowVia::Form, now)
+            .await
+            .unwrap();
+        store
+            .subscribe(&ann, &order("AB-1002"), true, FollowVia::Operator, now)
+            .await
+            .unwrap();
+        store
+            .unsubscribe(
+                &ann,
+                Some(&order("AB-1002")),
+                FollowVia::UnsubscribeLink,
+                now,
+            )
+            .await
+            .unwrap();
+        let emailed = |audience: &[&str]| {
+            let store = &store;
+            let targets: BTreeSet<OrderNumber> = audience.iter().map(|o| order(o)).collect();
+            let ann = ann.clone();
+            async move {
+                let update = accepted(store, Audience::Orders(targets)).await;
+                plan_update(store, &update, &channels(), 10, Utc::now())
+                    .await
+                    .unwrap();
+                let key = DeliveryKey::new(update.id, "email", &Recipient::Contact(ann));
+                store.delivery(&key).await.unwrap().map(|d| d.orders)
+            }
+        };
+        assert_eq!(
+            emailed(&["AB-1000", "AB-1001", "AB-1002"]).await,
+            Some(vec![order("AB-1000")]),
+            "one message, naming only the order she confirmed"
+        );
+        assert_eq!(
+            emailed(&["AB-1001", "AB-1002"]).await,
+            None,
+            "a pending order and one she left reach her not at all"
+        );
+    }
 }

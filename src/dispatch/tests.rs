@@ -162,6 +162,11 @@ impl Harness {
     /// Accepts and plans an update to everyone through every channel, in `incident` or a new
     /// one.
     async fn send(&self, incident: Option<Ulid>) -> Update {
+        self.send_to(incident, Audience::Everyone).await
+    }
+
+    /// [`Harness::send`] to `audience`.
+    async fn send_to(&self, incident: Option<Ulid>, audience: Audience) -> Update {
         let now = self.clock.now();
         let (incident_id, new) = match incident {
             Some(id) => (id, None),
@@ -181,7 +186,7 @@ impl Harness {
             headline: Headline::parse("Activations delayed").unwrap(),
             body: Body::parse("We're on it.").unwrap(),
             next_update_by: None,
-            audience: Audience::Everyone,
+            audience,
             author: "test".into(),
             created_at: now,
             channels: self.channels.iter().map(|c| c.id.clone()).collect(),
@@ -330,6 +335,42 @@ async fn a_recipient_gone_answer_stops_that_contact_on_that_channel_only() {
         counts["backup"].sent, 2,
         "gone@ still gets the other channel"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_contact_that_leaves_the_order_after_planning_is_skipped_not_sent() {
+    let mut harness = Harness::new();
+    let email = Scripted::new(email(), harness.clock, |_, _| Ok(Receipt::none()));
+    harness.channel("email", 2, email.clone());
+    harness.subscribe("ann@example.com").await;
+    harness.subscribe("bob@example.com").await;
+    let pattern = OrderPattern::new("[A-Z]{2}-[0-9]{4}").unwrap();
+    let (launch, other) = (
+        OrderNumber::parse("AB-1001", &pattern).unwrap(),
+        OrderNumber::parse("AB-1002", &pattern).unwrap(),
+    );
+    let ann = Contact::parse("ann@example.com").unwrap();
+    let now = harness.clock.now();
+    // Ann still receives updates about another order: only her consent to this one ends.
+    harness
+        .store
+        .subscribe(&ann, &other, true, FollowVia::Operator, now)
+        .await
+        .unwrap();
+    let update = harness
+        .send_to(None, Audience::Orders([launch.clone()].into()))
+        .await;
+    harness
+        .store
+        .unsubscribe(&ann, Some(&launch), FollowVia::UnsubscribeLink, now)
+        .await
+        .unwrap();
+    harness.dispatch().await;
+    let key = DeliveryKey::new(update.id, "email", &Recipient::Contact(ann));
+    let skipped = harness.store.delivery(&key).await.unwrap().unwrap();
+    assert_eq!(skipped.state, DeliveryState::Skipped);
+    let counts = harness.store.counts(Some(update.id)).await.unwrap();
+    assert_eq!((counts["email"].sent, counts["email"].skipped), (1, 1));
 }
 
 #[tokio::test(start_paused = true)]

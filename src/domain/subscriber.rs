@@ -91,6 +91,13 @@ pub struct TextAsk {
     pub until: Option<DateTime<Utc>>,
 }
 
+impl TextAsk {
+    /// Whether a reply at `now` still answers it.
+    pub fn open_at(&self, now: DateTime<Utc>) -> bool {
+        self.until.is_none_or(|until| until > now)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "StoredSubscriber")]
 pub struct Subscriber {
@@ -356,8 +363,7 @@ impl Subscriber {
             self.text_asks.clear();
         }
         self.text_asks
-            .retain(|ask| ask.until.is_none_or(|until| until > now));
-        self.text_asks.retain(|ask| ask.orders != orders);
+            .retain(|ask| ask.open_at(now) && ask.orders != orders);
         if !orders.is_empty() {
             self.text_asks.push(TextAsk {
                 orders,
@@ -370,15 +376,11 @@ impl Subscriber {
 
     /// The orders of the questions still open at `now`.
     pub fn asked_by_text(&self, now: DateTime<Utc>) -> BTreeSet<OrderNumber> {
-        self.open_asks(now)
-            .flat_map(|ask| ask.orders.iter().cloned())
-            .collect()
-    }
-
-    fn open_asks(&self, now: DateTime<Utc>) -> impl Iterator<Item = &TextAsk> {
         self.text_asks
             .iter()
-            .filter(move |ask| ask.until.is_none_or(|until| until > now))
+            .filter(|ask| ask.open_at(now))
+            .flat_map(|ask| ask.orders.iter().cloned())
+            .collect()
     }
 
     /// The contact replied YES (or START) to a text that asked, naming `order` or not: confirms
@@ -394,7 +396,7 @@ impl Subscriber {
             .text_asks
             .iter()
             .enumerate()
-            .filter(|(_, ask)| ask.until.is_none_or(|until| until > now))
+            .filter(|(_, ask)| ask.open_at(now))
             .map(|(i, _)| i)
             .collect();
         let answered: BTreeSet<OrderNumber> = match (order, open.as_slice()) {
@@ -412,7 +414,7 @@ impl Subscriber {
             _ => return Vec::new(),
         };
         self.text_asks
-            .retain(|ask| !ask.orders.is_empty() && ask.until.is_none_or(|until| until > now));
+            .retain(|ask| !ask.orders.is_empty() && ask.open_at(now));
         let confirmed = answered
             .into_iter()
             .filter(|order| self.follow(order.clone(), true, FollowVia::Text, now))

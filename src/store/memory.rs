@@ -587,7 +587,7 @@ impl Store for MemoryStore {
         channel: &str,
         now: DateTime<Utc>,
     ) -> Result<FormRequest, StoreError> {
-        Ok(self.with(|state| {
+        self.with(|state| {
             let existing = state.subscribers.get(contact.as_str()).cloned();
             let (request, store) = FormRequest::decide(existing.as_ref(), order, channel);
             if store {
@@ -596,11 +596,10 @@ impl Store for MemoryStore {
                     confirmed: false,
                     via: FollowVia::Form,
                 };
-                // A follow that can be stored never fails to apply.
-                let _ = state.change_follows(contact, &change, now);
+                state.change_follows(contact, &change, now)?;
             }
-            request
-        }))
+            Ok(request)
+        })
     }
 
     async fn subscribe_batch(

@@ -340,12 +340,10 @@ impl FollowChange {
         now: DateTime<Utc>,
     ) -> Result<Followed, StoreError> {
         let created = existing.is_none();
-        let mut subscriber = match (existing, self) {
-            (Some(subscriber), _) => subscriber,
-            (None, FollowChange::Follow { .. } | FollowChange::FollowByLink { .. }) => {
-                Subscriber::new(contact.clone(), now)
-            }
-            (None, _) => return Err(StoreError::UnknownSubscriber(contact.to_string())),
+        let mut subscriber = match existing {
+            Some(subscriber) => subscriber,
+            None if self.creates() => Subscriber::new(contact.clone(), now),
+            None => return Err(StoreError::UnknownSubscriber(contact.to_string())),
         };
         subscriber.forget_unconfirmed(crate::clock::before(now, CONFIRM_TTL));
         let orders = match self {
