@@ -4,7 +4,7 @@
 
 use crate::email::raw_header;
 use crate::serve::{Server, serve};
-use crate::subscribe::{client, confirm_link, local, open_form, post_form, stop};
+use crate::subscribe::{client, confirm_link, local, open_form, post_form, press_yes, stop};
 use crate::support::{Crier, SmtpSink, wait_until};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -487,12 +487,7 @@ async fn while_serve_runs_the_cli_goes_through_its_api_from_subscribe_to_unsubsc
     assert_eq!(answer.status(), 200);
     assert!(wait_until(Duration::from_secs(20), || smtp.count() == 1).await);
     let link = confirm_link(&smtp.messages()[0].data);
-    let confirmed = client()
-        .post(local(&server, &link))
-        .form(&[("confirm", "yes")])
-        .send()
-        .await
-        .unwrap();
+    let confirmed = press_yes(&server, &link).await;
     assert_eq!(confirmed.status(), 200);
 
     // Support subscribes another contact with the CLI: through the API, the store is held.

@@ -33,6 +33,16 @@ pub async fn stop(mut server: Server) {
     assert_eq!(status.code(), Some(0));
 }
 
+/// Presses a link page's button: POSTs `confirm=yes` to the link, on the test's server.
+pub async fn press_yes(server: &Server, link: &str) -> reqwest::Response {
+    client()
+        .post(local(server, link))
+        .form(&[("confirm", "yes")])
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A page's link, on the test's server instead of the public site.
 pub fn local(server: &Server, url: &str) -> String {
     let path = url
@@ -194,12 +204,7 @@ async fn a_customer_subscribes_confirms_with_a_post_and_then_receives_updates() 
     );
 
     let server = serve(&crier).await;
-    let done = client()
-        .post(local(&server, &link))
-        .form(&[("confirm", "yes")])
-        .send()
-        .await
-        .unwrap();
+    let done = press_yes(&server, &link).await;
     assert_eq!(done.status(), 200);
     stop(server).await;
     let ann = subscriber(&crier, "ann@example.com").await.unwrap();
@@ -642,12 +647,7 @@ async fn a_support_link_for_an_order_opens_the_form_with_the_order_filled_in() {
     assert!(html.contains("value=\"AB-1001\""), "{html}");
     let token = form_token(&headers, &html);
     assert!(!token.field.is_empty());
-    let not_a_button = client()
-        .post(local(&server, &link))
-        .form(&[("confirm", "yes")])
-        .send()
-        .await
-        .unwrap();
+    let not_a_button = press_yes(&server, &link).await;
     assert_eq!(
         not_a_button.status(),
         400,
@@ -681,12 +681,7 @@ async fn a_support_link_for_a_contact_subscribes_it_confirmed_with_one_button() 
         html.contains("b***@example.com") && html.contains("<form method=\"post\""),
         "{html}"
     );
-    let done = client()
-        .post(local(&server, &link))
-        .form(&[("confirm", "yes")])
-        .send()
-        .await
-        .unwrap();
+    let done = press_yes(&server, &link).await;
     assert_eq!(done.status(), 200);
     stop(server).await;
     let bob = subscriber(&crier, "bob@example.com").await.unwrap();
@@ -728,12 +723,7 @@ async fn a_support_link_made_before_an_opt_out_no_longer_subscribes_anyone() {
             && !html.contains("<form method=\"post\""),
         "{html}"
     );
-    let replayed = client()
-        .post(local(&server, &old))
-        .form(&[("confirm", "yes")])
-        .send()
-        .await
-        .unwrap();
+    let replayed = press_yes(&server, &old).await;
     assert_eq!(
         replayed.status(),
         410,
@@ -749,12 +739,7 @@ async fn a_support_link_made_before_an_opt_out_no_longer_subscribes_anyone() {
     // A new link is a new request: it brings the order back.
     let new = support_link(&crier, "bob@example.com").await;
     let server = serve(&crier).await;
-    let done = client()
-        .post(local(&server, &new))
-        .form(&[("confirm", "yes")])
-        .send()
-        .await
-        .unwrap();
+    let done = press_yes(&server, &new).await;
     assert_eq!(done.status(), 200);
     stop(server).await;
     let bob = subscriber(&crier, "bob@example.com").await.unwrap();
@@ -793,12 +778,7 @@ async fn confirming_ones_own_order_does_not_confirm_orders_someone_else_added_me
             .contains("AB-1001")
         })
         .expect("the confirmation for AB-1001");
-    let done = client()
-        .post(local(&server, &own))
-        .form(&[("confirm", "yes")])
-        .send()
-        .await
-        .unwrap();
+    let done = press_yes(&server, &own).await;
     assert_eq!(done.status(), 200);
     stop(server).await;
     let ann = subscriber(&crier, "ann@example.com").await.unwrap();
